@@ -1,0 +1,11 @@
+"""nonlocal_ext: fused, memory-efficient nonlocal operators for PyTorch.
+
+``nonlocal_aggregate`` is the op; :mod:`nonlocal_ext.kernels` defines the affinity kernels.
+"""
+
+from . import kernels
+from .kernels import KERNELS
+from .ops import nonlocal_aggregate
+
+__all__ = ["KERNELS", "kernels", "nonlocal_aggregate"]
+__version__ = "0.1.0"

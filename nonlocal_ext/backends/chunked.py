@@ -1,0 +1,285 @@
+"""``backend="chunked"``: pure PyTorch on any device, memory O(rows·M) instead of O(N·M).
+
+The rows of W are processed in blocks of ``rows`` queries against all M keys; no more than
+one ``(B, rows, M)`` block of W (and a few temporaries of that size) exists at a time.
+
+Forward, per block I of rows (DESIGN §2):
+    Z_I   = f(q_I, k) (or log f for log-domain kernels), symmetrized as ½[f(q_i,k_j) + f(k_i,q_j)]
+    r_I   = Σ_j w_Ij                       (log-sum-exp for log-domain kernels)
+    Â_I   = w_Ij · r_i^(−a) · c_j^(−b)     (a, b) = none (0,0), row (1,0), sym (½,½); count: W/M
+    out_I = Â_I v − [diffusion] rowsum(Â_I) ⊙ u_I
+``sym`` needs the column sums c first: one extra pass over the row blocks accumulates them.
+Saved for the backward: the output and the O(N + M) normalizer sums.
+
+Backward recomputes each block. With G = ∂L/∂out, every normalization has
+S_i = Σ_l dâ_il â_il = G_i·out_i, and
+    dâ_ij = G_i·v_j − [diffusion] G_i·u_i,     dv = ÂᵀG,     du = −rowsum(Â) ⊙ G
+    ∂L/∂w_ij = none: dâ · count: dâ/M · row: (dâ_ij − S_i)/r_i
+               · sym: dâ_ij/√(r_i c_j) − ½ S_i/r_i − ½ T_j/c_j,   T_j = v_j·(ÂᵀG)_j − [diffusion] (Âᵀ(G·u))_j
+(``sym`` takes one pass for T, then one for the rest). The kernel's derivative turns ∂L/∂w
+into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to q and k.
+Log-domain kernels (gaussian) carry w·∂L/∂w instead, built from Â-like blocks
+exp(z − a·log r − b·log c) that cannot overflow, and multiply by d log f/dx.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..kernels import pair_gradients, pair_variable
+from ._common import compute_dtype, safe_inverse_power
+
+NAME = "chunked"
+
+#: Elements of W held per block (B · rows · M); a few temporaries of this size exist at once.
+BLOCK_ELEMENTS = 1 << 22
+
+# Â = w · r^(−a) · c^(−b): the exponents (a, b) of the row and column sums per normalization.
+_EXPONENTS = {"none": (0.0, 0.0), "count": (0.0, 0.0), "row": (1.0, 0.0), "sym": (0.5, 0.5)}
+
+
+def unsupported_reason(spec, query) -> str | None:
+    return None
+
+
+def rows_per_block(batch: int, m: int, block_elements: int = BLOCK_ELEMENTS) -> int:
+    return max(1, block_elements // max(1, batch * m))
+
+
+class _Inputs:
+    """The inputs in the compute dtype, with the squared norms distance kernels reuse per block."""
+
+    def __init__(self, spec, query, key, value, self_value):
+        dtype = compute_dtype(query.dtype)
+        self.q, self.k, self.v = (t.to(dtype) for t in (query, key, value))
+        self.u = None if self_value is None else self_value.to(dtype)
+        if spec.diffusion and self.u is None:
+            self.u = self.v
+        distance = spec.kernel.family == "distance"
+        self.q_sqnorm = self.q.square().sum(-1) if distance else None
+        self.k_sqnorm = self.k.square().sum(-1) if distance else None
+
+    def rows(self, t, rows):
+        return None if t is None else t[:, rows]
+
+
+def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
+    """Z = W (or log W) for query rows I against all keys, and the derivative factors.
+
+    Returns ``(z, k_direct, k_swap)``: ``k_direct = ∂w̃/∂x_ij`` for the pair (q_i, k_j) and,
+    with ``symmetric``, ``k_swap = ∂w̃/∂x'_ij`` for the swapped pair (k_i, q_j). For log-domain
+    kernels they are ``∂ log w̃/∂x`` instead.
+    """
+    kernel, p = spec.kernel, spec.params
+    x, coincident = pair_variable(kernel, t.q[:, rows], t.k, t.rows(t.q_sqnorm, rows), t.k_sqnorm, p.eps)
+    terms = [(x, coincident)]
+    if spec.symmetric:
+        terms.append(pair_variable(kernel, t.k[:, rows], t.q, t.rows(t.k_sqnorm, rows), t.q_sqnorm, p.eps))
+
+    if kernel.log_domain:
+        logs = [kernel.log_weight(xi, p) for xi, _ in terms]
+        slope = kernel.log_derivative(p)
+        if not spec.symmetric:
+            return logs[0], slope, None
+        z = torch.logaddexp(logs[0], logs[1]) - math.log(2.0)
+        if not with_derivative:
+            return z, None, None
+        # log w̃ = log ½(e^L + e^L'): ∂/∂L = sigmoid(L − L').
+        return z, slope * torch.sigmoid(logs[0] - logs[1]), slope * torch.sigmoid(logs[1] - logs[0])
+
+    weights, slopes = [], []
+    for xi, ci in terms:
+        w = kernel.weight(xi, p)
+        d = kernel.derivative(xi, w, p) if with_derivative else None
+        if ci is not None:
+            w = w.masked_fill(ci, 0.0)
+            d = None if d is None else d.masked_fill(ci, 0.0)
+        weights.append(w)
+        slopes.append(d)
+    if not spec.symmetric:
+        return weights[0], slopes[0], None
+    z = 0.5 * (weights[0] + weights[1])
+    if not with_derivative:
+        return z, None, None
+    return z, 0.5 * slopes[0], 0.5 * slopes[1]
+
+
+class _Normalizer:
+    """The row sums r and column sums c (their logs for log-domain kernels) and the blocks built from them."""
+
+    def __init__(self, log_domain: bool, row_sums, col_sums):
+        self.log_domain, self.row_sums, self.col_sums = log_domain, row_sums, col_sums
+
+    def _exponents(self, rows, a, b):
+        """Per-row and per-column factors r_i^(−a), c_j^(−b) (or −a·log r_i, −b·log c_j)."""
+        if self.log_domain:
+            row = -a * self.row_sums[:, rows, None] if a else None
+            col = -b * self.col_sums[:, None, :] if b else None
+        else:
+            row = safe_inverse_power(self.row_sums[:, rows], a)[..., None] if a else None
+            col = safe_inverse_power(self.col_sums, b)[:, None, :] if b else None
+        return row, col
+
+    def weights(self, z, rows, a, b):
+        """w̃_ij · r_i^(−a) · c_j^(−b)."""
+        row, col = self._exponents(rows, a, b)
+        if self.log_domain:
+            for e in (row, col):
+                z = z if e is None else z + e
+            return torch.exp(z)
+        for e in (row, col):
+            z = z if e is None else z * e
+        return z
+
+    def factor(self, z, rows, a, b):
+        """The factor turning dâ-like blocks into ∂L/∂w: r^(−a)c^(−b), times w̃ for log-domain kernels."""
+        if self.log_domain:
+            return self.weights(z, rows, a, b)
+        row, col = self._exponents(rows, a, b)
+        if row is None and col is None:
+            return 1.0
+        if row is None or col is None:
+            return row if col is None else col
+        return row * col
+
+
+def _row_reduce(log_domain, z, dim):
+    return torch.logsumexp(z, dim=dim) if log_domain else z.sum(dim)
+
+
+def _normalizer(spec, t: _Inputs, step: int) -> _Normalizer:
+    """Forward pre-pass: the row sums (and for ``sym`` the column sums) of W̃."""
+    log_domain = spec.kernel.log_domain
+    if spec.normalize not in ("row", "sym"):
+        return _Normalizer(log_domain, None, None)
+    b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
+    row_sums = t.q.new_empty(b, n)
+    col_sums = t.q.new_full((b, m), -math.inf if log_domain else 0.0) if spec.normalize == "sym" else None
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        z, _, _ = _block(spec, t, rows, with_derivative=False)
+        row_sums[:, rows] = _row_reduce(log_domain, z, -1)
+        if col_sums is not None:
+            col_part = _row_reduce(log_domain, z, -2)
+            col_sums = torch.logaddexp(col_sums, col_part) if log_domain else col_sums + col_part
+    return _Normalizer(log_domain, row_sums, col_sums)
+
+
+def _normalized_block(spec, norm, z, rows, m):
+    a, b = _EXPONENTS[spec.normalize]
+    a_hat = norm.weights(z, rows, a, b)
+    return a_hat / m if spec.normalize == "count" else a_hat
+
+
+def forward(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
+    """Returns ``(out, row_sums, col_sums)``; the sums are empty where the normalization needs none."""
+    t = _Inputs(spec, query, key, value, self_value)
+    b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
+    step = rows_per_block(b, m, block_elements)
+    norm = _normalizer(spec, t, step)
+    out = torch.full((b, n, t.v.shape[-1]), math.nan, dtype=t.v.dtype, device=t.v.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        z, _, _ = _block(spec, t, rows, with_derivative=False)
+        a_hat = _normalized_block(spec, norm, z, rows, m)
+        out_rows = a_hat @ t.v
+        if spec.diffusion:
+            out_rows -= a_hat.sum(-1, keepdim=True) * t.u[:, rows]
+        out[:, rows] = out_rows
+    empty = t.q.new_empty(0)
+    row_sums = empty if norm.row_sums is None else norm.row_sums
+    col_sums = empty if norm.col_sums is None else norm.col_sums
+    return out.to(query.dtype), row_sums, col_sums
+
+
+def backward(grad_out, query, key, value, self_value, out, row_sums, col_sums, spec,
+             block_elements=BLOCK_ELEMENTS):
+    """Returns ``(grad_query, grad_key, grad_value, grad_self_value)``, recomputing W per block."""
+    t = _Inputs(spec, query, key, value, self_value)
+    g = grad_out.to(t.v.dtype)
+    b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
+    step = rows_per_block(b, m, block_elements)
+    log_domain = spec.kernel.log_domain
+    norm = _Normalizer(log_domain, row_sums if spec.normalize in ("row", "sym") else None,
+                       col_sums if spec.normalize == "sym" else None)
+    s = (g * out.to(g.dtype)).sum(-1) if spec.normalize in ("row", "sym") else None  # S_i = G_i·out_i
+    g_dot_u = (g * t.u).sum(-1) if spec.diffusion else None
+
+    grad_q, grad_k = torch.zeros_like(t.q), torch.zeros_like(t.k)
+    grad_v = torch.zeros_like(t.v)  # ÂᵀG
+    grad_u = torch.zeros_like(t.u) if spec.diffusion else None
+
+    t_cols = None
+    if spec.normalize == "sym":  # T_j needs all of ÂᵀG before any ∂L/∂w
+        at_g_dot_u = t.q.new_zeros(b, m)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            z, _, _ = _block(spec, t, rows, with_derivative=False)
+            a_hat = _normalized_block(spec, norm, z, rows, m)
+            grad_v += a_hat.transpose(-1, -2) @ g[:, rows]
+            if spec.diffusion:
+                at_g_dot_u += (a_hat * g_dot_u[:, rows, None]).sum(-2)
+        t_cols = (t.v * grad_v).sum(-1) - at_g_dot_u
+
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        z, k_direct, k_swap = _block(spec, t, rows, with_derivative=True)
+        a_hat = _normalized_block(spec, norm, z, rows, m)
+        g_rows = g[:, rows]
+        if spec.normalize != "sym":
+            grad_v += a_hat.transpose(-1, -2) @ g_rows
+        if spec.diffusion:
+            grad_u[:, rows] = -a_hat.sum(-1, keepdim=True) * g_rows
+        d_a_hat = g_rows @ t.v.transpose(-1, -2)
+        if spec.diffusion:
+            d_a_hat -= g_dot_u[:, rows, None]
+
+        # h = ∂L/∂w (or w·∂L/∂w for log-domain kernels)
+        if spec.normalize == "row":
+            h = (d_a_hat - s[:, rows, None]) * norm.factor(z, rows, 1.0, 0.0)
+        elif spec.normalize == "sym":
+            h = (d_a_hat * norm.factor(z, rows, 0.5, 0.5)
+                 - 0.5 * s[:, rows, None] * norm.factor(z, rows, 1.0, 0.0)
+                 - 0.5 * t_cols[:, None, :] * norm.factor(z, rows, 0.0, 1.0))
+        else:
+            h = d_a_hat * norm.factor(z, rows, 0.0, 0.0)
+            if spec.normalize == "count":
+                h = h / m
+
+        dq_rows, dk = pair_gradients(spec.kernel, k_direct * h, t.q[:, rows], t.k)
+        grad_q[:, rows] += dq_rows
+        grad_k += dk
+        if spec.symmetric:
+            dk_rows, dq = pair_gradients(spec.kernel, k_swap * h, t.k[:, rows], t.q)
+            grad_k[:, rows] += dk_rows
+            grad_q += dq
+
+    if spec.diffusion and self_value is None:  # u is v
+        grad_v += grad_u
+        grad_u = None
+    cast = (lambda x, like: None if x is None else x.to(like.dtype))
+    return cast(grad_q, query), cast(grad_k, key), cast(grad_v, value), cast(grad_u, value)
+
+
+class ChunkedAggregate(torch.autograd.Function):
+    """Thin autograd wrapper: saves the output and the normalizer sums, recomputes W in backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, self_value, spec, block_elements):
+        out, row_sums, col_sums = forward(query, key, value, self_value, spec, block_elements)
+        ctx.save_for_backward(query, key, value, self_value, out, row_sums, col_sums)
+        ctx.spec, ctx.block_elements = spec, block_elements
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        grads = backward(grad_out, *ctx.saved_tensors, ctx.spec, ctx.block_elements)
+        return (*grads, None, None)
+
+
+def aggregate(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
+    return ChunkedAggregate.apply(query, key, value, self_value, spec, block_elements)

@@ -1,0 +1,227 @@
+"""The affinity kernels: one definition each, enumerated by every backend and every test.
+
+An affinity kernel ``f(q, k)`` is a function of one *pair variable* ``x``:
+
+* the ``dot`` family uses ``x = q·k`` (one GEMM per tile);
+* the ``distance`` family uses ``x = ρ = ‖q−k‖² = ‖q‖² + ‖k‖² − 2 q·k``, computed from
+  the same GEMM plus row and column norms, clamped at 0.
+
+=============  ========  ====================================  ==============================
+kernel         family    f(x)                                  f′(x) = df/dx
+=============  ========  ====================================  ==============================
+``dot``        dot       scale·x                               scale
+``gaussian``   dot       exp(scale·x)                          scale·f
+``rbf``        distance  exp(−scale·ρ)                         −scale·f
+``fractional`` distance  scale·ρ^(−power/2)                    −(power/2)·f/ρ
+``log``        distance  −scale·log ρ − gamma                  −scale/ρ
+=============  ========  ====================================  ==============================
+
+(``log`` is ``−2·scale·log‖q−k‖ − gamma``.) ``fractional`` and ``log`` are singular at ρ = 0:
+a *coincident* pair, ``ρ ≤ eps·(‖q‖² + ‖k‖²)``, gets weight 0 and contributes no gradient
+(the "safe divide" of the PIDE thesis). ``eps=None`` resolves to :func:`default_eps`.
+
+``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
+symmetric normalizations are computed with log-sum-exp and never overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "AffinityKernel",
+    "KERNELS",
+    "KernelParams",
+    "default_eps",
+    "pair_variable",
+    "pair_gradients",
+]
+
+# Large enough that q = k yields exactly weight 0 when ρ is formed as ‖q‖² + ‖k‖² − 2 q·k:
+# with q = k every product is non-negative, so the three sums agree to (D−1)·u relative
+# error (u the unit roundoff), i.e. ≤ 6e-5 in float32 and ≤ 1.2e-13 in float64 for D ≤ 1024.
+# float16/bfloat16 inputs are accumulated in float32, hence share its threshold.
+_DEFAULT_EPS = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-4,
+    torch.float16: 1e-4,
+    torch.bfloat16: 1e-4,
+}
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """The coincident-pair threshold used when ``eps=None``, per input dtype."""
+    return _DEFAULT_EPS[dtype]
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    """Validated scalar parameters of an affinity kernel (``eps`` already resolved)."""
+
+    scale: float = 1.0
+    power: float | None = None
+    gamma: float = 0.5772156649015329
+    eps: float = 0.0
+
+
+class AffinityKernel:
+    """One affinity kernel: its pair variable, formula and derivative.
+
+    Subclasses set the class attributes and implement :meth:`weight` and :meth:`derivative`
+    (and :meth:`log_weight` for log-domain kernels). The functions take the pair variable
+    ``x`` (a tensor) and return tensors of the same shape; they never see coincident pairs,
+    which callers mask out (see :func:`pair_variable`).
+    """
+
+    name: str
+    family: str  # "dot": x = q·k ; "distance": x = ‖q−k‖²
+    uses_power: bool = False
+    masks_coincident: bool = False
+    log_domain: bool = False
+
+    def weight(self, x: torch.Tensor, p: KernelParams) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derivative(self, x: torch.Tensor, w: torch.Tensor, p: KernelParams) -> torch.Tensor:
+        """df/dx, given ``w = f(x)``."""
+        raise NotImplementedError
+
+    def log_weight(self, x: torch.Tensor, p: KernelParams) -> torch.Tensor:
+        """log f(x), for log-domain kernels."""
+        raise TypeError(f"kernel {self.name!r} is not log-domain")
+
+    def log_derivative(self, p: KernelParams) -> float:
+        """d log f / dx, a constant for the log-domain kernels we have."""
+        raise TypeError(f"kernel {self.name!r} is not log-domain")
+
+    def __repr__(self) -> str:
+        return f"<affinity kernel {self.name!r}>"
+
+
+class Dot(AffinityKernel):
+    name, family = "dot", "dot"
+
+    def weight(self, x, p):
+        return p.scale * x
+
+    def derivative(self, x, w, p):
+        return torch.full_like(x, p.scale)
+
+
+class Gaussian(AffinityKernel):
+    name, family, log_domain = "gaussian", "dot", True
+
+    def log_weight(self, x, p):
+        return p.scale * x
+
+    def log_derivative(self, p):
+        return p.scale
+
+    def weight(self, x, p):
+        return torch.exp(p.scale * x)
+
+    def derivative(self, x, w, p):
+        return p.scale * w
+
+
+class RBF(AffinityKernel):
+    name, family = "rbf", "distance"
+
+    def weight(self, x, p):
+        return torch.exp(-p.scale * x)
+
+    def derivative(self, x, w, p):
+        return -p.scale * w
+
+
+class Fractional(AffinityKernel):
+    name, family, uses_power, masks_coincident = "fractional", "distance", True, True
+
+    def weight(self, x, p):
+        return p.scale * x.pow(-0.5 * p.power)
+
+    def derivative(self, x, w, p):
+        return (-0.5 * p.power) * w / x
+
+
+class Log(AffinityKernel):
+    name, family, masks_coincident = "log", "distance", True
+
+    def weight(self, x, p):
+        return -p.scale * torch.log(x) - p.gamma
+
+    def derivative(self, x, w, p):
+        return -p.scale / x
+
+
+KERNELS: dict[str, AffinityKernel] = {k.name: k for k in (Dot(), Gaussian(), RBF(), Fractional(), Log())}
+
+
+def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sqnorm=None, b_sqnorm=None,
+                  eps: float = 0.0):
+    """The pair variable ``x_ij`` between rows of ``a (..., I, D)`` and ``b (..., J, D)``.
+
+    Returns ``(x, coincident)``: ``x`` of shape ``(..., I, J)`` and a boolean mask of the
+    coincident pairs (``None`` when the kernel has none). For distance kernels the squared
+    norms may be passed in to avoid recomputing them per tile. Coincident entries of ``x``
+    are replaced by 1 so that the kernel formulas stay finite there (and so do their
+    autograd derivatives); callers zero those weights with the mask.
+    """
+    s = a @ b.transpose(-1, -2)
+    if kernel.family == "dot":
+        return s, None
+    an = a.square().sum(-1) if a_sqnorm is None else a_sqnorm
+    bn = b.square().sum(-1) if b_sqnorm is None else b_sqnorm
+    norms = an.unsqueeze(-1) + bn.unsqueeze(-2)
+    rho = (norms - 2.0 * s).clamp_min(0.0)
+    if not kernel.masks_coincident:
+        return rho, None
+    coincident = rho <= eps * norms
+    return torch.where(coincident, torch.ones_like(rho), rho), coincident
+
+
+def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """Back-propagate ``grad_x = ∂L/∂x (..., I, J)`` to the rows of ``a`` and ``b``.
+
+    dot family, x = a_i·b_j:        da = C b,               db = Cᵀ a
+    distance family, x = ‖a_i−b_j‖²: da = 2(a ⊙ C1 − C b),   db = 2(b ⊙ Cᵀ1 − Cᵀ a)
+    """
+    grad_a = grad_x @ b
+    grad_b = grad_x.transpose(-1, -2) @ a
+    if kernel.family == "dot":
+        return grad_a, grad_b
+    grad_a = 2.0 * (a * grad_x.sum(-1, keepdim=True) - grad_a)
+    grad_b = 2.0 * (b * grad_x.sum(-2).unsqueeze(-1) - grad_b)
+    return grad_a, grad_b
+
+
+def _is_real_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def resolve_params(kernel: AffinityKernel, dtype: torch.dtype, *, scale, power, gamma, eps) -> KernelParams:
+    """Validate the scalar parameters for ``kernel`` and resolve ``eps=None``."""
+    for name, value in (("scale", scale), ("gamma", gamma)):
+        if not _is_real_number(value):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if kernel.uses_power:
+        if power is None:
+            raise ValueError(f"kernel={kernel.name!r} needs power= (e.g. n + 2s for the fractional Laplacian)")
+        if not _is_real_number(power):
+            raise TypeError(f"power must be a real number, got {type(power).__name__}")
+        if not math.isfinite(power):
+            raise ValueError(f"power must be finite, got {power}")
+    elif power is not None:
+        raise ValueError(f"power is only used by kernel='fractional', not kernel={kernel.name!r}")
+    if eps is None:
+        eps = default_eps(dtype)
+    elif not _is_real_number(eps):
+        raise TypeError(f"eps must be a real number or None, got {type(eps).__name__}")
+    elif not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return KernelParams(float(scale), None if power is None else float(power), float(gamma), float(eps))
