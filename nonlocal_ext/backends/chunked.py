@@ -9,14 +9,14 @@ Forward, per block I of rows (DESIGN §2):
     Â_I   = w_Ij · r_i^(−a) · c_j^(−b)     (a, b) = none (0,0), row (1,0), sym (½,½); count: W/M
     out_I = Â_I v − [diffusion] rowsum(Â_I) ⊙ u_I
 ``sym`` needs the column sums c first: one extra pass over the row blocks accumulates them.
-Saved for the backward: the output and the O(N + M) normalizer sums.
+Saved for the backward: the inputs and the O(N + M) normalizer sums.
 
-Backward recomputes each block. With G = ∂L/∂out, every normalization has
-S_i = Σ_l dâ_il â_il = G_i·out_i, and
+Backward recomputes each block. With G = ∂L/∂out:
     dâ_ij = G_i·v_j − [diffusion] G_i·u_i,     dv = ÂᵀG,     du = −rowsum(Â) ⊙ G
     ∂L/∂w_ij = none: dâ · count: dâ/M · row: (dâ_ij − S_i)/r_i
-               · sym: dâ_ij/√(r_i c_j) − ½ S_i/r_i − ½ T_j/c_j,   T_j = v_j·(ÂᵀG)_j − [diffusion] (Âᵀ(G·u))_j
-(``sym`` takes one pass for T, then one for the rest). The kernel's derivative turns ∂L/∂w
+               · sym: dâ_ij/√(r_i c_j) − ½ S_i/r_i − ½ T_j/c_j
+with S_i = Σ_j dâ_ij â_ij (= G_i·out_i; a block holds whole rows, so it is summed directly)
+and T_j = Σ_i dâ_ij â_ij (``sym`` takes one pass for T, then one for the rest). The kernel's derivative turns ∂L/∂w
 into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to q and k.
 Log-domain kernels (gaussian) carry w·∂L/∂w instead, built from Â-like blocks
 exp(z − a·log r − b·log c) that cannot overflow, and multiply by d log f/dx.
@@ -195,54 +195,51 @@ def forward(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
     return out.to(query.dtype), row_sums, col_sums
 
 
-def backward(grad_out, query, key, value, self_value, out, row_sums, col_sums, spec,
-             block_elements=BLOCK_ELEMENTS):
+def _d_a_hat(g_rows, v, g_dot_u_rows):
+    """∂L/∂â for a block of rows: G_i·v_j − [diffusion] G_i·u_i."""
+    d_a_hat = g_rows @ v.transpose(-1, -2)
+    return d_a_hat if g_dot_u_rows is None else d_a_hat - g_dot_u_rows[..., None]
+
+
+def backward(grad_out, query, key, value, self_value, row_sums, col_sums, spec, block_elements=BLOCK_ELEMENTS):
     """Returns ``(grad_query, grad_key, grad_value, grad_self_value)``, recomputing W per block."""
     t = _Inputs(spec, query, key, value, self_value)
     g = grad_out.to(t.v.dtype)
     b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
     step = rows_per_block(b, m, block_elements)
-    log_domain = spec.kernel.log_domain
-    norm = _Normalizer(log_domain, row_sums if spec.normalize in ("row", "sym") else None,
+    norm = _Normalizer(spec.kernel.log_domain, row_sums if spec.normalize in ("row", "sym") else None,
                        col_sums if spec.normalize == "sym" else None)
-    s = (g * out.to(g.dtype)).sum(-1) if spec.normalize in ("row", "sym") else None  # S_i = G_i·out_i
     g_dot_u = (g * t.u).sum(-1) if spec.diffusion else None
+    blocks = [slice(start, start + step) for start in range(0, n, step)]
 
-    grad_q, grad_k = torch.zeros_like(t.q), torch.zeros_like(t.k)
-    grad_v = torch.zeros_like(t.v)  # ÂᵀG
-    grad_u = torch.zeros_like(t.u) if spec.diffusion else None
-
-    t_cols = None
-    if spec.normalize == "sym":  # T_j needs all of ÂᵀG before any ∂L/∂w
-        at_g_dot_u = t.q.new_zeros(b, m)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
+    t_cols = None  # T_j = Σ_i dâ_ij â_ij, needed by every row of ``sym`` before any ∂L/∂w
+    if spec.normalize == "sym":
+        t_cols = t.q.new_zeros(b, m)
+        for rows in blocks:
             z, _, _ = _block(spec, t, rows, with_derivative=False)
             a_hat = _normalized_block(spec, norm, z, rows, m)
-            grad_v += a_hat.transpose(-1, -2) @ g[:, rows]
-            if spec.diffusion:
-                at_g_dot_u += (a_hat * g_dot_u[:, rows, None]).sum(-2)
-        t_cols = (t.v * grad_v).sum(-1) - at_g_dot_u
+            t_cols += (a_hat * _d_a_hat(g[:, rows], t.v, t.rows(g_dot_u, rows))).sum(-2)
 
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
+    grad_q, grad_k, grad_v = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
+    grad_u = torch.zeros_like(t.u) if spec.diffusion else None
+    for rows in blocks:
         z, k_direct, k_swap = _block(spec, t, rows, with_derivative=True)
         a_hat = _normalized_block(spec, norm, z, rows, m)
         g_rows = g[:, rows]
-        if spec.normalize != "sym":
-            grad_v += a_hat.transpose(-1, -2) @ g_rows
+        grad_v += a_hat.transpose(-1, -2) @ g_rows
         if spec.diffusion:
             grad_u[:, rows] = -a_hat.sum(-1, keepdim=True) * g_rows
-        d_a_hat = g_rows @ t.v.transpose(-1, -2)
-        if spec.diffusion:
-            d_a_hat -= g_dot_u[:, rows, None]
+        d_a_hat = _d_a_hat(g_rows, t.v, t.rows(g_dot_u, rows))
 
-        # h = ∂L/∂w (or w·∂L/∂w for log-domain kernels)
+        # h = ∂L/∂w (w·∂L/∂w for log-domain kernels), with S_i = Σ_j dâ_ij â_ij taken from the
+        # block itself: it equals G_i·out_i, but summing the block cancels more accurately.
         if spec.normalize == "row":
-            h = (d_a_hat - s[:, rows, None]) * norm.factor(z, rows, 1.0, 0.0)
+            s_rows = (a_hat * d_a_hat).sum(-1, keepdim=True)
+            h = (d_a_hat - s_rows) * norm.factor(z, rows, 1.0, 0.0)
         elif spec.normalize == "sym":
+            s_rows = (a_hat * d_a_hat).sum(-1, keepdim=True)
             h = (d_a_hat * norm.factor(z, rows, 0.5, 0.5)
-                 - 0.5 * s[:, rows, None] * norm.factor(z, rows, 1.0, 0.0)
+                 - 0.5 * s_rows * norm.factor(z, rows, 1.0, 0.0)
                  - 0.5 * t_cols[:, None, :] * norm.factor(z, rows, 0.0, 1.0))
         else:
             h = d_a_hat * norm.factor(z, rows, 0.0, 0.0)
@@ -260,17 +257,16 @@ def backward(grad_out, query, key, value, self_value, out, row_sums, col_sums, s
     if spec.diffusion and self_value is None:  # u is v
         grad_v += grad_u
         grad_u = None
-    cast = (lambda x, like: None if x is None else x.to(like.dtype))
-    return cast(grad_q, query), cast(grad_k, key), cast(grad_v, value), cast(grad_u, value)
+    return tuple(None if x is None else x.to(query.dtype) for x in (grad_q, grad_k, grad_v, grad_u))
 
 
 class ChunkedAggregate(torch.autograd.Function):
-    """Thin autograd wrapper: saves the output and the normalizer sums, recomputes W in backward."""
+    """Thin autograd wrapper: saves the inputs and the O(N + M) normalizer sums; backward recomputes W."""
 
     @staticmethod
     def forward(ctx, query, key, value, self_value, spec, block_elements):
         out, row_sums, col_sums = forward(query, key, value, self_value, spec, block_elements)
-        ctx.save_for_backward(query, key, value, self_value, out, row_sums, col_sums)
+        ctx.save_for_backward(query, key, value, self_value, row_sums, col_sums)
         ctx.spec, ctx.block_elements = spec, block_elements
         return out
 
@@ -281,5 +277,7 @@ class ChunkedAggregate(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def aggregate(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
+def aggregate(query, key, value, self_value, spec, block_elements=None):
+    """``block_elements`` defaults to the module's ``BLOCK_ELEMENTS``, read at call time."""
+    block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
     return ChunkedAggregate.apply(query, key, value, self_value, spec, block_elements)

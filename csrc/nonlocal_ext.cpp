@@ -1,0 +1,51 @@
+// Operator schemas of the `nonlocal_ext` library, and the Python module `nonlocal_ext._C`.
+//
+// aggregate_forward computes one nonlocal aggregation (DESIGN.md §1):
+//   w_ij = f_kernel(query_i, key_j)           affinity, never stored as an N×M matrix
+//   W    <- (W + Wᵀ)/2                          if symmetric (then N == M)
+//   Â    = normalize(W)                         none | count | row | sym
+//   out  = Â·value                              update == "aggregate"
+//   out  = Â·value − rowsum(Â) ⊙ u              update == "diffusion", u = self_value or value
+// Shapes: query (B, N, D), key (B, M, D), value (B, M, C), self_value (B, N, C) or None;
+// out (B, N, C). row_stats (B, N) and col_stats (B, M) are the per-row / per-column normalizer
+// statistics (e.g. the row sums r_i and column sums c_j) that the forward saves so that the
+// backward can recompute W tile by tile instead of storing it.
+//
+// aggregate_backward takes ∂L/∂out plus everything the forward saw and returned, and gives the
+// gradients of query, key, value, and of self_value when one was passed (None otherwise).
+//
+// Only the schemas live here. Kernels are registered per dispatch key elsewhere
+// (TORCH_LIBRARY_IMPL in other csrc/*.cpp files); fake kernels and the autograd formula are
+// registered from Python with torch.library.
+
+#include <Python.h>
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(nonlocal_ext, m) {
+  m.def(
+      "aggregate_forward(Tensor query, Tensor key, Tensor value, Tensor? self_value, "
+      "str kernel, float scale, float power, float gamma, float eps, str normalize, "
+      "str update, bool symmetric) -> (Tensor out, Tensor row_stats, Tensor col_stats)");
+  m.def(
+      "aggregate_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor? self_value, Tensor out, Tensor row_stats, Tensor col_stats, str kernel, "
+      "float scale, float power, float gamma, float eps, str normalize, str update, "
+      "bool symmetric) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "
+      "Tensor? grad_self_value)");
+}
+
+// `import nonlocal_ext._C` only has to load this shared library so that the static
+// TORCH_LIBRARY registrations above run; the module itself exports nothing. A bare module
+// init function does that without pulling in pybind11 (torch/extension.h), which keeps the
+// build short. The function name must match the extension name given in setup.py ("_C").
+PyMODINIT_FUNC PyInit__C(void) {  // PyMODINIT_FUNC is extern "C" and exported
+  static PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // m_name
+      "Operator registrations of nonlocal_ext (see torch.ops.nonlocal_ext).",  // m_doc
+      -1,  // m_size: no per-interpreter state
+      nullptr,  // m_methods
+  };
+  return PyModule_Create(&module_def);
+}

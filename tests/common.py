@@ -1,0 +1,105 @@
+"""Shared test helpers: the combinations, the input generator, and the one tolerance table."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+import nonlocal_ext
+from nonlocal_ext import KERNELS
+
+NORMALIZATIONS = ("none", "count", "row", "sym")
+
+# Every valid (kernel, normalize, update, symmetric, with_self_value).
+COMBOS = [
+    (kernel, normalize, update, symmetric, with_self_value)
+    for kernel, normalize, (update, with_self_value), symmetric in itertools.product(
+        KERNELS, NORMALIZATIONS, [("aggregate", False), ("diffusion", False), ("diffusion", True)], [False, True])
+]
+
+
+def combo_id(combo):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    return "-".join([kernel, normalize, update] + (["sym"] if symmetric else []) + (["u"] if with_self_value else []))
+
+
+# err(ours) <= 2 · err(plain PyTorch in the same dtype) + TOLERANCE[dtype] · max(max|truth|, floor),
+# the errors measured against the float64 reference (flash-attention's test rule).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 2e-3,
+}
+
+
+def kernel_kwargs(kernel: str, normalize: str = "row") -> dict:
+    """Parameters that keep each kernel well conditioned on unit-scale data."""
+    return {
+        "dot": {},
+        "gaussian": {},
+        "rbf": {"scale": 0.5},
+        "fractional": {"power": 1.5},
+        # gamma < 0 keeps log weights positive (ρ < e³), so row and column sums stay away from 0
+        "log": {"gamma": -3.0},
+    }[kernel]
+
+
+def make_inputs(kernel, normalize, batch, n, m, d, c, *, with_self_value, dtype=torch.float64, seed=0,
+                coincident=True, noncontiguous=False):
+    """(query, key, value, self_value) in float64, scaled so the pair variable is O(1).
+
+    Distance kernels with a singularity get coincident pairs (key rows copied from query rows);
+    ``dot`` with ``row``/``sym`` gets positive data so the normalizer sums cannot vanish.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*batch, *shape, generator=g, dtype=torch.float64)
+
+    q = randn(n, d) / max(d, 1) ** 0.5
+    k = randn(m, d) / max(d, 1) ** 0.5
+    if kernel == "dot" and normalize in ("row", "sym"):
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    if coincident and KERNELS[kernel].masks_coincident and n and m:
+        k[..., 0, :] = q[..., -1, :]
+        if n > 2 and m > 2:
+            k[..., m // 2, :] = q[..., n // 2, :]
+    v = randn(m, c)
+    u = randn(n, c) if with_self_value else None
+    tensors = [t for t in (q, k, v, u)]
+    if noncontiguous:
+        tensors = [None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in tensors]
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def run(backend, q, k, v, u, kernel, normalize, update, symmetric, grad_out=None, **kwargs):
+    """Output and gradients (of query, key, value, self_value) of one call."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (q, k, v, u)]
+    out = nonlocal_ext.nonlocal_aggregate(
+        leaves[0], leaves[1], leaves[2], kernel, normalize=normalize, update=update, symmetric=symmetric,
+        self_value=leaves[3], backend=backend, **kwargs)
+    if grad_out is None:
+        return out.detach(), []
+    inputs = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True)
+    return out.detach(), [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
+
+
+def max_abs(t):
+    return t.double().abs().max().item() if t.numel() else 0.0
+
+
+def assert_close_to_truth(ours, plain, truth, dtype, what, floor=0.0):
+    """The rule above. ``floor`` raises max|truth| for tensors that are ~0 by cancellation:
+    callers pass the scale of the computation (the inputs of :func:`make_inputs` and the
+    upstream gradients are unit scale, so at least 1, or max|output| when that is larger)."""
+    truth = truth.double()
+    scale = max(max_abs(truth), floor)
+    err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
+    err_plain = (plain.double() - truth).abs().max().item() if truth.numel() else 0.0
+    if err_plain != err_plain:  # the plain computation overflowed: judge against the table alone
+        err_plain = 0.0
+    bound = 2 * err_plain + TOLERANCE[dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (plain {err_plain:.3e}, max|truth| {scale:.3e})"

@@ -1,0 +1,78 @@
+"""chunked and linear against the float64 reference: values and every gradient, at odd sizes.
+
+Run alone: .venv/bin/python -m pytest -q tests/test_backends.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common import COMBOS, assert_close_to_truth, max_abs, combo_id, kernel_kwargs, make_inputs, run
+from nonlocal_ext.backends import chunked
+
+# (batch, N, M, D, C): odd sizes, none a multiple of any tile. "square" shapes serve the
+# combinations that need N == M (symmetric, diffusion without self_value).
+SQUARE_SHAPES = [((), 1, 1, 1, 1), ((2,), 97, 97, 5, 3), ((), 1000, 1000, 64, 130), ((2, 3), 33, 33, 1, 130)]
+RECT_SHAPES = [((2,), 97, 33, 5, 3), ((), 1, 1000, 64, 1), ((3,), 1000, 1, 1, 130)]
+
+
+def shapes_for(combo):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    square_only = symmetric or (update == "diffusion" and not with_self_value)
+    return SQUARE_SHAPES if square_only else SQUARE_SHAPES + RECT_SHAPES
+
+
+def cases(backend):
+    for combo in COMBOS:
+        if backend == "linear" and combo[0] != "dot":
+            continue
+        for i, shape in enumerate(shapes_for(combo)):
+            yield pytest.param(combo, shape, i % 2 == 1, id=f"{combo_id(combo)}-{'x'.join(map(str, shape[1:]))}"
+                               + ("-b" + "x".join(map(str, shape[0])) if shape[0] else ""))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Make the chunked backend split even small problems into several row blocks."""
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 40 * 1000)
+
+
+def check_against_reference(backend, combo, shape, noncontiguous, dtype):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    batch, n, m, d, c = shape
+    inputs64 = make_inputs(kernel, normalize, batch, n, m, d, c, with_self_value=with_self_value,
+                           noncontiguous=noncontiguous)
+    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)  # one coincidence threshold for every dtype compared
+    grad_out = torch.randn(*batch, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    truth = run("reference", *inputs64, kernel, normalize, update, symmetric, grad_out, **kwargs)
+    low = [None if t is None else t.to(dtype) for t in inputs64]
+    ours = run(backend, *low, kernel, normalize, update, symmetric, grad_out, **kwargs)
+    plain = truth if dtype == torch.float64 else run("reference", *low, kernel, normalize, update, symmetric,
+                                                      grad_out, **kwargs)
+    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
+    names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
+    for name, o, p, t in zip(names, [ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
+        assert_close_to_truth(o, p, t, dtype, name, floor=max(1.0, max_abs(truth[0])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("combo,shape,noncontiguous", list(cases("chunked")))
+def test_chunked_matches_reference(small_blocks, combo, shape, noncontiguous, dtype):
+    check_against_reference("chunked", combo, shape, noncontiguous, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("combo,shape,noncontiguous", list(cases("linear")))
+def test_linear_matches_reference(combo, shape, noncontiguous, dtype):
+    check_against_reference("linear", combo, shape, noncontiguous, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("backend,kernel", [("chunked", k) for k in ("gaussian", "rbf", "fractional", "log")]
+                         + [("linear", "dot")])
+def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
+    """Half inputs accumulate in float32: at least as accurate as plain PyTorch in that dtype."""
+    for normalize in ("row", "sym"):
+        check_against_reference(backend, (kernel, normalize, "diffusion", False, True), ((2,), 97, 33, 5, 3),
+                                False, dtype)

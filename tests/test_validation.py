@@ -1,0 +1,96 @@
+"""Every bad input raises a TypeError or ValueError that names the argument.
+
+Run alone: .venv/bin/python -m pytest -q tests/test_validation.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nonlocal_ext import nonlocal_aggregate
+
+
+def good(n=4, m=4, d=3, c=2, dtype=torch.float32):
+    return dict(query=torch.randn(2, n, d, dtype=dtype), key=torch.randn(2, m, d, dtype=dtype),
+                value=torch.randn(2, m, c, dtype=dtype))
+
+
+def call(**overrides):
+    args = good()
+    args.update(overrides)
+    return nonlocal_aggregate(args.pop("query"), args.pop("key"), args.pop("value"), **args)
+
+
+# (overrides, exception type, a phrase the message must contain)
+BAD_INPUTS = {
+    "query not a tensor": (dict(query=[[1.0]]), TypeError, "query must be a torch.Tensor"),
+    "key not a tensor": (dict(key=3.0), TypeError, "key must be a torch.Tensor"),
+    "value not a tensor": (dict(value=None), TypeError, "value must be a torch.Tensor"),
+    "self_value not a tensor": (dict(self_value="u", update="diffusion"), TypeError, "self_value must be a torch.Tensor"),
+    "integer query": (dict(query=torch.ones(2, 4, 3, dtype=torch.int64)), TypeError, "query must be a floating-point"),
+    "complex key": (dict(key=torch.ones(2, 4, 3, dtype=torch.complex64)), TypeError, "key must be a floating-point"),
+    "bool value": (dict(value=torch.ones(2, 4, 2, dtype=torch.bool)), TypeError, "value must be a floating-point"),
+    "query rank 1": (dict(query=torch.randn(3)), ValueError, "query must have at least 2 dimensions"),
+    "key rank 1": (dict(key=torch.randn(3)), ValueError, "key must have at least 2 dimensions"),
+    "value rank 1": (dict(value=torch.randn(4)), ValueError, "value must have at least 2 dimensions"),
+    "mixed dtypes": (dict(key=torch.randn(2, 4, 3, dtype=torch.float64)), TypeError, "key has dtype torch.float64"),
+    "mixed dtypes self_value": (dict(self_value=torch.randn(2, 4, 2, dtype=torch.float64), update="diffusion"),
+                                TypeError, "self_value has dtype"),
+    "mixed devices": (dict(value=torch.randn(2, 4, 2, device="meta")), ValueError, "value is on meta"),
+    "batch dims differ": (dict(key=torch.randn(3, 4, 3)), ValueError, "key has batch dims (3,)"),
+    "batch rank differs": (dict(value=torch.randn(4, 2)), ValueError, "value has batch dims ()"),
+    "feature dims differ": (dict(key=torch.randn(2, 4, 5)), ValueError, "key has 5 features but query has 3"),
+    "value positions differ": (dict(value=torch.randn(2, 5, 2)), ValueError, "value has 5 positions but key has 4"),
+    "self_value shape": (dict(self_value=torch.randn(2, 4, 3), update="diffusion"), ValueError,
+                         "self_value must have shape (..., N=4, C=2)"),
+    "self_value with aggregate": (dict(self_value=torch.randn(2, 4, 2)), ValueError,
+                                  "self_value is only used by update='diffusion'"),
+    "unknown kernel": (dict(kernel="cosine"), ValueError, "unknown kernel='cosine'"),
+    "kernel not a string": (dict(kernel=1), TypeError, "kernel must be a string"),
+    "unknown normalize": (dict(normalize="softmax"), ValueError, "unknown normalize='softmax'"),
+    "unknown update": (dict(update="replace"), ValueError, "unknown update='replace'"),
+    "unknown backend": (dict(backend="cuda"), ValueError, "unknown backend='cuda'"),
+    "symmetric not bool": (dict(symmetric=1), TypeError, "symmetric must be a bool"),
+    "symmetric with N != M": (dict(query=torch.randn(2, 3, 3), symmetric=True), ValueError,
+                              "symmetric=True needs as many queries as keys"),
+    "default diffusion with N != M": (dict(query=torch.randn(2, 3, 3), update="diffusion"), ValueError,
+                                      "update='diffusion' without self_value"),
+    "missing power": (dict(kernel="fractional"), ValueError, "kernel='fractional' needs power="),
+    "non-finite power": (dict(kernel="fractional", power=math.inf), ValueError, "power must be finite"),
+    "nan power": (dict(kernel="fractional", power=math.nan), ValueError, "power must be finite"),
+    "power not a number": (dict(kernel="fractional", power="2"), TypeError, "power must be a real number"),
+    "power for another kernel": (dict(kernel="rbf", power=2.0), ValueError, "power is only used by kernel='fractional'"),
+    "non-finite scale": (dict(scale=math.nan), ValueError, "scale must be finite"),
+    "infinite scale": (dict(scale=-math.inf), ValueError, "scale must be finite"),
+    "scale not a number": (dict(scale=torch.tensor(1.0)), TypeError, "scale must be a real number"),
+    "scale is a bool": (dict(scale=True), TypeError, "scale must be a real number"),
+    "non-finite gamma": (dict(kernel="log", gamma=math.inf), ValueError, "gamma must be finite"),
+    "negative eps": (dict(kernel="log", eps=-1e-3), ValueError, "eps must be finite and >= 0"),
+    "eps not a number": (dict(kernel="log", eps="small"), TypeError, "eps must be a real number or None"),
+    "empty M with row": (dict(key=torch.randn(2, 0, 3), value=torch.randn(2, 0, 2)), ValueError,
+                         "key has no positions (M = 0): normalize='row' is undefined"),
+    "linear for gaussian": (dict(backend="linear"), ValueError, "backend='linear' is the exact low-rank path"),
+    "triton not available": (dict(backend="triton"), ValueError, "backend='triton'"),
+    "cpu not available": (dict(backend="cpu"), ValueError, "backend='cpu'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_naming_the_argument(case):
+    overrides, error, phrase = BAD_INPUTS[case]
+    with pytest.raises(error) as info:
+        call(**overrides)
+    assert phrase in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_unavailable_backend_lists_what_is_available(backend):
+    with pytest.raises(ValueError, match="backends available for these inputs: reference, chunked"):
+        call(backend=backend)
+
+
+def test_good_inputs_pass():
+    assert call().shape == (2, 4, 2)
