@@ -8,8 +8,9 @@ Forward, per block I of rows (DESIGN §2):
     r_I   = Σ_j w_Ij                       (log-sum-exp for log-domain kernels)
     Â_I   = w_Ij · r_i^(−a) · c_j^(−b)     (a, b) = none (0,0), row (1,0), sym (½,½); count: W/M
     out_I = Â_I v − [diffusion] rowsum(Â_I) ⊙ u_I
-``sym`` needs the column sums c first: one extra pass over the row blocks accumulates them.
-Saved for the backward: the inputs and the O(N + M) normalizer sums.
+A block holds whole rows, so r comes from the block itself, in forward and backward alike.
+``sym`` needs the column sums c first: one extra pass over the row blocks accumulates them,
+and they are all the forward saves besides the inputs (O(M)).
 
 Backward recomputes each block. With G = ∂L/∂out:
     dâ_ij = G_i·v_j − [diffusion] G_i·u_i,     dv = ÂᵀG,     du = −rowsum(Â) ⊙ G
@@ -35,7 +36,7 @@ from ._common import compute_dtype, safe_inverse_power
 NAME = "chunked"
 
 #: Elements of W held per block (B · rows · M); a few temporaries of this size exist at once.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 20
 
 # Â = w · r^(−a) · c^(−b): the exponents (a, b) of the row and column sums per normalization.
 _EXPONENTS = {"none": (0.0, 0.0), "count": (0.0, 0.0), "row": (1.0, 0.0), "sym": (0.5, 0.5)}
@@ -107,92 +108,100 @@ def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
     return z, 0.5 * slopes[0], 0.5 * slopes[1]
 
 
-class _Normalizer:
-    """The row sums r and column sums c (their logs for log-domain kernels) and the blocks built from them."""
+def _sums(log_domain, z, dim):
+    """Row (dim=-1) or column (dim=-2) sums of a block: Σ w, or log Σ exp(z) for log-domain kernels."""
+    return torch.logsumexp(z, dim=dim) if log_domain else z.sum(dim)
 
-    def __init__(self, log_domain: bool, row_sums, col_sums):
-        self.log_domain, self.row_sums, self.col_sums = log_domain, row_sums, col_sums
 
-    def _exponents(self, rows, a, b):
-        """Per-row and per-column factors r_i^(−a), c_j^(−b) (or −a·log r_i, −b·log c_j)."""
+class _BlockNormalizer:
+    """Â and the ∂L/∂w factors of one block of whole rows.
+
+    Holds r_i^(−a) and c_j^(−b) factors (as −a·log r_i, −b·log c_j for log-domain kernels). A
+    block holds whole rows, so its row sums come from the block itself; the column sums, which
+    ``sym`` needs, come from a pass over all rows (:func:`column_sums`).
+    """
+
+    def __init__(self, spec, z, col_sums):
+        self.log_domain = spec.kernel.log_domain
+        self.z = z
+        self.row_sums = _sums(self.log_domain, z, -1) if spec.normalize in ("row", "sym") else None
+        self.col_sums = col_sums
+
+    def _factors(self, a, b):
+        """(r_i^(−a) as a column, c_j^(−b) as a row), None where the exponent is 0."""
         if self.log_domain:
-            row = -a * self.row_sums[:, rows, None] if a else None
+            row = -a * self.row_sums[..., None] if a else None
             col = -b * self.col_sums[:, None, :] if b else None
         else:
-            row = safe_inverse_power(self.row_sums[:, rows], a)[..., None] if a else None
+            row = safe_inverse_power(self.row_sums, a)[..., None] if a else None
             col = safe_inverse_power(self.col_sums, b)[:, None, :] if b else None
         return row, col
 
-    def weights(self, z, rows, a, b):
+    def weights(self, a, b):
         """w̃_ij · r_i^(−a) · c_j^(−b)."""
-        row, col = self._exponents(rows, a, b)
+        row, col = self._factors(a, b)
         if self.log_domain:
+            if a == 1 and b == 0:
+                return torch.softmax(self.z, dim=-1)
+            z = self.z
             for e in (row, col):
                 z = z if e is None else z + e
             return torch.exp(z)
+        z = self.z
         for e in (row, col):
             z = z if e is None else z * e
         return z
 
-    def factor(self, z, rows, a, b):
-        """The factor turning dâ-like blocks into ∂L/∂w: r^(−a)c^(−b), times w̃ for log-domain kernels."""
+    def factor(self, a, b):
+        """r_i^(−a)·c_j^(−b) (times w̃ for log-domain kernels): turns ∂L/∂â-like blocks into ∂L/∂w."""
         if self.log_domain:
-            return self.weights(z, rows, a, b)
-        row, col = self._exponents(rows, a, b)
-        if row is None and col is None:
-            return 1.0
+            return self.weights(a, b)
+        row, col = self._factors(a, b)
         if row is None or col is None:
-            return row if col is None else col
+            return 1.0 if row is None and col is None else (row if col is None else col)
         return row * col
 
 
-def _row_reduce(log_domain, z, dim):
-    return torch.logsumexp(z, dim=dim) if log_domain else z.sum(dim)
-
-
-def _normalizer(spec, t: _Inputs, step: int) -> _Normalizer:
-    """Forward pre-pass: the row sums (and for ``sym`` the column sums) of W̃."""
+def column_sums(spec, t: _Inputs, blocks):
+    """c_j = Σ_i w̃_ij (log c_j for log-domain kernels) for ``sym``, accumulated over the row blocks."""
+    if spec.normalize != "sym":
+        return None
     log_domain = spec.kernel.log_domain
-    if spec.normalize not in ("row", "sym"):
-        return _Normalizer(log_domain, None, None)
-    b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
-    row_sums = t.q.new_empty(b, n)
-    col_sums = t.q.new_full((b, m), -math.inf if log_domain else 0.0) if spec.normalize == "sym" else None
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
+    sums = t.q.new_full((t.q.shape[0], t.k.shape[1]), -math.inf if log_domain else 0.0)
+    for rows in blocks:
         z, _, _ = _block(spec, t, rows, with_derivative=False)
-        row_sums[:, rows] = _row_reduce(log_domain, z, -1)
-        if col_sums is not None:
-            col_part = _row_reduce(log_domain, z, -2)
-            col_sums = torch.logaddexp(col_sums, col_part) if log_domain else col_sums + col_part
-    return _Normalizer(log_domain, row_sums, col_sums)
+        part = _sums(log_domain, z, -2)
+        sums = torch.logaddexp(sums, part) if log_domain else sums + part
+    return sums
 
 
-def _normalized_block(spec, norm, z, rows, m):
-    a, b = _EXPONENTS[spec.normalize]
-    a_hat = norm.weights(z, rows, a, b)
+def _normalized(spec, norm: _BlockNormalizer, m):
+    """Â for the block."""
+    a_hat = norm.weights(*_EXPONENTS[spec.normalize])
     return a_hat / m if spec.normalize == "count" else a_hat
 
 
-def forward(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
-    """Returns ``(out, row_sums, col_sums)``; the sums are empty where the normalization needs none."""
-    t = _Inputs(spec, query, key, value, self_value)
+def _row_blocks(t: _Inputs, block_elements):
     b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
     step = rows_per_block(b, m, block_elements)
-    norm = _normalizer(spec, t, step)
-    out = torch.full((b, n, t.v.shape[-1]), math.nan, dtype=t.v.dtype, device=t.v.device)
-    for start in range(0, n, step):
-        rows = slice(start, start + step)
+    return [slice(start, start + step) for start in range(0, n, step)]
+
+
+def forward(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
+    """Returns ``(out, col_sums)``; ``col_sums`` (what ``sym`` saves for the backward) is None otherwise."""
+    t = _Inputs(spec, query, key, value, self_value)
+    m = t.k.shape[1]
+    blocks = _row_blocks(t, block_elements)
+    col_sums = column_sums(spec, t, blocks)
+    out = torch.full(t.q.shape[:2] + t.v.shape[-1:], math.nan, dtype=t.v.dtype, device=t.v.device)
+    for rows in blocks:
         z, _, _ = _block(spec, t, rows, with_derivative=False)
-        a_hat = _normalized_block(spec, norm, z, rows, m)
+        a_hat = _normalized(spec, _BlockNormalizer(spec, z, col_sums), m)
         out_rows = a_hat @ t.v
         if spec.diffusion:
             out_rows -= a_hat.sum(-1, keepdim=True) * t.u[:, rows]
         out[:, rows] = out_rows
-    empty = t.q.new_empty(0)
-    row_sums = empty if norm.row_sums is None else norm.row_sums
-    col_sums = empty if norm.col_sums is None else norm.col_sums
-    return out.to(query.dtype), row_sums, col_sums
+    return out.to(query.dtype), col_sums
 
 
 def _d_a_hat(g_rows, v, g_dot_u_rows):
@@ -201,30 +210,28 @@ def _d_a_hat(g_rows, v, g_dot_u_rows):
     return d_a_hat if g_dot_u_rows is None else d_a_hat - g_dot_u_rows[..., None]
 
 
-def backward(grad_out, query, key, value, self_value, row_sums, col_sums, spec, block_elements=BLOCK_ELEMENTS):
+def backward(grad_out, query, key, value, self_value, col_sums, spec, block_elements=BLOCK_ELEMENTS):
     """Returns ``(grad_query, grad_key, grad_value, grad_self_value)``, recomputing W per block."""
     t = _Inputs(spec, query, key, value, self_value)
     g = grad_out.to(t.v.dtype)
-    b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
-    step = rows_per_block(b, m, block_elements)
-    norm = _Normalizer(spec.kernel.log_domain, row_sums if spec.normalize in ("row", "sym") else None,
-                       col_sums if spec.normalize == "sym" else None)
+    m = t.k.shape[1]
     g_dot_u = (g * t.u).sum(-1) if spec.diffusion else None
-    blocks = [slice(start, start + step) for start in range(0, n, step)]
+    blocks = _row_blocks(t, block_elements)
 
     t_cols = None  # T_j = Σ_i dâ_ij â_ij, needed by every row of ``sym`` before any ∂L/∂w
     if spec.normalize == "sym":
-        t_cols = t.q.new_zeros(b, m)
+        t_cols = t.q.new_zeros(t.q.shape[0], m)
         for rows in blocks:
             z, _, _ = _block(spec, t, rows, with_derivative=False)
-            a_hat = _normalized_block(spec, norm, z, rows, m)
+            a_hat = _normalized(spec, _BlockNormalizer(spec, z, col_sums), m)
             t_cols += (a_hat * _d_a_hat(g[:, rows], t.v, t.rows(g_dot_u, rows))).sum(-2)
 
     grad_q, grad_k, grad_v = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
     grad_u = torch.zeros_like(t.u) if spec.diffusion else None
     for rows in blocks:
         z, k_direct, k_swap = _block(spec, t, rows, with_derivative=True)
-        a_hat = _normalized_block(spec, norm, z, rows, m)
+        norm = _BlockNormalizer(spec, z, col_sums)
+        a_hat = _normalized(spec, norm, m)
         g_rows = g[:, rows]
         grad_v += a_hat.transpose(-1, -2) @ g_rows
         if spec.diffusion:
@@ -235,14 +242,14 @@ def backward(grad_out, query, key, value, self_value, row_sums, col_sums, spec, 
         # block itself: it equals G_i·out_i, but summing the block cancels more accurately.
         if spec.normalize == "row":
             s_rows = (a_hat * d_a_hat).sum(-1, keepdim=True)
-            h = (d_a_hat - s_rows) * norm.factor(z, rows, 1.0, 0.0)
+            h = (d_a_hat - s_rows) * (a_hat if norm.log_domain else norm.factor(1.0, 0.0))
         elif spec.normalize == "sym":
             s_rows = (a_hat * d_a_hat).sum(-1, keepdim=True)
-            h = (d_a_hat * norm.factor(z, rows, 0.5, 0.5)
-                 - 0.5 * s_rows * norm.factor(z, rows, 1.0, 0.0)
-                 - 0.5 * t_cols[:, None, :] * norm.factor(z, rows, 0.0, 1.0))
+            h = (d_a_hat * norm.factor(0.5, 0.5)
+                 - 0.5 * s_rows * norm.factor(1.0, 0.0)
+                 - 0.5 * t_cols[:, None, :] * norm.factor(0.0, 1.0))
         else:
-            h = d_a_hat * norm.factor(z, rows, 0.0, 0.0)
+            h = d_a_hat * norm.factor(0.0, 0.0)
             if spec.normalize == "count":
                 h = h / m
 
@@ -261,12 +268,12 @@ def backward(grad_out, query, key, value, self_value, row_sums, col_sums, spec, 
 
 
 class ChunkedAggregate(torch.autograd.Function):
-    """Thin autograd wrapper: saves the inputs and the O(N + M) normalizer sums; backward recomputes W."""
+    """Thin autograd wrapper: saves the inputs (and the column sums of ``sym``); backward recomputes W."""
 
     @staticmethod
     def forward(ctx, query, key, value, self_value, spec, block_elements):
-        out, row_sums, col_sums = forward(query, key, value, self_value, spec, block_elements)
-        ctx.save_for_backward(query, key, value, self_value, row_sums, col_sums)
+        out, col_sums = forward(query, key, value, self_value, spec, block_elements)
+        ctx.save_for_backward(query, key, value, self_value, col_sums)
         ctx.spec, ctx.block_elements = spec, block_elements
         return out
 
