@@ -6,8 +6,8 @@
 Times are the best of ``--repeat`` runs after one warm-up, all measured in this one process;
 the ratio column is reference time / backend time for the same case, so it does not depend on
 how loaded the machine is as much as absolute times do. GFLOP/s counts the forward's
-2·N·M·(D+C) multiply-adds of the dense computation (the backward counts twice that), so the
-linear path's figure is an "effective" rate.
+2·N·M·(D+C) FLOPs of the dense computation (forward+backward counts three times that); it is
+left out for the linear path, which does not do that work.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ def main(argv=None):
                                         args.repeat if n < 16384 else max(1, args.repeat - 1))
                     if backend == "reference":
                         ref_time = seconds
-                    ratio = f"{ref_time / seconds:6.2f}x" if ref_time else "      -"
+                    ratio = f"{ref_time / seconds:6.2f}x" if ref_time else "-"
+                    # the linear path does not do the dense FLOPs: a rate would mislead
+                    rate = "-" if backend == "linear" else f"{flops / seconds / 1e9:.1f}"
                     print(f"{kernel:<10} {normalize:<9} {n:>6} {pass_name:<8} {backend:<9} {seconds * 1e3:>9.1f} "
-                          f"{ratio:>7} {flops / seconds / 1e9:>8.1f}", flush=True)
+                          f"{ratio:>7} {rate:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,17 @@ def test_chunked_never_allocates_n_by_m(monkeypatch, combo):
                                      gamma=-3.0, eps=None, normalize=normalize, update=update,
                                      symmetric=symmetric, self_value=u, backend="reference"))
     assert dense.largest >= n * n
+
+
+@pytest.mark.parametrize("backend,kernel", [("reference", "log"), ("chunked", "fractional"), ("chunked", "gaussian"),
+                                            ("linear", "dot")])
+@pytest.mark.parametrize("normalize", ["row", "sym"])
+def test_backends_are_device_agnostic(backend, kernel, normalize):
+    """On 'meta' tensors (shapes only, no data) forward and backward stay on the inputs' device:
+    no op pins a tensor to the CPU, so the same code serves CUDA tensors (no GPU here)."""
+    q, k, v = (torch.randn(2, 7, d, device="meta", requires_grad=True) for d in (3, 3, 5))
+    out = nonlocal_ext.nonlocal_aggregate(q, k, v, kernel, normalize=normalize, update="diffusion", symmetric=True,
+                                          backend=backend, **kernel_kwargs(kernel))
+    out.sum().backward()
+    assert out.device.type == "meta" and out.shape == (2, 7, 5)
+    assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (q, k, v))
