@@ -27,6 +27,7 @@ symmetric normalizations are computed with log-sum-exp and never overflow.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -199,21 +200,28 @@ def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor
 
 
 def _is_real_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Python and NumPy ints and floats; not bools, not tensors."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def type_name(value) -> str:
+    """``float``, ``numpy.float32``, ``torch.Tensor``: for error messages."""
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
 
 
 def resolve_params(kernel: AffinityKernel, dtype: torch.dtype, *, scale, power, gamma, eps) -> KernelParams:
     """Validate the scalar parameters for ``kernel`` and resolve ``eps=None``."""
     for name, value in (("scale", scale), ("gamma", gamma)):
         if not _is_real_number(value):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+            raise TypeError(f"{name} must be a real number, got {type_name(value)}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
     if kernel.uses_power:
         if power is None:
             raise ValueError(f"kernel={kernel.name!r} needs power= (e.g. n + 2s for the fractional Laplacian)")
         if not _is_real_number(power):
-            raise TypeError(f"power must be a real number, got {type(power).__name__}")
+            raise TypeError(f"power must be a real number, got {type_name(power)}")
         if not math.isfinite(power):
             raise ValueError(f"power must be finite, got {power}")
     elif power is not None:
@@ -221,7 +229,7 @@ def resolve_params(kernel: AffinityKernel, dtype: torch.dtype, *, scale, power, 
     if eps is None:
         eps = default_eps(dtype)
     elif not _is_real_number(eps):
-        raise TypeError(f"eps must be a real number or None, got {type(eps).__name__}")
+        raise TypeError(f"eps must be a real number or None, got {type_name(eps)}")
     elif not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return KernelParams(float(scale), None if power is None else float(power), float(gamma), float(eps))

@@ -40,7 +40,7 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     spec = validate(query, key, value, kernel, scale=scale, power=power, gamma=gamma, eps=eps,
                     normalize=normalize, update=update, symmetric=symmetric, self_value=self_value,
                     backend=backend)
-    impl = backends.select(backend, spec, query)
+    impl = backends.select(backend, spec, query, key)
     batch = query.shape[:-2]
 
     def flat(t):

@@ -1,7 +1,8 @@
 """Argument validation for :func:`nonlocal_ext.nonlocal_aggregate`, and the validated spec.
 
-Every user error is raised here, before any backend runs, as a ``TypeError`` (wrong kind of
-argument) or ``ValueError`` (wrong value or shape) whose message names the argument.
+Every error about the arguments themselves is raised here, before any backend runs, as a
+``TypeError`` (wrong kind of argument) or ``ValueError`` (wrong value or shape) whose message
+names the argument. (A backend that cannot run the call is refused by ``backends.select``.)
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import KERNELS, AffinityKernel, KernelParams, resolve_params
+from .kernels import KERNELS, AffinityKernel, KernelParams, resolve_params, type_name
 
 NORMALIZATIONS = ("none", "count", "row", "sym")
 UPDATES = ("aggregate", "diffusion")
-BACKENDS = ("auto", "reference", "chunked", "linear", "cpu", "triton")
+BACKEND_NAMES = ("auto", "reference", "chunked", "linear", "cpu", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -35,7 +36,7 @@ class AggregateSpec:
 
 def _check_choice(name, value, choices):
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {', '.join(map(repr, choices))}; got {type(value).__name__}")
+        raise TypeError(f"{name} must be a string, one of {', '.join(map(repr, choices))}; got {type_name(value)}")
     if value not in choices:
         raise ValueError(f"unknown {name}={value!r}; expected one of {', '.join(map(repr, choices))}")
 
@@ -48,7 +49,7 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
         named.append(("self_value", self_value))
     for name, t in named:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type_name(t)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                             f"got {t.dtype}")
@@ -74,9 +75,9 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     _check_choice("kernel", kernel, tuple(KERNELS))
     _check_choice("normalize", normalize, NORMALIZATIONS)
     _check_choice("update", update, UPDATES)
-    _check_choice("backend", backend, BACKENDS)
+    _check_choice("backend", backend, BACKEND_NAMES)
     if not isinstance(symmetric, bool):
-        raise TypeError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+        raise TypeError(f"symmetric must be a bool, got {type_name(symmetric)}")
     affinity = KERNELS[kernel]
     params = resolve_params(affinity, query.dtype, scale=scale, power=power, gamma=gamma, eps=eps)
 
@@ -91,6 +92,6 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     elif update == "diffusion" and n != m:
         raise ValueError(f"update='diffusion' without self_value uses value as self_value, which needs N == M; "
                          f"got N={n}, M={m} (pass self_value of shape (..., {n}, C))")
-    if m == 0 and normalize != "none":
+    if m == 0 and n > 0 and normalize != "none":
         raise ValueError(f"key has no positions (M = 0): normalize={normalize!r} is undefined")
     return AggregateSpec(affinity, params, normalize, update, symmetric)

@@ -34,7 +34,7 @@ TOLERANCE = {
 }
 
 
-def kernel_kwargs(kernel: str, normalize: str = "row") -> dict:
+def kernel_kwargs(kernel: str) -> dict:
     """Parameters that keep each kernel well conditioned on unit-scale data."""
     return {
         "dot": {},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common import COMBOS, assert_close_to_truth, max_abs, combo_id, kernel_kwargs, make_inputs, run
+from nonlocal_ext import nonlocal_aggregate
 from nonlocal_ext.backends import chunked
 
 # (batch, N, M, D, C): odd sizes, none a multiple of any tile. "square" shapes serve the
@@ -76,3 +77,24 @@ def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
     for normalize in ("row", "sym"):
         check_against_reference(backend, (kernel, normalize, "diffusion", False, True), ((2,), 97, 33, 5, 3),
                                 False, dtype)
+
+
+@pytest.mark.parametrize("backend,kernel", [("chunked", k) for k in ("gaussian", "rbf", "fractional", "log")]
+                         + [("linear", "dot")])
+def test_expanded_and_shared_inputs(small_blocks, backend, kernel):
+    """Stride-0 (expanded) batch dims, and one tensor passed as query, key and value."""
+    x = torch.randn(1, 40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) / 6 ** 0.5
+    if kernel == "dot":
+        x = x.abs() + 0.1
+    grad_out = torch.randn(3, 40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    for normalize in ("row", "sym"):
+        leaf = x.clone().requires_grad_()
+        outs = {}
+        for name in ("reference", backend):
+            shared = leaf.expand(3, 40, 6)
+            out = nonlocal_aggregate(shared, shared, shared, kernel, normalize=normalize, update="diffusion",
+                                     symmetric=True, backend=name, **kernel_kwargs(kernel))
+            outs[name] = (out, torch.autograd.grad(out, leaf, grad_out)[0])
+        for ours, truth in zip(outs[backend], outs["reference"]):
+            assert_close_to_truth(ours, truth, truth, torch.float64, f"{backend} {normalize}",
+                                  floor=max(1.0, max_abs(outs["reference"][0])))

@@ -24,10 +24,15 @@ def spec_of(kernel, **kwargs):
 
 
 @pytest.mark.parametrize("kernel", list(nonlocal_ext.KERNELS))
-def test_auto_takes_linear_for_dot_and_chunked_otherwise_on_cpu(kernel):
+def test_auto_takes_linear_for_dot_else_dense_when_small_and_chunked_when_large(kernel):
     spec = spec_of(kernel, power=1.0 if kernel == "fractional" else None)
-    chosen = backends.select("auto", spec, torch.empty(0))
-    assert chosen is (linear if kernel == "dot" else chunked)
+    limit = backends.DENSE_MAX_ELEMENTS
+
+    def chosen(b, n, m):  # meta tensors: shapes without memory
+        return backends.select("auto", spec, torch.empty(b, n, 8, device="meta"), torch.empty(b, m, 8, device="meta"))
+
+    small, large = chosen(2, limit // 2 // 1024, 1024), chosen(2, limit // 2 // 1024 + 1, 1024)
+    assert (small, large) == ((linear, linear) if kernel == "dot" else (reference, chunked))
 
 
 @pytest.mark.parametrize("normalize", ["row", "sym"])
@@ -167,3 +172,15 @@ def test_backends_are_device_agnostic(backend, kernel, normalize):
     out.sum().backward()
     assert out.device.type == "meta" and out.shape == (2, 7, 5)
     assert all(t.grad.device.type == "meta" and t.grad.shape == t.shape for t in (q, k, v))
+
+
+def test_chunked_splits_a_batch_too_large_for_one_block(monkeypatch):
+    """B·M above the block budget: the batch is processed in groups, values and gradients unchanged."""
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * 50)
+    q, k, v, u = make_inputs("rbf", "sym", (7,), 30, 50, 4, 3, with_self_value=True)
+    grad_out = torch.randn(7, 30, 3, dtype=torch.float64)
+    args = ("rbf", "sym", "diffusion", False, grad_out)
+    truth = run("reference", q, k, v, u, *args, **kernel_kwargs("rbf"))
+    ours = run("chunked", q, k, v, u, *args, **kernel_kwargs("rbf"))  # groups of 2 batch elements
+    for o, t in zip([ours[0]] + ours[1], [truth[0]] + truth[1]):
+        torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)

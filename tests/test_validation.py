@@ -72,6 +72,16 @@ BAD_INPUTS = {
     "eps not a number": (dict(kernel="log", eps="small"), TypeError, "eps must be a real number or None"),
     "empty M with row": (dict(key=torch.randn(2, 0, 3), value=torch.randn(2, 0, 2)), ValueError,
                          "key has no positions (M = 0): normalize='row' is undefined"),
+    "empty M with count": (dict(key=torch.randn(2, 0, 3), value=torch.randn(2, 0, 2), normalize="count"), ValueError,
+                           "key has no positions (M = 0): normalize='count' is undefined"),
+    "empty M with sym": (dict(key=torch.randn(2, 0, 3), value=torch.randn(2, 0, 2), normalize="sym"), ValueError,
+                         "key has no positions (M = 0): normalize='sym' is undefined"),
+    "self_value rank 1": (dict(self_value=torch.randn(2), update="diffusion"), ValueError,
+                          "self_value must have at least 2 dimensions"),
+    "self_value on another device": (dict(self_value=torch.randn(2, 4, 2, device="meta"), update="diffusion"),
+                                     ValueError, "self_value is on meta"),
+    "numpy bool symmetric": (dict(symmetric=__import__("numpy").bool_(True)), TypeError,
+                             "symmetric must be a bool, got numpy.bool"),
     "linear for gaussian": (dict(backend="linear"), ValueError, "backend='linear' is the exact low-rank path"),
     "triton not available": (dict(backend="triton"), ValueError, "backend='triton'"),
     "cpu not available": (dict(backend="cpu"), ValueError, "backend='cpu'"),
@@ -94,3 +104,13 @@ def test_unavailable_backend_lists_what_is_available(backend):
 
 def test_good_inputs_pass():
     assert call().shape == (2, 4, 2)
+
+
+def test_numpy_scalars_are_numbers():
+    import numpy as np
+    assert call(kernel="fractional", scale=np.float32(0.5), power=np.int64(3), eps=np.float64(1e-3)).shape == (2, 4, 2)
+
+
+def test_no_positions_at_all_is_an_empty_result():
+    out = call(query=torch.randn(2, 0, 3), key=torch.randn(2, 0, 3), value=torch.randn(2, 0, 2))
+    assert out.shape == (2, 0, 2)

@@ -10,6 +10,8 @@ Each backend is a module with the same small interface:
 
 from __future__ import annotations
 
+import math
+
 from . import chunked, cpu, linear, reference, triton
 
 BACKENDS = {b.NAME: b for b in (reference, chunked, linear, cpu, triton)}
@@ -20,19 +22,29 @@ def available(spec, query) -> list[str]:
     return [name for name, b in BACKENDS.items() if b.unsupported_reason(spec, query) is None]
 
 
-def select(name: str, spec, query):
+#: ``auto`` uses the dense reference up to this many affinities B·N·M: below it the dense
+#: computation is faster than ``chunked`` on CPU (bench/bench_backends.py: 0.5–0.9× at
+#: N = M = 1024, mixed at 2048, ``chunked`` ahead from 4096) and its N×M temporaries are small.
+DENSE_MAX_ELEMENTS = 1 << 21
+
+
+def select(name: str, spec, query, key):
     """The backend module for ``backend=name``.
 
     ``auto``: ``kernel="dot"`` always takes the exact linear-time path; every other kernel
-    takes the first available of the fused backends for the device (``triton`` on CUDA,
-    ``cpu`` on CPU), else ``chunked``. A backend asked for by name is used or refused with
-    the reason and the list of what is available, never silently replaced.
+    takes the fused backend of the device (``triton`` on CUDA, ``cpu`` on CPU) when it is
+    available, else the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS)
+    and ``chunked`` for the rest. A backend asked for by name is used or refused with the
+    reason and the list of what is available, never silently replaced.
     """
     if name == "auto":
         if spec.kernel.name == "dot":
             return linear
         fused = triton if query.device.type == "cuda" else cpu
-        return fused if fused.unsupported_reason(spec, query) is None else chunked
+        if fused.unsupported_reason(spec, query) is None:
+            return fused
+        affinities = math.prod(query.shape[:-1]) * key.shape[-2]  # B·N·M
+        return reference if affinities <= DENSE_MAX_ELEMENTS else chunked
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)
     if reason is not None:

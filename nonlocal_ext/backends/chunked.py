@@ -70,8 +70,8 @@ class _Inputs:
 def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
     """Z = W (or log W) for query rows I against all keys, and the derivative factors.
 
-    Returns ``(z, k_direct, k_swap)``: ``k_direct = ∂w̃/∂x_ij`` for the pair (q_i, k_j) and,
-    with ``symmetric``, ``k_swap = ∂w̃/∂x'_ij`` for the swapped pair (k_i, q_j). For log-domain
+    Returns ``(z, slope_direct, slope_swap)``: ``slope_direct = ∂w̃/∂x_ij`` for the pair (q_i, k_j) and,
+    with ``symmetric``, ``slope_swap = ∂w̃/∂x'_ij`` for the swapped pair (k_i, q_j). For log-domain
     kernels they are ``∂ log w̃/∂x`` instead.
     """
     kernel, p = spec.kernel, spec.params
@@ -181,6 +181,13 @@ def _normalized(spec, norm: _BlockNormalizer, m):
     return a_hat / m if spec.normalize == "count" else a_hat
 
 
+def _a_hat_block(spec, t: _Inputs, rows, col_sums, with_derivative=False):
+    """Recompute one block: ``(Â_I, its normalizer, slope_direct, slope_swap)``."""
+    z, slope_direct, slope_swap = _block(spec, t, rows, with_derivative)
+    norm = _BlockNormalizer(spec, z, col_sums)
+    return _normalized(spec, norm, t.k.shape[1]), norm, slope_direct, slope_swap
+
+
 def _row_blocks(t: _Inputs, block_elements):
     b, n, m = t.q.shape[0], t.q.shape[1], t.k.shape[1]
     step = rows_per_block(b, m, block_elements)
@@ -190,13 +197,11 @@ def _row_blocks(t: _Inputs, block_elements):
 def forward(query, key, value, self_value, spec, block_elements=BLOCK_ELEMENTS):
     """Returns ``(out, col_sums)``; ``col_sums`` (what ``sym`` saves for the backward) is None otherwise."""
     t = _Inputs(spec, query, key, value, self_value)
-    m = t.k.shape[1]
     blocks = _row_blocks(t, block_elements)
     col_sums = column_sums(spec, t, blocks)
     out = torch.full(t.q.shape[:2] + t.v.shape[-1:], math.nan, dtype=t.v.dtype, device=t.v.device)
     for rows in blocks:
-        z, _, _ = _block(spec, t, rows, with_derivative=False)
-        a_hat = _normalized(spec, _BlockNormalizer(spec, z, col_sums), m)
+        a_hat, _, _, _ = _a_hat_block(spec, t, rows, col_sums)
         out_rows = a_hat @ t.v
         if spec.diffusion:
             out_rows -= a_hat.sum(-1, keepdim=True) * t.u[:, rows]
@@ -222,16 +227,13 @@ def backward(grad_out, query, key, value, self_value, col_sums, spec, block_elem
     if spec.normalize == "sym":
         t_cols = t.q.new_zeros(t.q.shape[0], m)
         for rows in blocks:
-            z, _, _ = _block(spec, t, rows, with_derivative=False)
-            a_hat = _normalized(spec, _BlockNormalizer(spec, z, col_sums), m)
+            a_hat, _, _, _ = _a_hat_block(spec, t, rows, col_sums)
             t_cols += (a_hat * _d_a_hat(g[:, rows], t.v, t.rows(g_dot_u, rows))).sum(-2)
 
     grad_q, grad_k, grad_v = torch.zeros_like(t.q), torch.zeros_like(t.k), torch.zeros_like(t.v)
     grad_u = torch.zeros_like(t.u) if spec.diffusion else None
     for rows in blocks:
-        z, k_direct, k_swap = _block(spec, t, rows, with_derivative=True)
-        norm = _BlockNormalizer(spec, z, col_sums)
-        a_hat = _normalized(spec, norm, m)
+        a_hat, norm, slope_direct, slope_swap = _a_hat_block(spec, t, rows, col_sums, with_derivative=True)
         g_rows = g[:, rows]
         grad_v += a_hat.transpose(-1, -2) @ g_rows
         if spec.diffusion:
@@ -253,11 +255,11 @@ def backward(grad_out, query, key, value, self_value, col_sums, spec, block_elem
             if spec.normalize == "count":
                 h = h / m
 
-        dq_rows, dk = pair_gradients(spec.kernel, k_direct * h, t.q[:, rows], t.k)
+        dq_rows, dk = pair_gradients(spec.kernel, slope_direct * h, t.q[:, rows], t.k)
         grad_q[:, rows] += dq_rows
         grad_k += dk
         if spec.symmetric:
-            dk_rows, dq = pair_gradients(spec.kernel, k_swap * h, t.k[:, rows], t.q)
+            dk_rows, dq = pair_gradients(spec.kernel, slope_swap * h, t.k[:, rows], t.q)
             grad_k[:, rows] += dk_rows
             grad_q += dq
 
@@ -285,6 +287,17 @@ class ChunkedAggregate(torch.autograd.Function):
 
 
 def aggregate(query, key, value, self_value, spec, block_elements=None):
-    """``block_elements`` defaults to the module's ``BLOCK_ELEMENTS``, read at call time."""
+    """``block_elements`` defaults to the module's ``BLOCK_ELEMENTS``, read at call time.
+
+    When even one row per batch element exceeds the budget (B·M > block_elements), the batch is
+    split into groups that each fit, so a block never grows with B.
+    """
     block_elements = BLOCK_ELEMENTS if block_elements is None else block_elements
-    return ChunkedAggregate.apply(query, key, value, self_value, spec, block_elements)
+    b, m = key.shape[0], key.shape[1]
+    group = max(1, block_elements // max(1, m))
+    if b <= group:
+        return ChunkedAggregate.apply(query, key, value, self_value, spec, block_elements)
+    outs = [ChunkedAggregate.apply(query[i:i + group], key[i:i + group], value[i:i + group],
+                                   None if self_value is None else self_value[i:i + group], spec, block_elements)
+            for i in range(0, b, group)]
+    return torch.cat(outs)

@@ -6,14 +6,16 @@ yet, so this backend reports itself unavailable with the reason.
 
 from __future__ import annotations
 
-from .._extension import extension_available
+from .._extension import require_extension
 
 NAME = "cpu"
 
 
 def unsupported_reason(spec, query) -> str | None:
-    if not extension_available():
-        return "backend='cpu' needs the compiled extension nonlocal_ext._C, which failed to import"
+    try:
+        require_extension("backend='cpu'")
+    except RuntimeError as error:
+        return str(error)
     if query.device.type != "cpu":
         return f"backend='cpu' runs on CPU tensors, got a tensor on {query.device}"
     return "backend='cpu': the fused C++ CPU kernels are not implemented in this version"

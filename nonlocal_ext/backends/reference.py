@@ -1,7 +1,9 @@
 """``backend="reference"``: the dense PyTorch computation, the ground truth of every test.
 
 It materializes the whole ``(B, N, M)`` affinity matrix and lets autograd differentiate it,
-so it shares no backward code with the fused backends. It computes in the inputs' dtype.
+so it shares no backward code with the fused backends. It computes in the inputs' dtype,
+except float16/bfloat16, which it accumulates in float32 like every other backend (so that the
+coincident-pair threshold ``eps`` means the same everywhere).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import torch
 
 from ..kernels import pair_variable
-from ._common import safe_inverse_power
+from ._common import compute_dtype, safe_inverse_power
 
 NAME = "reference"
 
@@ -59,9 +61,11 @@ def _normalized(spec, z, m):
 
 def aggregate(query, key, value, self_value, spec):
     """out = Â v, or Â v − rowsum(Â) ⊙ u for diffusion; inputs are (B, N, D), (B, M, D), (B, M, C)."""
-    a = _normalized(spec, _affinity(spec, query, key), key.shape[-2])
-    out = a @ value
+    dtype = compute_dtype(query.dtype)
+    q, k, v = (t.to(dtype) for t in (query, key, value))
+    a = _normalized(spec, _affinity(spec, q, k), k.shape[-2])
+    out = a @ v
     if spec.diffusion:
-        u = value if self_value is None else self_value
+        u = v if self_value is None else self_value.to(dtype)
         out = out - a.sum(-1, keepdim=True) * u
-    return out
+    return out.to(query.dtype)
