@@ -175,7 +175,7 @@ def column_sums(spec, t: _Inputs, blocks):
     return sums
 
 
-def _normalized(spec, norm: _BlockNormalizer, m):
+def _a_hat_of(spec, norm: _BlockNormalizer, m):
     """Â for the block."""
     a_hat = norm.weights(*_EXPONENTS[spec.normalize])
     return a_hat / m if spec.normalize == "count" else a_hat
@@ -185,7 +185,7 @@ def _a_hat_block(spec, t: _Inputs, rows, col_sums, with_derivative=False):
     """Recompute one block: ``(Â_I, its normalizer, slope_direct, slope_swap)``."""
     z, slope_direct, slope_swap = _block(spec, t, rows, with_derivative)
     norm = _BlockNormalizer(spec, z, col_sums)
-    return _normalized(spec, norm, t.k.shape[1]), norm, slope_direct, slope_swap
+    return _a_hat_of(spec, norm, t.k.shape[1]), norm, slope_direct, slope_swap
 
 
 def _row_blocks(t: _Inputs, block_elements):
