@@ -17,8 +17,9 @@ Backward recomputes each block. With G = ∂L/∂out:
     ∂L/∂w_ij = none: dâ · count: dâ/M · row: (dâ_ij − S_i)/r_i
                · sym: dâ_ij/√(r_i c_j) − ½ S_i/r_i − ½ T_j/c_j
 with S_i = Σ_j dâ_ij â_ij (= G_i·out_i; a block holds whole rows, so it is summed directly)
-and T_j = Σ_i dâ_ij â_ij (``sym`` takes one pass for T, then one for the rest). The kernel's derivative turns ∂L/∂w
-into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to q and k.
+and T_j = Σ_i dâ_ij â_ij (``sym`` takes one pass for T, then one for the rest). The kernel's
+derivative turns ∂L/∂w into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to
+q and k.
 Log-domain kernels (gaussian) carry w·∂L/∂w instead, built from Â-like blocks
 exp(z − a·log r − b·log c) that cannot overflow, and multiply by d log f/dx.
 """
