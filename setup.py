@@ -64,7 +64,7 @@ def _extensions():
         CppExtension(
             name="nonlocal_ext._C",
             sources=sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"] + openmp},
+            extra_compile_args={"cxx": ["-O3", "-std=c++20"] + openmp},
             extra_link_args=openmp,
         )
     ]

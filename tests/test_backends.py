@@ -1,4 +1,4 @@
-"""chunked and linear against the float64 reference: values and every gradient, at odd sizes.
+"""chunked, linear and cpu against the float64 reference: values and every gradient, at odd sizes.
 
 Run alone: .venv/bin/python -m pytest -q tests/test_backends.py
 """
@@ -69,8 +69,14 @@ def test_linear_matches_reference(combo, shape, noncontiguous, dtype):
     check_against_reference("linear", combo, shape, noncontiguous, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("combo,shape,noncontiguous", list(cases("cpu")))
+def test_cpu_matches_reference(combo, shape, noncontiguous, dtype):
+    check_against_reference("cpu", combo, shape, noncontiguous, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("backend,kernel", [("chunked", k) for k in ("gaussian", "rbf", "fractional", "log")]
+@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in ("gaussian", "rbf", "fractional", "log")]
                          + [("linear", "dot")])
 def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
     """Half inputs accumulate in float32: at least as accurate as plain PyTorch in that dtype."""
@@ -79,7 +85,7 @@ def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
                                 False, dtype)
 
 
-@pytest.mark.parametrize("backend,kernel", [("chunked", k) for k in ("gaussian", "rbf", "fractional", "log")]
+@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in ("gaussian", "rbf", "fractional", "log")]
                          + [("linear", "dot")])
 def test_expanded_and_shared_inputs(small_blocks, backend, kernel):
     """Stride-0 (expanded) batch dims, and one tensor passed as query, key and value."""

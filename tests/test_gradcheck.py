@@ -1,4 +1,4 @@
-"""torch.autograd.gradcheck in float64 for reference, chunked and linear, every combination.
+"""torch.autograd.gradcheck in float64 for reference, chunked, linear and cpu, every combination.
 
 Run alone: .venv/bin/python -m pytest -q tests/test_gradcheck.py
 """
@@ -15,7 +15,7 @@ from nonlocal_ext.backends import chunked
 
 def cases():
     for combo in COMBOS:
-        for backend in ("reference", "chunked") + (("linear",) if combo[0] == "dot" else ()):
+        for backend in ("reference", "chunked", "cpu") + (("linear",) if combo[0] == "dot" else ()):
             yield pytest.param(backend, combo, id=f"{backend}-{combo_id(combo)}")
 
 

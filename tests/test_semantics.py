@@ -50,14 +50,14 @@ def test_gaussian_large_scores_stay_finite_in_float32(normalize, symmetric):
     truth = run("reference", q, k, v, None, grad_out=grad_out, **args)
     low = [t.float() for t in (q, k, v)]
     plain = run("reference", *low, None, grad_out=grad_out, **args)
-    for backend in ("reference", "chunked"):
+    for backend in ("reference", "chunked", "cpu"):
         ours = run(backend, *low, None, grad_out=grad_out, **args)
         for o, p, t in zip([ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
             assert torch.isfinite(o).all()
             assert_close_to_truth(o, p, t, torch.float32, backend, floor=max(1.0, max_abs(truth[0])))
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "linear"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "linear", "cpu"])
 def test_empty_queries_give_an_empty_result(backend):
     q, k, v = torch.randn(2, 0, 3), torch.randn(2, 5, 3), torch.randn(2, 5, 4)
     kernel = "dot" if backend == "linear" else "rbf"
@@ -67,7 +67,7 @@ def test_empty_queries_give_an_empty_result(backend):
     assert q.grad.shape == q.shape and (k.grad == 0).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "linear"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "linear", "cpu"])
 def test_empty_keys_with_no_normalization_give_zeros(backend):
     q, k, v = torch.randn(3, 3), torch.randn(0, 3), torch.randn(0, 4)
     kernel = "dot" if backend == "linear" else "gaussian"
@@ -81,7 +81,7 @@ def test_empty_batch():
     assert out.shape == (0, 4, 2)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "cpu"])
 @pytest.mark.parametrize("kernel", ["fractional", "log"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_coincident_points_with_default_eps(backend, kernel, dtype):
@@ -100,7 +100,7 @@ def test_coincident_points_with_default_eps(backend, kernel, dtype):
     assert out.item() == 0 and all((g == 0).all() for g in grads)
 
 
-@pytest.mark.parametrize("backend", ["reference", "chunked", "linear"])
+@pytest.mark.parametrize("backend", ["reference", "chunked", "linear", "cpu"])
 def test_inputs_are_not_mutated(backend):
     kernel = "dot" if backend == "linear" else "fractional"
     q, k, v, u = make_inputs(kernel, "sym", (2,), 6, 6, 3, 2, with_self_value=True)

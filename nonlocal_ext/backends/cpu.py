@@ -1,14 +1,26 @@
-"""``backend="cpu"``: the fused C++ kernels of ``csrc/`` (registered as ``torch.ops.nonlocal_ext``).
+"""``backend="cpu"``: the fused C++ kernels of ``csrc/`` as the custom ops ``torch.ops.nonlocal_ext``.
 
-The op schemas are registered by the extension; the CPU kernels behind them are not written
-yet, so this backend reports itself unavailable with the reason.
+``aggregate_forward(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize,
+update, symmetric) -> (out, row_stats, col_stats)`` computes one tiled aggregation (DESIGN.md §2)
+and saves O(N + M) statistics: the row sums r_i (``log r_i`` for ``gaussian``) and, for
+``sym``, the column sums c_j. ``aggregate_backward`` recomputes the affinity tiles from them.
+
+This module registers, for those ops, the fake (meta) kernels that ``torch.compile`` traces with
+and the autograd formula (``register_autograd``), so the op is differentiable and traceable
+without graph breaks. The kernels take float32 and float64; float16/bfloat16 inputs are
+accumulated in float32 here and the result cast back.
 """
 
 from __future__ import annotations
 
-from .._extension import require_extension
+import torch
+
+from .._extension import extension_available, require_extension
+from ._common import compute_dtype
 
 NAME = "cpu"
+
+OP_NAMESPACE = "nonlocal_ext"
 
 
 def unsupported_reason(spec, query) -> str | None:
@@ -18,8 +30,65 @@ def unsupported_reason(spec, query) -> str | None:
         return str(error)
     if query.device.type != "cpu":
         return f"backend='cpu' runs on CPU tensors, got a tensor on {query.device}"
-    return "backend='cpu': the fused C++ CPU kernels are not implemented in this version"
+    return None
 
 
-def aggregate(query, key, value, self_value, spec):  # pragma: no cover - unreachable until implemented
-    raise NotImplementedError(unsupported_reason(spec, query))
+def _op_arguments(spec):
+    """The scalar arguments of both ops, in schema order after the tensors."""
+    p = spec.params
+    power = 0.0 if p.power is None else float(p.power)
+    return (spec.kernel.name, float(p.scale), power, float(p.gamma), float(p.eps), spec.normalize,
+            spec.update, bool(spec.symmetric))
+
+
+def aggregate(query, key, value, self_value, spec):
+    dtype = query.dtype
+    work = compute_dtype(dtype)
+    tensors = [query, key, value, self_value]
+    if work != dtype:
+        tensors = [None if t is None else t.to(work) for t in tensors]
+    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(*tensors, *_op_arguments(spec))
+    return out.to(dtype)
+
+
+# --- torch.library registrations: fake kernels and autograd ------------------------------------
+
+
+def _forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update,
+                  symmetric):
+    batch, n, m, c = query.shape[0], query.shape[1], key.shape[1], value.shape[2]
+    out = query.new_empty((batch, n, c))
+    row_stats = query.new_empty((batch, n))
+    col_stats = query.new_empty((batch, m if normalize == "sym" else 0))
+    return out, row_stats, col_stats
+
+
+def _backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *args):
+    grad_self_value = None if self_value is None else torch.empty_like(self_value)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_self_value
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, self_value, *scalars = inputs
+    out, row_stats, col_stats = output
+    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats)
+    ctx.scalars = scalars
+    ctx.mark_non_differentiable(row_stats, col_stats)
+
+
+def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
+    query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
+    grads = torch.ops.nonlocal_ext.aggregate_backward(
+        grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars)
+    return (*grads, *(None for _ in ctx.scalars))
+
+
+def _register():
+    forward = f"{OP_NAMESPACE}::aggregate_forward"
+    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(f"{OP_NAMESPACE}::aggregate_backward")(_backward_fake)
+    torch.library.register_autograd(forward, _backward, setup_context=_setup_context)
+
+
+if extension_available():
+    _register()

@@ -1,0 +1,804 @@
+// CPU kernels of nonlocal_ext::aggregate_forward / aggregate_backward (DESIGN.md §2).
+//
+// Everything is tiled: a tile of the affinity matrix, rows I (kRowBlock) × columns J
+// (kColBlock), is formed from one GEMM s = a_I b_Jᵀ (two with `symmetric`), turned into weights
+// in cache by the elementwise code of tile_math.h, and consumed at once by the next GEMM. No
+// N×M buffer exists; memory is O((N+M)(D+C)) plus per-row statistics.
+//
+// Forward, per row block I (parallel over batch × row blocks):
+//   acc_I = Σ_J W_IJ · (b_J ⊙ v_J),  r_I = Σ_J W_IJ 1,  h_I = Σ_J W_IJ b_J
+//   out_I = a_I ⊙ acc_I − [diffusion] a_I h_I ⊙ u_I,   rowsum(Â)_I = a_I h_I
+// with Â = diag(a) W diag(b):  none a=1 · count a=1/M · row a=1/r · sym a=r^−½, b=c^−½.
+// `sym` needs the column sums c first: the same pass with the roles of query and key swapped.
+// `gaussian` is kept in the log domain (z = scale·q·k): online max as in FlashAttention, so
+// row and sym normalizations never overflow; its statistics are log r and log c.
+//
+// Backward, recomputing each tile. With G = ∂L/∂out and gu_i = G_i·u_i:
+//   dâ_ij = G_i·v_j − [diffusion] gu_i
+//   dw_ij = a_i b_j (dâ_ij − R_i) − X_i a_i² − Y_j b_j²
+//     (row: R = S;  sym: X = S/2, Y = T/2, where S_i = Σ_j dâ_ij â_ij and T_j = Σ_i dâ_ij â_ij
+//      come from a first pass over the tiles)
+//   C_ij  = dw_ij f′(x_ij);  dv = Âᵀ G;  du_i = −rowsum(Â)_i G_i
+//   dot family:      dq = C k,             dk = Cᵀ q
+//   distance family: dq = 2(q ⊙ C1 − C k), dk = 2(k ⊙ Cᵀ1 − Cᵀ q)
+// The tile loop runs column blocks J in parallel groups (a fixed number of groups per batch
+// element, set by the shapes only); dv and dk of a column block are owned by its group, and
+// each group keeps its own partial dq rows, summed in group order at the end. No atomics, and
+// the result does not depend on the number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "tile_math.h"
+
+// The BLAS that torch itself links (MKL on x86-64 wheels, OpenBLAS on aarch64 ones).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+
+// float32 tile code is compiled for AVX-512, AVX2+FMA and baseline x86-64, chosen at load time
+// (the exp/log loops vectorize only with the wider ISAs). float64 is the gradcheck path.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NLX_VECTORIZED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NLX_VECTORIZED
+#endif
+
+namespace nonlocal_ext {
+namespace cpu {
+
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kColBlock = 256;
+
+enum class Normalize : int { None, Count, Row, Sym };
+
+// ----------------------------------------------------------------------------------------------
+// GEMM on row-major tiles: c = alpha·op(a)·op(b) + beta·c with op(a) rows×inner, op(b)
+// inner×cols. BLAS is column-major, where a row-major matrix reads as its transpose, so this
+// asks BLAS for cᵀ = op(b)ᵀ·op(a)ᵀ.
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const double* alpha, const double* a, const int* lda, const double* b,
+                      const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner, T alpha,
+          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (rows == 0 || cols == 0) return;
+  if (inner == 0) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(inner);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  blas_gemm(&ta, &tb, &m, &n, &k, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Which input plays the rows and which the columns of a tile. The row pass uses (a, b) =
+// (query, key); the column passes use (key, query). `symmetric` adds f(a2_i, b2_j) with
+// (a2, b2) = (b, a) of the same rows and columns: ½[f(q_i, k_j) + f(k_i, q_j)].
+template <typename T>
+struct Roles {
+  const T *a, *b, *a_sqnorm, *b_sqnorm;     // a: rows × d, b: cols × d, squared norms or null
+  const T *a2, *b2, *a2_sqnorm, *b2_sqnorm;  // symmetric partners (rows of b, cols of a)
+  int64_t d;
+};
+
+template <typename T>
+Roles<T> roles(const T* rows_in, const T* cols_in, const T* rows_sqnorm, const T* cols_sqnorm,
+               int64_t d) {
+  return {rows_in, cols_in, rows_sqnorm, cols_sqnorm, cols_in, rows_in, cols_sqnorm, rows_sqnorm, d};
+}
+
+template <typename T>
+NLX_INLINE T norm_or_zero(const T* sqnorm, int64_t i) {
+  return sqnorm ? sqnorm[i] : T(0);
+}
+
+// s1 ← W̃ (or log W̃ for gaussian) of the tile rows i0..i0+bi × columns j0..j0+bj, row-major
+// with leading dimension bj; s2 is scratch of the same size for the symmetric term.
+template <typename T, Kernel K, bool SYMM>
+NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, T* s1, T* s2) {
+  const int64_t d = r.d;
+  gemm<T>(false, true, bi, bj, d, T(1), r.a + i0 * d, d, r.b + j0 * d, d, T(0), s1, bj);
+  if constexpr (SYMM) gemm<T>(false, true, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2 + j0 * d, d, T(0), s2, bj);
+  const T* bn = is_distance(K) ? r.b_sqnorm + j0 : nullptr;
+  const T* b2n = is_distance(K) ? r.b2_sqnorm + j0 : nullptr;
+  for (int64_t i = 0; i < bi; ++i) {
+    T* row = s1 + i * bj;
+    const T an = norm_or_zero(is_distance(K) ? r.a_sqnorm : nullptr, i0 + i);
+    if constexpr (SYMM) {
+      const T* row2 = s2 + i * bj;
+      const T a2n = norm_or_zero(is_distance(K) ? r.a2_sqnorm : nullptr, i0 + i);
+      for (int64_t j = 0; j < bj; ++j) {
+        T w1 = weight<T, K>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
+        T w2 = weight<T, K>(row2[j], a2n, is_distance(K) ? b2n[j] : T(0), p);
+        row[j] = K == Kernel::Gaussian ? log_mean_exp(w1, w2) : T(0.5) * (w1 + w2);
+      }
+    } else {
+      for (int64_t j = 0; j < bj; ++j) row[j] = weight<T, K>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Forward row pass.
+
+// Running per-row state of one row block. Linear domain: r = Σ w, h = Σ w b. Log domain
+// (gaussian): acc and h are scaled by exp(−m2), m2 = running max of z + log b; r is kept as
+// (m, l) with l = Σ exp(z − m) only when b is not 1 (else it equals (m2, h)).
+template <typename T>
+struct RowState {
+  std::vector<T> acc, r, h, m, l, m2;
+  RowState(int64_t rows, int64_t c)
+      : acc(rows * c, T(0)), r(rows, T(0)), h(rows, T(0)),
+        m(rows, -std::numeric_limits<T>::infinity()), l(rows, T(0)),
+        m2(rows, -std::numeric_limits<T>::infinity()) {}
+};
+
+template <typename T>
+NLX_INLINE T row_max(const T* x, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  return mx;
+}
+
+// Accumulate one row block against all columns. `value` null: statistics only (the column
+// pass). `col_factor`: b_j (log b_j for gaussian), null when b = 1.
+template <typename T, Kernel K, bool SYMM>
+NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols, const T* value,
+                         int64_t c, const T* col_factor, int64_t i0, int64_t bi, RowState<T>& st,
+                         T* s1, T* s2) {
+  for (int64_t j0 = 0; j0 < cols; j0 += kColBlock) {
+    const int64_t bj = std::min(kColBlock, cols - j0);
+    tile_weights<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
+    const T* cf = col_factor ? col_factor + j0 : nullptr;
+    for (int64_t i = 0; i < bi; ++i) {
+      T* w = s1 + i * bj;
+      if constexpr (K == Kernel::Gaussian) {
+        if (cf) {  // the normalizer log r, on its own running max
+          const T m_new = std::max(st.m[i], row_max(w, bj));
+          T sum = T(0);
+          for (int64_t j = 0; j < bj; ++j) sum += Math<T>::exp(w[j] - m_new);
+          st.l[i] = st.l[i] * Math<T>::exp(st.m[i] - m_new) + sum;
+          st.m[i] = m_new;
+          for (int64_t j = 0; j < bj; ++j) w[j] += cf[j];
+        }
+        const T m_new = std::max(st.m2[i], row_max(w, bj));
+        const T rescale = Math<T>::exp(st.m2[i] - m_new);
+        T sum = T(0);
+        for (int64_t j = 0; j < bj; ++j) {
+          const T e = Math<T>::exp(w[j] - m_new);
+          w[j] = e;
+          sum += e;
+        }
+        st.h[i] = st.h[i] * rescale + sum;
+        st.m2[i] = m_new;
+        if (value && rescale != T(1)) {
+          T* acc = st.acc.data() + i * c;
+          for (int64_t e = 0; e < c; ++e) acc[e] *= rescale;
+        }
+      } else {
+        T sum = T(0);
+        for (int64_t j = 0; j < bj; ++j) sum += w[j];
+        st.r[i] += sum;
+        if (cf) {
+          T scaled = T(0);
+          for (int64_t j = 0; j < bj; ++j) {
+            w[j] *= cf[j];
+            scaled += w[j];
+          }
+          st.h[i] += scaled;
+        }
+      }
+    }
+    if (value) gemm<T>(false, false, bi, c, bj, T(1), s1, bj, value + j0 * c, c, T(1), st.acc.data(), c);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Backward tile: from s1 (s2) = the GEMMs of the pair variable and gv = G_I v_Jᵀ, the
+// normalized affinities â (into `ahat`), and C1 (C2) = ∂L/∂s of the first (symmetric) term.
+
+template <typename T>
+struct BackwardRows {  // per-row / per-column vectors of one batch element
+  const T *a, *b;  // normalization factors (log factors for gaussian)
+  const T *R, *X, *Y, *gu;
+};
+
+template <typename T, Kernel K, bool SYMM, bool SYMNORM>
+NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, const BackwardRows<T>& v,
+                                   int64_t i0, int64_t bi, int64_t j0, int64_t bj, const T* s1,
+                                   const T* s2, const T* gv, T* ahat, T* c1, T* c2) {
+  const T half = SYMM ? T(0.5) : T(1);
+  for (int64_t i = 0; i < bi; ++i) {
+    const int64_t gi = i0 + i;
+    const T an = norm_or_zero(is_distance(K) ? r.a_sqnorm : nullptr, gi);
+    const T a2n = norm_or_zero(is_distance(K) && SYMM ? r.a2_sqnorm : nullptr, gi);
+    const T ai = v.a[gi], Ri = v.R[gi], gui = v.gu[gi], Xi = SYMNORM ? v.X[gi] : T(0);
+    const int64_t o = i * bj;
+    for (int64_t j = 0; j < bj; ++j) {
+      const int64_t gj = j0 + j;
+      const T bn = is_distance(K) ? r.b_sqnorm[gj] : T(0);
+      const T b2n = is_distance(K) && SYMM ? r.b2_sqnorm[gj] : T(0);
+      const T bj_ = v.b[gj];
+      const T Yj = SYMNORM ? v.Y[gj] : T(0);
+      T f1, f2 = T(0);
+      const T w1 = weight<T, K>(s1[o + j], an, bn, p, &f1);
+      T w2 = T(0);
+      if constexpr (SYMM) w2 = weight<T, K>(s2[o + j], a2n, b2n, p, &f2);
+      const T da = gv[o + j] - gui;
+      if constexpr (K == Kernel::Gaussian) {  // a, b hold log factors; w holds z
+        const T shift = ai + bj_;
+        const T e1 = Math<T>::exp(w1 + shift);
+        const T e2 = SYMM ? Math<T>::exp(w2 + shift) : T(0);
+        ahat[o + j] = SYMM ? T(0.5) * (e1 + e2) : e1;
+        T g1 = e1 * (da - Ri), g2 = e2 * (da - Ri);
+        if constexpr (SYMNORM) {
+          g1 -= Xi * Math<T>::exp(w1 + ai + ai) + Yj * Math<T>::exp(w1 + bj_ + bj_);
+          if constexpr (SYMM) g2 -= Xi * Math<T>::exp(w2 + ai + ai) + Yj * Math<T>::exp(w2 + bj_ + bj_);
+        }
+        c1[o + j] = half * p.scale * g1;
+        if constexpr (SYMM) c2[o + j] = half * p.scale * g2;
+      } else {
+        const T ab = ai * bj_;
+        const T wt = SYMM ? T(0.5) * (w1 + w2) : w1;
+        ahat[o + j] = wt * ab;
+        T dw = ab * (da - Ri);
+        if constexpr (SYMNORM) dw -= Xi * ai * ai + Yj * bj_ * bj_;
+        c1[o + j] = half * dw * f1;
+        if constexpr (SYMM) c2[o + j] = half * dw * f2;
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Kernel dispatch of the tile code. The float32 entry points are compiled once per ISA.
+
+template <typename T, template <Kernel, bool> class Body, typename... Args>
+NLX_INLINE void dispatch_kernel(Kernel kernel, bool symmetric, Args&&... args) {
+#define NLX_CASE(K)                                                  \
+  case K:                                                            \
+    if (symmetric)                                                   \
+      Body<K, true>::template run<T>(std::forward<Args>(args)...);   \
+    else                                                             \
+      Body<K, false>::template run<T>(std::forward<Args>(args)...);  \
+    break;
+  switch (kernel) {
+    NLX_CASE(Kernel::Dot)
+    NLX_CASE(Kernel::Gaussian)
+    NLX_CASE(Kernel::Rbf)
+    NLX_CASE(Kernel::Fractional)
+    NLX_CASE(Kernel::Log)
+  }
+#undef NLX_CASE
+}
+
+template <Kernel K, bool SYMM>
+struct RowPassBody {
+  template <typename T>
+  static NLX_INLINE void run(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols, const T* value,
+                             int64_t c, const T* col_factor, int64_t i0, int64_t bi, RowState<T>& st,
+                             T* s1, T* s2) {
+    row_pass<T, K, SYMM>(r, p, cols, value, c, col_factor, i0, bi, st, s1, s2);
+  }
+};
+
+template <Kernel K, bool SYMM>
+struct TileWeightsBody {
+  template <typename T>
+  static NLX_INLINE void run(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, T* s1, T* s2) {
+    tile_weights<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
+  }
+};
+
+template <Kernel K, bool SYMM>
+struct BackwardTileBody {
+  template <typename T>
+  static NLX_INLINE void run(bool symnorm, const Roles<T>& r, const KernelArgs<T>& p,
+                             const BackwardRows<T>& v, int64_t i0, int64_t bi, int64_t j0, int64_t bj,
+                             const T* s1, const T* s2, const T* gv, T* ahat, T* c1, T* c2) {
+    if (symnorm)
+      backward_tile_impl<T, K, SYMM, true>(r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
+    else
+      backward_tile_impl<T, K, SYMM, false>(r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
+  }
+};
+
+// One function per tile operation and dtype; float32 ones carry the ISA clones.
+#define NLX_TILE_ENTRY_POINTS(T, ATTR)                                                                \
+  ATTR void row_pass_entry(Kernel k, bool symm, const Roles<T>& r, const KernelArgs<T>& p,            \
+                           int64_t cols, const T* value, int64_t c, const T* col_factor, int64_t i0,  \
+                           int64_t bi, RowState<T>& st, T* s1, T* s2) {                               \
+    dispatch_kernel<T, RowPassBody>(k, symm, r, p, cols, value, c, col_factor, i0, bi, st, s1, s2);   \
+  }                                                                                                   \
+  ATTR void tile_weights_entry(Kernel k, bool symm, const Roles<T>& r, const KernelArgs<T>& p,        \
+                               int64_t i0, int64_t bi, int64_t j0, int64_t bj, T* s1, T* s2) {        \
+    dispatch_kernel<T, TileWeightsBody>(k, symm, r, p, i0, bi, j0, bj, s1, s2);                       \
+  }                                                                                                   \
+  ATTR void backward_tile_entry(Kernel k, bool symm, bool symnorm, const Roles<T>& r,                 \
+                                const KernelArgs<T>& p, const BackwardRows<T>& v, int64_t i0,         \
+                                int64_t bi, int64_t j0, int64_t bj, const T* s1, const T* s2,         \
+                                const T* gv, T* ahat, T* c1, T* c2) {                                 \
+    dispatch_kernel<T, BackwardTileBody>(k, symm, symnorm, r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, \
+                                         c1, c2);                                                     \
+  }
+
+NLX_TILE_ENTRY_POINTS(float, NLX_VECTORIZED)
+NLX_TILE_ENTRY_POINTS(double, )
+#undef NLX_TILE_ENTRY_POINTS
+
+// ----------------------------------------------------------------------------------------------
+// Host side: arguments, statistics, the passes.
+
+struct Options {
+  Kernel kernel;
+  Normalize normalize;
+  bool diffusion, symmetric;
+  double scale, power, gamma, eps;
+};
+
+Kernel parse_kernel(c10::string_view name) {
+  if (name == "dot") return Kernel::Dot;
+  if (name == "gaussian") return Kernel::Gaussian;
+  if (name == "rbf") return Kernel::Rbf;
+  if (name == "fractional") return Kernel::Fractional;
+  if (name == "log") return Kernel::Log;
+  TORCH_CHECK(false, "nonlocal_ext: unknown kernel '", std::string(name), "'");
+}
+
+Normalize parse_normalize(c10::string_view name) {
+  if (name == "none") return Normalize::None;
+  if (name == "count") return Normalize::Count;
+  if (name == "row") return Normalize::Row;
+  if (name == "sym") return Normalize::Sym;
+  TORCH_CHECK(false, "nonlocal_ext: unknown normalize '", std::string(name), "'");
+}
+
+Options parse_options(c10::string_view kernel, double scale, double power, double gamma, double eps,
+                      c10::string_view normalize, c10::string_view update, bool symmetric) {
+  TORCH_CHECK(update == "aggregate" || update == "diffusion", "nonlocal_ext: unknown update '",
+              std::string(update), "'");
+  return {parse_kernel(kernel), parse_normalize(normalize), update == "diffusion", symmetric,
+          scale, power, gamma, eps};
+}
+
+void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                  const std::optional<at::Tensor>& self_value, const Options& o) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3,
+              "nonlocal_ext: query, key, value must be (B, N, D), (B, M, D), (B, M, C)");
+  TORCH_CHECK(query.size(0) == key.size(0) && key.size(0) == value.size(0) &&
+                  query.size(2) == key.size(2) && key.size(1) == value.size(1),
+              "nonlocal_ext: mismatched shapes of query, key, value");
+  for (const at::Tensor* t : {&query, &key, &value}) {
+    TORCH_CHECK(t->device().is_cpu(), "nonlocal_ext CPU kernels: tensors must be on the CPU");
+    TORCH_CHECK(t->scalar_type() == query.scalar_type() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                "nonlocal_ext CPU kernels: float32 or float64 tensors of one dtype expected");
+  }
+  if (self_value) {
+    TORCH_CHECK(o.diffusion, "nonlocal_ext: self_value needs update='diffusion'");
+    TORCH_CHECK(self_value->dim() == 3 && self_value->size(0) == query.size(0) &&
+                    self_value->size(1) == query.size(1) && self_value->size(2) == value.size(2),
+                "nonlocal_ext: self_value must be (B, N, C)");
+    TORCH_CHECK(self_value->scalar_type() == query.scalar_type() && self_value->device().is_cpu(),
+                "nonlocal_ext: self_value must match query's dtype and device");
+  }
+  if (o.symmetric || (o.diffusion && !self_value))
+    TORCH_CHECK(query.size(1) == key.size(1), "nonlocal_ext: symmetric / diffusion without self_value need N == M");
+}
+
+template <typename T>
+KernelArgs<T> kernel_args(const Options& o) {
+  return {static_cast<T>(o.scale), static_cast<T>(0.5 * o.power), static_cast<T>(o.gamma), static_cast<T>(o.eps)};
+}
+
+// Normalization factors from the statistics (log factors for gaussian):
+// row: a = 1/r (log: −log r);  sym: a = r^−½, b = c^−½ (log: −½ log r, −½ log c);
+// count: a = 1/M; none: 1. A zero sum gives a zero factor (safe divide).
+at::Tensor safe_inverse_power(const at::Tensor& sums, double exponent) {
+  auto zero = sums == 0;
+  return at::where(zero, at::zeros_like(sums), at::where(zero, at::ones_like(sums), sums).pow(-exponent));
+}
+
+at::Tensor row_factor(const at::Tensor& row_stats, const Options& o, int64_t m) {
+  const bool log_domain = o.kernel == Kernel::Gaussian;
+  switch (o.normalize) {
+    case Normalize::None:
+      return log_domain ? at::zeros_like(row_stats) : at::ones_like(row_stats);
+    case Normalize::Count:
+      return log_domain ? at::full_like(row_stats, -std::log(static_cast<double>(m)))
+                        : at::full_like(row_stats, 1.0 / static_cast<double>(m));
+    case Normalize::Row:
+      return log_domain ? -row_stats : safe_inverse_power(row_stats, 1.0);
+    case Normalize::Sym:
+      return log_domain ? -0.5 * row_stats : safe_inverse_power(row_stats, 0.5);
+  }
+  return row_stats;
+}
+
+at::Tensor column_factor(const at::Tensor& col_stats, const Options& o) {
+  return o.kernel == Kernel::Gaussian ? -0.5 * col_stats : safe_inverse_power(col_stats, 0.5);
+}
+
+at::Tensor squared_norms(const at::Tensor& x, const Options& o) {
+  return is_distance(o.kernel) ? x.square().sum(-1) : at::Tensor();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+// Per-row statistics of rows_in against all of cols_in (r, or log r for gaussian), for every
+// batch element: the column pass of `sym` (with the roles of query and key swapped).
+template <typename T>
+at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
+                           const at::Tensor& cols_sqnorm, const Options& o) {
+  const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
+  auto stats = at::full({batch, rows}, std::numeric_limits<double>::quiet_NaN(), rows_in.options());
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const KernelArgs<T> p = kernel_args<T>(o);
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s1(kRowBlock * kColBlock), s2(o.symmetric ? kRowBlock * kColBlock : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, rows - i0);
+      const Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
+                                  rows_sqnorm.defined() ? rows_sqnorm[bt].data_ptr<T>() : nullptr,
+                                  cols_sqnorm.defined() ? cols_sqnorm[bt].data_ptr<T>() : nullptr, d);
+      RowState<T> st(bi, 0);
+      row_pass_entry(o.kernel, o.symmetric, r, p, cols, static_cast<const T*>(nullptr), 0,
+                     static_cast<const T*>(nullptr), i0, bi, st, s1.data(), s2.data());
+      T* out = stats[bt].data_ptr<T>() + i0;
+      for (int64_t i = 0; i < bi; ++i)
+        out[i] = o.kernel == Kernel::Gaussian ? st.m2[i] + std::log(st.h[i]) : st.r[i];
+    }
+  });
+  return stats;
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& u,
+                                                            const Options& o) {
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
+  const bool log_domain = o.kernel == Kernel::Gaussian;
+  // Poisoned with NaN so that an element the passes below fail to write cannot go unnoticed.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto out = at::full({batch, n, c}, nan, q.options());
+  auto row_stats = at::full({batch, n}, nan, q.options());
+  auto col_stats = at::full({batch, o.normalize == Normalize::Sym ? m : 0}, nan, q.options());
+  if (n == 0) return {out, row_stats, col_stats};
+  if (m == 0) {  // empty sums: no affinity, zero output (validated upstream: normalize none/count)
+    out.zero_();
+    row_stats.fill_(log_domain ? -std::numeric_limits<double>::infinity() : 0.0);
+    return {out, row_stats, col_stats};
+  }
+  const at::Tensor qn = squared_norms(q, o), kn = squared_norms(k, o);
+  at::Tensor colf;  // b_j (log b_j) of sym, else undefined (b = 1)
+  if (o.normalize == Normalize::Sym) {
+    col_stats.copy_(normalizer_pass<T>(k, q, kn, qn, o));
+    colf = column_factor(col_stats, o);
+  }
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  const KernelArgs<T> p = kernel_args<T>(o);
+  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s1(kRowBlock * kColBlock), s2(o.symmetric ? kRowBlock * kColBlock : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, n - i0);
+      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
+                                  qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
+                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
+      const T* cf = colf.defined() ? colf[bt].data_ptr<T>() : nullptr;
+      RowState<T> st(bi, c);
+      row_pass_entry(o.kernel, o.symmetric, r, p, m, v[bt].data_ptr<T>(), c, cf, i0, bi, st, s1.data(), s2.data());
+      T* out_rows = out[bt].data_ptr<T>() + i0 * c;
+      T* stat = row_stats[bt].data_ptr<T>() + i0;
+      const T* u_rows = u.defined() ? u[bt].data_ptr<T>() + i0 * c : nullptr;
+      for (int64_t i = 0; i < bi; ++i) {
+        T factor, rowsum;  // out_i = factor·acc_i − [diffusion] rowsum·u_i
+        if (log_domain) {
+          const T log_r = cf ? st.m[i] + std::log(st.l[i]) : st.m2[i] + std::log(st.h[i]);
+          stat[i] = log_r;
+          T log_a = T(0);
+          if (o.normalize == Normalize::Count) log_a = -std::log(static_cast<T>(m));
+          if (o.normalize == Normalize::Row) log_a = -log_r;
+          if (o.normalize == Normalize::Sym) log_a = T(-0.5) * log_r;
+          factor = std::exp(st.m2[i] + log_a);
+          rowsum = factor * st.h[i];
+        } else {
+          const T ri = st.r[i];
+          stat[i] = ri;
+          T a = T(1);
+          if (o.normalize == Normalize::Count) a = T(1) / static_cast<T>(m);
+          if (o.normalize == Normalize::Row) a = ri == T(0) ? T(0) : T(1) / ri;
+          if (o.normalize == Normalize::Sym) a = ri == T(0) ? T(0) : T(1) / std::sqrt(ri);
+          factor = a;
+          rowsum = a * (cf ? st.h[i] : ri);
+        }
+        const T* acc = st.acc.data() + i * c;
+        T* dst = out_rows + i * c;
+        for (int64_t e = 0; e < c; ++e) dst[e] = factor * acc[e];
+        if (u_rows)
+          for (int64_t e = 0; e < c; ++e) dst[e] -= rowsum * u_rows[i * c + e];
+      }
+    }
+  });
+  return {out, row_stats, col_stats};
+}
+
+// The backward's work split: column blocks in `groups` contiguous ranges per batch element,
+// a number fixed by the shapes (never by the thread count). A group owns the columns of its
+// blocks and keeps partial sums for rows, added in group order afterwards.
+struct GroupSplit {
+  int64_t col_blocks, groups, blocks_per_group, row_blocks;
+  GroupSplit(int64_t batch, int64_t n, int64_t m)
+      : col_blocks((m + kColBlock - 1) / kColBlock),
+        groups(std::max<int64_t>(1, std::min<int64_t>(col_blocks, (8 + batch - 1) / batch))),
+        blocks_per_group((col_blocks + groups - 1) / groups),
+        row_blocks((n + kRowBlock - 1) / kRowBlock) {}
+  int64_t first(int64_t group) const { return group * blocks_per_group; }
+  int64_t last(int64_t group) const { return std::min(col_blocks, (group + 1) * blocks_per_group); }
+};
+
+// S_i = Σ_j dâ_ij â_ij and T_j = Σ_i dâ_ij â_ij, summed from the tiles themselves. (S_i also
+// equals G_i·out_i, but dâ_ij − S_i cancels when a row's weight sits on few columns, and the
+// cancellation is only exact when both terms come from the same products.)
+template <typename T>
+std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const at::Tensor& g,
+                                                      const at::Tensor& qn, const at::Tensor& kn,
+                                                      const at::Tensor& a, const at::Tensor& b,
+                                                      const at::Tensor& gu, const Options& o) {
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
+  const bool log_domain = o.kernel == Kernel::Gaussian;
+  const GroupSplit split(batch, n, m);
+  auto row_part = at::zeros({batch, split.groups, n}, q.options());
+  auto col_terms = at::zeros({batch, m}, q.options());
+  const KernelArgs<T> p = kernel_args<T>(o);
+  at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile = kRowBlock * kColBlock;
+    std::vector<T> s1(tile), s2(o.symmetric ? tile : 0), gv(tile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / split.groups, grp = task % split.groups;
+      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
+                                  qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
+                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
+      const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
+      const T *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      T* rows = row_part[bt][grp].data_ptr<T>();
+      T* cols = col_terms[bt].data_ptr<T>();
+      for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
+        const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
+        for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
+          const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
+          tile_weights_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, s1.data(), s2.data());
+          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
+          for (int64_t i = 0; i < bi; ++i) {
+            const T* w = s1.data() + i * bj;
+            const T* gvr = gv.data() + i * bj;
+            const T ai = av[i0 + i], gui = guv[i0 + i];
+            T sum = T(0);
+            for (int64_t j = 0; j < bj; ++j) {
+              const T ahat = log_domain ? std::exp(w[j] + ai + bv[j0 + j]) : w[j] * ai * bv[j0 + j];
+              const T e = (gvr[j] - gui) * ahat;
+              sum += e;
+              cols[j0 + j] += e;
+            }
+            rows[i0 + i] += sum;
+          }
+        }
+      }
+    }
+  });
+  return {row_part.sum(1), col_terms};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
+    const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
+    bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats,
+    const Options& o) {
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
+  const bool distance = is_distance(o.kernel), symnorm = o.normalize == Normalize::Sym;
+  auto grad_q = at::zeros_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
+  std::optional<at::Tensor> grad_u;
+  if (has_self_value) grad_u = at::zeros_like(u);
+  if (n == 0 || m == 0) return {grad_q, grad_k, grad_v, grad_u};
+
+  // Per-row and per-column vectors (O(N + M) each).
+  const at::Tensor qn = squared_norms(q, o), kn = squared_norms(k, o);
+  const at::Tensor gu = o.diffusion ? (g * u).sum(-1) : at::zeros({batch, n}, q.options());
+  const at::Tensor a = row_factor(row_stats, o, m);
+  const at::Tensor b = symnorm ? column_factor(col_stats, o)
+                               : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options())
+                                                               : at::ones({batch, m}, q.options()));
+  at::Tensor R = at::zeros_like(gu), X = R, Y = at::zeros({batch, m}, q.options());
+  if (o.normalize == Normalize::Row || symnorm) {
+    auto [S, Tc] = normalization_terms<T>(q, k, v, g, qn, kn, a, b, gu, o);
+    if (symnorm) {
+      X = 0.5 * S;
+      Y = 0.5 * Tc;
+    } else {
+      R = S;
+    }
+  }
+
+  // Each group owns dv, dk of its column blocks and keeps partial dq rows (and the dk rows of
+  // the symmetric term).
+  const GroupSplit split(batch, n, m);
+  const int64_t groups = split.groups;
+  auto dq_part = at::zeros({batch, groups, n, d}, q.options());
+  auto dq_rowsum_part = at::zeros({batch, groups, n}, q.options());  // Σ_j C1_ij (distance)
+  auto ahat_rowsum_part = at::zeros({batch, groups, n}, q.options());  // Σ_j â_ij (diffusion)
+  at::Tensor dk2_part, dk2_rowsum_part, dq2_cols, dq2_colsum;
+  if (o.symmetric) {
+    dk2_part = at::zeros({batch, groups, n, d}, q.options());
+    dk2_rowsum_part = at::zeros({batch, groups, n}, q.options());
+    dq2_cols = at::zeros({batch, m, d}, q.options());
+    dq2_colsum = at::zeros({batch, m}, q.options());
+  }
+  auto dk_colsum = at::zeros({batch, m}, q.options());  // Σ_i C1_ij (distance)
+  const KernelArgs<T> p = kernel_args<T>(o);
+
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile = kRowBlock * kColBlock;
+    std::vector<T> s1(tile), s2(o.symmetric ? tile : 0), gv(tile), ahat(tile), c1(tile), c2(o.symmetric ? tile : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / groups, grp = task % groups;
+      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const Roles<T> r = roles<T>(qb, kb, qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
+                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
+      const BackwardRows<T> vec{a[bt].data_ptr<T>(), b[bt].data_ptr<T>(), R[bt].data_ptr<T>(),
+                                X[bt].data_ptr<T>(), Y[bt].data_ptr<T>(), gu[bt].data_ptr<T>()};
+      T* dqp = dq_part[bt][grp].data_ptr<T>();
+      T* dqrs = dq_rowsum_part[bt][grp].data_ptr<T>();
+      T* ars = ahat_rowsum_part[bt][grp].data_ptr<T>();
+      T* dkb = grad_k[bt].data_ptr<T>();
+      T* dkcs = dk_colsum[bt].data_ptr<T>();
+      T* dvb = grad_v[bt].data_ptr<T>();
+      T* dk2p = o.symmetric ? dk2_part[bt][grp].data_ptr<T>() : nullptr;
+      T* dk2rs = o.symmetric ? dk2_rowsum_part[bt][grp].data_ptr<T>() : nullptr;
+      T* dq2c = o.symmetric ? dq2_cols[bt].data_ptr<T>() : nullptr;
+      T* dq2cs = o.symmetric ? dq2_colsum[bt].data_ptr<T>() : nullptr;
+      for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
+        const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
+        for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
+          const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
+          gemm<T>(false, true, bi, bj, d, T(1), qb + i0 * d, d, kb + j0 * d, d, T(0), s1.data(), bj);
+          if (o.symmetric)
+            gemm<T>(false, true, bi, bj, d, T(1), kb + i0 * d, d, qb + j0 * d, d, T(0), s2.data(), bj);
+          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
+          backward_tile_entry(o.kernel, o.symmetric, symnorm, r, p, vec, i0, bi, j0, bj, s1.data(),
+                              s2.data(), gv.data(), ahat.data(), c1.data(), c2.data());
+          // dv_J += Âᵀ G_I; dq_I += C1 k_J; dk_J += C1ᵀ q_I (and the swapped term when symmetric)
+          gemm<T>(true, false, bj, c, bi, T(1), ahat.data(), bj, gb + i0 * c, c, T(1), dvb + j0 * c, c);
+          gemm<T>(false, false, bi, d, bj, T(1), c1.data(), bj, kb + j0 * d, d, T(1), dqp + i0 * d, d);
+          gemm<T>(true, false, bj, d, bi, T(1), c1.data(), bj, qb + i0 * d, d, T(1), dkb + j0 * d, d);
+          if (o.symmetric) {
+            gemm<T>(false, false, bi, d, bj, T(1), c2.data(), bj, qb + j0 * d, d, T(1), dk2p + i0 * d, d);
+            gemm<T>(true, false, bj, d, bi, T(1), c2.data(), bj, kb + i0 * d, d, T(1), dq2c + j0 * d, d);
+          }
+          for (int64_t i = 0; i < bi; ++i) {
+            const T* ar = ahat.data() + i * bj;
+            const T* cr = c1.data() + i * bj;
+            T sa = T(0), sc = T(0);
+            for (int64_t j = 0; j < bj; ++j) {
+              sa += ar[j];
+              sc += cr[j];
+            }
+            ars[i0 + i] += sa;
+            dqrs[i0 + i] += sc;
+            for (int64_t j = 0; j < bj; ++j) dkcs[j0 + j] += cr[j];
+            if (o.symmetric) {
+              const T* cr2 = c2.data() + i * bj;
+              T sc2 = T(0);
+              for (int64_t j = 0; j < bj; ++j) {
+                sc2 += cr2[j];
+                dq2cs[j0 + j] += cr2[j];
+              }
+              dk2rs[i0 + i] += sc2;
+            }
+          }
+        }
+      }
+    }
+  });
+
+  // Sum the group partials in group order, then the distance-kernel form 2(x ⊙ Σ C − C y).
+  auto dq = dq_part.sum(1);
+  auto dq_rowsum = dq_rowsum_part.sum(1);
+  auto dk = grad_k;
+  auto dk_rowsum = dk_colsum;
+  if (o.symmetric) {
+    dq = dq + dq2_cols;
+    dq_rowsum = dq_rowsum + dq2_colsum;
+    dk = dk + dk2_part.sum(1);
+    dk_rowsum = dk_rowsum + dk2_rowsum_part.sum(1);
+  }
+  if (distance) {
+    dq = 2.0 * (q * dq_rowsum.unsqueeze(-1) - dq);
+    dk = 2.0 * (k * dk_rowsum.unsqueeze(-1) - dk);
+  }
+  if (o.diffusion) {
+    auto du = -ahat_rowsum_part.sum(1).unsqueeze(-1) * g;  // −rowsum(Â)_i G_i
+    if (has_self_value)
+      grad_u = du;
+    else
+      grad_v = grad_v + du;
+  }
+  return {dq, dk, grad_v, grad_u};
+}
+
+// ----------------------------------------------------------------------------------------------
+// Operator entry points.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& self_value, c10::string_view kernel, double scale, double power,
+    double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
+  const Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
+  check_inputs(query, key, value, self_value, o);
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  at::Tensor u;
+  if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_forward", [&] {
+    result = forward_impl<scalar_t>(q, k, v, u, o);
+  });
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggregate_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const std::optional<at::Tensor>& self_value, const at::Tensor& out, const at::Tensor& row_stats,
+    const at::Tensor& col_stats, c10::string_view kernel, double scale, double power, double gamma,
+    double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
+  const Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
+  check_inputs(query, key, value, self_value, o);
+  // `out` is part of the schema for backends that form S_i = G_i·out_i; these kernels sum S_i
+  // from the tiles instead (see normalization_terms).
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "nonlocal_ext: grad_out must have the shape of out");
+  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const at::Tensor g = grad_out.contiguous().to(q.scalar_type());
+  at::Tensor u;
+  if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
+    result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),
+                                     row_stats.contiguous(), col_stats.contiguous(), o);
+  });
+  return result;
+}
+
+}  // namespace cpu
+}  // namespace nonlocal_ext
+
+TORCH_LIBRARY_IMPL(nonlocal_ext, CPU, m) {
+  m.impl("aggregate_forward", &nonlocal_ext::cpu::aggregate_forward_cpu);
+  m.impl("aggregate_backward", &nonlocal_ext::cpu::aggregate_backward_cpu);
+}

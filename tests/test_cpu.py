@@ -1,0 +1,128 @@
+"""The fused C++ CPU kernels (backend="cpu"): custom-op registration, torch.compile, determinism.
+
+Values and gradients against the reference are in test_backends.py and test_gradcheck.py with the
+other backends. Run alone: .venv/bin/python -m pytest -q tests/test_cpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nonlocal_ext
+from common import COMBOS, combo_id, kernel_kwargs, make_inputs, run
+from nonlocal_ext.backends import cpu
+from nonlocal_ext.kernels import default_eps
+
+OPS = torch.ops.nonlocal_ext
+
+
+def op_arguments(kernel, normalize, update, symmetric, dtype):
+    kw = kernel_kwargs(kernel)
+    return (kernel, kw.get("scale", 1.0), kw.get("power", 0.0), kw.get("gamma", 0.5772156649015329),
+            default_eps(dtype), normalize, update, symmetric)
+
+
+@pytest.fixture
+def threads():
+    """Restores the thread count a test changes."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[0] in ("gaussian", "fractional")], ids=combo_id)
+def test_opcheck(combo):
+    """torch.library.opcheck: schema, fake kernel, autograd registration agree with the kernels."""
+    kernel, normalize, update, symmetric, with_self_value = combo
+    q, k, v, u = make_inputs(kernel, normalize, (2,), 7, 7, 3, 2, with_self_value=with_self_value)
+    args = op_arguments(kernel, normalize, update, symmetric, torch.float64)
+    leaves = [None if t is None else t.requires_grad_() for t in (q, k, v, u)]
+    torch.library.opcheck(OPS.aggregate_forward, (*leaves, *args))
+    out, row_stats, col_stats = OPS.aggregate_forward(q, k, v, u, *args)
+    grad_out = torch.randn_like(out)
+    torch.library.opcheck(OPS.aggregate_backward,
+                          (grad_out, q.detach(), k.detach(), v.detach(), None if u is None else u.detach(),
+                           out.detach(), row_stats, col_stats, *args))
+
+
+@pytest.mark.parametrize("kernel,normalize", [("gaussian", "row"), ("fractional", "sym"), ("log", "row")])
+def test_torch_compile_fullgraph(kernel, normalize):
+    """A function calling nonlocal_aggregate (auto picks cpu) compiles without graph breaks."""
+    q, k, v, u = make_inputs(kernel, normalize, (2,), 9, 9, 4, 3, with_self_value=True, dtype=torch.float32)
+
+    def block(q, k, v, u):
+        out = nonlocal_ext.nonlocal_aggregate(q, k, v, kernel, normalize=normalize, update="diffusion",
+                                              self_value=u, **kernel_kwargs(kernel))
+        return (out * 2).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, u)]
+    expected = block(*leaves)
+    expected_grads = torch.autograd.grad(expected, leaves)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, u)]
+    got = compiled(*leaves)
+    got_grads = torch.autograd.grad(got, leaves)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
+                                   ("fractional", "sym", "diffusion", True, False),
+                                   ("rbf", "count", "diffusion", False, True),
+                                   ("log", "row", "diffusion", True, False)], ids=combo_id)
+@pytest.mark.parametrize("batch", [(), (3,)], ids=["b1", "b3"])
+def test_one_and_two_threads_give_bitwise_equal_results(threads, combo, batch):
+    """Work is split by the shapes only and partials are summed in a fixed order."""
+    kernel, normalize, update, symmetric, with_self_value = combo
+    q, k, v, u = make_inputs(kernel, normalize, batch, 1000, 1000, 64, 33, with_self_value=with_self_value,
+                             dtype=torch.float32)
+    grad_out = torch.randn(*batch, 1000, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for count in (1, 2):
+        torch.set_num_threads(count)
+        results.append(run("cpu", q, k, v, u, kernel, normalize, update, symmetric, grad_out,
+                           **kernel_kwargs(kernel)))
+    (out1, grads1), (out2, grads2) = results
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[0] != "dot"], ids=combo_id)
+def test_every_output_element_is_written(combo):
+    """The op allocates its outputs filled with NaN; at sizes that leave partial tiles on every
+    side, none may survive (inputs are finite and no row sum vanishes)."""
+    kernel, normalize, update, symmetric, with_self_value = combo
+    q, k, v, u = make_inputs(kernel, normalize, (2,), 67, 67, 5, 7, with_self_value=with_self_value,
+                             coincident=False)
+    out, row_stats, col_stats = OPS.aggregate_forward(q, k, v, u, *op_arguments(kernel, normalize, update,
+                                                                               symmetric, torch.float64))
+    assert torch.isfinite(out).all() and torch.isfinite(row_stats).all() and torch.isfinite(col_stats).all()
+    assert col_stats.shape == ((2, 67) if normalize == "sym" else (2, 0))
+
+
+def test_half_inputs_give_half_outputs():
+    q, k, v, _ = make_inputs("rbf", "row", (), 20, 20, 4, 3, with_self_value=False, dtype=torch.bfloat16)
+    out = nonlocal_ext.nonlocal_aggregate(q, k, v, "rbf", backend="cpu")
+    assert out.dtype == torch.bfloat16
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    q, k, v, _ = make_inputs("rbf", "row", (), 20, 20, 4, 3, with_self_value=False)
+    spec = nonlocal_ext.spec.validate(q, k, v, "rbf", scale=1.0, power=None, gamma=0.5, eps=None, normalize="row",
+                                      update="aggregate", symmetric=False, self_value=None, backend="auto")
+    assert nonlocal_ext.backends.select("auto", spec, q, k) is cpu
+
+
+def test_op_rejects_bad_arguments_by_name():
+    q = torch.randn(1, 4, 3)
+    args = ("rbf", 1.0, 0.0, 0.5, 1e-4, "row", "aggregate", False)
+    with pytest.raises(RuntimeError, match="unknown kernel 'nope'"):
+        OPS.aggregate_forward(q, q, q, None, "nope", *args[1:])
+    with pytest.raises(RuntimeError, match="unknown normalize 'nope'"):
+        OPS.aggregate_forward(q, q, q, None, *args[:5], "nope", *args[6:])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        OPS.aggregate_forward(q.half(), q.half(), q.half(), None, *args)
+    with pytest.raises(RuntimeError, match="self_value needs update='diffusion'"):
+        OPS.aggregate_forward(q, q, q, q, *args)
