@@ -116,14 +116,10 @@ NLX_INLINE T norm_or_zero(const T* sqnorm, int64_t i) {
   return sqnorm ? sqnorm[i] : T(0);
 }
 
-// s1 ← W̃ (or log W̃ for gaussian) of the tile rows i0..i0+bi × columns j0..j0+bj, row-major
-// with leading dimension bj; s2 is scratch of the same size for the symmetric term.
+// The same from products already in s1 (s2): s1 ← W̃ (log W̃).
 template <typename T, Kernel K, bool SYMM>
-NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
-                             int64_t j0, int64_t bj, T* s1, T* s2) {
-  const int64_t d = r.d;
-  gemm<T>(false, true, bi, bj, d, T(1), r.a + i0 * d, d, r.b + j0 * d, d, T(0), s1, bj);
-  if constexpr (SYMM) gemm<T>(false, true, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2 + j0 * d, d, T(0), s2, bj);
+NLX_INLINE void weights_from_products(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                                      int64_t j0, int64_t bj, T* s1, const T* s2) {
   const T* bn = is_distance(K) ? r.b_sqnorm + j0 : nullptr;
   const T* b2n = is_distance(K) ? r.b2_sqnorm + j0 : nullptr;
   for (int64_t i = 0; i < bi; ++i) {
@@ -143,6 +139,17 @@ NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t 
   }
 }
 
+// s1 ← W̃ (or log W̃ for gaussian) of the tile rows i0..i0+bi × columns j0..j0+bj, row-major
+// with leading dimension bj; s2 is scratch of the same size for the symmetric term.
+template <typename T, Kernel K, bool SYMM>
+NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, T* s1, T* s2) {
+  const int64_t d = r.d;
+  gemm<T>(false, true, bi, bj, d, T(1), r.a + i0 * d, d, r.b + j0 * d, d, T(0), s1, bj);
+  if constexpr (SYMM) gemm<T>(false, true, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2 + j0 * d, d, T(0), s2, bj);
+  weights_from_products<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Forward row pass.
 
@@ -158,15 +165,39 @@ struct RowState {
         m2(rows, -std::numeric_limits<T>::infinity()) {}
 };
 
+// Reductions over a tile row in kLanes independent lanes, combined in a fixed order: the
+// compiler vectorizes the lanes (it may not reorder a single running sum), and the result is
+// the same for every thread count.
+constexpr int64_t kLanes = 16;
+
+template <typename T>
+NLX_INLINE T row_sum(const T* x, int64_t n) {
+  T lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += x[j + l];
+  T sum = T(0);
+  for (; j < n; ++j) sum += x[j];
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
 template <typename T>
 NLX_INLINE T row_max(const T* x, int64_t n) {
+  T lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  for (; j < n; ++j) mx = x[j] > mx ? x[j] : mx;
+  for (int64_t l = 0; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
   return mx;
 }
 
 // Accumulate one row block against all columns. `value` null: statistics only (the column
-// pass). `col_factor`: b_j (log b_j for gaussian), null when b = 1.
+// pass). `col_factor`: b_j (log b_j for gaussian), null when b = 1. s1 and s2 are tile-sized
+// scratch (s2 is free again once tile_weights has used it).
 template <typename T, Kernel K, bool SYMM>
 NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols, const T* value,
                          int64_t c, const T* col_factor, int64_t i0, int64_t bi, RowState<T>& st,
@@ -177,40 +208,29 @@ NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols
     const T* cf = col_factor ? col_factor + j0 : nullptr;
     for (int64_t i = 0; i < bi; ++i) {
       T* w = s1 + i * bj;
+      T* tmp = s2 + i * bj;
       if constexpr (K == Kernel::Gaussian) {
         if (cf) {  // the normalizer log r, on its own running max
           const T m_new = std::max(st.m[i], row_max(w, bj));
-          T sum = T(0);
-          for (int64_t j = 0; j < bj; ++j) sum += Math<T>::exp(w[j] - m_new);
-          st.l[i] = st.l[i] * Math<T>::exp(st.m[i] - m_new) + sum;
+          for (int64_t j = 0; j < bj; ++j) tmp[j] = Math<T>::exp(w[j] - m_new);
+          st.l[i] = st.l[i] * Math<T>::exp(st.m[i] - m_new) + row_sum(tmp, bj);
           st.m[i] = m_new;
           for (int64_t j = 0; j < bj; ++j) w[j] += cf[j];
         }
         const T m_new = std::max(st.m2[i], row_max(w, bj));
         const T rescale = Math<T>::exp(st.m2[i] - m_new);
-        T sum = T(0);
-        for (int64_t j = 0; j < bj; ++j) {
-          const T e = Math<T>::exp(w[j] - m_new);
-          w[j] = e;
-          sum += e;
-        }
-        st.h[i] = st.h[i] * rescale + sum;
+        for (int64_t j = 0; j < bj; ++j) w[j] = Math<T>::exp(w[j] - m_new);
+        st.h[i] = st.h[i] * rescale + row_sum(w, bj);
         st.m2[i] = m_new;
         if (value && rescale != T(1)) {
           T* acc = st.acc.data() + i * c;
           for (int64_t e = 0; e < c; ++e) acc[e] *= rescale;
         }
       } else {
-        T sum = T(0);
-        for (int64_t j = 0; j < bj; ++j) sum += w[j];
-        st.r[i] += sum;
+        st.r[i] += row_sum(w, bj);
         if (cf) {
-          T scaled = T(0);
-          for (int64_t j = 0; j < bj; ++j) {
-            w[j] *= cf[j];
-            scaled += w[j];
-          }
-          st.h[i] += scaled;
+          for (int64_t j = 0; j < bj; ++j) w[j] *= cf[j];
+          st.h[i] += row_sum(w, bj);
         }
       }
     }
@@ -232,45 +252,91 @@ template <typename T, Kernel K, bool SYMM, bool SYMNORM>
 NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, const BackwardRows<T>& v,
                                    int64_t i0, int64_t bi, int64_t j0, int64_t bj, const T* s1,
                                    const T* s2, const T* gv, T* ahat, T* c1, T* c2) {
+  // Column vectors as local restrict pointers: loads through the structs would be reloaded
+  // after every store (possible aliasing) and keep the loop from vectorizing.
+  const T* __restrict bsq = is_distance(K) ? r.b_sqnorm + j0 : nullptr;
+  const T* __restrict b2sq = is_distance(K) && SYMM ? r.b2_sqnorm + j0 : nullptr;
+  const T* __restrict bf = v.b + j0;
+  const T* __restrict Y = SYMNORM ? v.Y + j0 : nullptr;
   const T half = SYMM ? T(0.5) : T(1);
+  const KernelArgs<T> args = p;
   for (int64_t i = 0; i < bi; ++i) {
     const int64_t gi = i0 + i;
     const T an = norm_or_zero(is_distance(K) ? r.a_sqnorm : nullptr, gi);
     const T a2n = norm_or_zero(is_distance(K) && SYMM ? r.a2_sqnorm : nullptr, gi);
     const T ai = v.a[gi], Ri = v.R[gi], gui = v.gu[gi], Xi = SYMNORM ? v.X[gi] : T(0);
-    const int64_t o = i * bj;
+    const T* __restrict s1r = s1 + i * bj;
+    const T* __restrict s2r = SYMM ? s2 + i * bj : nullptr;
+    const T* __restrict gvr = gv + i * bj;
+    T* __restrict ar = ahat + i * bj;
+    T* __restrict c1r = c1 + i * bj;
+    T* __restrict c2r = SYMM ? c2 + i * bj : nullptr;
     for (int64_t j = 0; j < bj; ++j) {
-      const int64_t gj = j0 + j;
-      const T bn = is_distance(K) ? r.b_sqnorm[gj] : T(0);
-      const T b2n = is_distance(K) && SYMM ? r.b2_sqnorm[gj] : T(0);
-      const T bj_ = v.b[gj];
-      const T Yj = SYMNORM ? v.Y[gj] : T(0);
-      T f1, f2 = T(0);
-      const T w1 = weight<T, K>(s1[o + j], an, bn, p, &f1);
-      T w2 = T(0);
-      if constexpr (SYMM) w2 = weight<T, K>(s2[o + j], a2n, b2n, p, &f2);
-      const T da = gv[o + j] - gui;
+      const T bn = is_distance(K) ? bsq[j] : T(0);
+      const T b2n = is_distance(K) && SYMM ? b2sq[j] : T(0);
+      const T bj_ = bf[j];
+      const T Yj = SYMNORM ? Y[j] : T(0);
+      const WeightSlope<T> first = weight_and_slope<T, K>(s1r[j], an, bn, args);
+      WeightSlope<T> second{T(0), T(0)};
+      if constexpr (SYMM) second = weight_and_slope<T, K>(s2r[j], a2n, b2n, args);
+      const T w1 = first.weight, f1 = first.slope, w2 = second.weight, f2 = second.slope;
+      const T da = gvr[j] - gui;
       if constexpr (K == Kernel::Gaussian) {  // a, b hold log factors; w holds z
         const T shift = ai + bj_;
         const T e1 = Math<T>::exp(w1 + shift);
         const T e2 = SYMM ? Math<T>::exp(w2 + shift) : T(0);
-        ahat[o + j] = SYMM ? T(0.5) * (e1 + e2) : e1;
+        ar[j] = SYMM ? T(0.5) * (e1 + e2) : e1;
         T g1 = e1 * (da - Ri), g2 = e2 * (da - Ri);
         if constexpr (SYMNORM) {
           g1 -= Xi * Math<T>::exp(w1 + ai + ai) + Yj * Math<T>::exp(w1 + bj_ + bj_);
           if constexpr (SYMM) g2 -= Xi * Math<T>::exp(w2 + ai + ai) + Yj * Math<T>::exp(w2 + bj_ + bj_);
         }
-        c1[o + j] = half * p.scale * g1;
-        if constexpr (SYMM) c2[o + j] = half * p.scale * g2;
+        c1r[j] = half * args.scale * g1;
+        if constexpr (SYMM) c2r[j] = half * args.scale * g2;
       } else {
         const T ab = ai * bj_;
         const T wt = SYMM ? T(0.5) * (w1 + w2) : w1;
-        ahat[o + j] = wt * ab;
+        ar[j] = wt * ab;
         T dw = ab * (da - Ri);
         if constexpr (SYMNORM) dw -= Xi * ai * ai + Yj * bj_ * bj_;
-        c1[o + j] = half * dw * f1;
-        if constexpr (SYMM) c2[o + j] = half * dw * f2;
+        c1r[j] = half * dw * f1;
+        if constexpr (SYMM) c2r[j] = half * dw * f2;
       }
+    }
+  }
+}
+
+// e_ij = dâ_ij â_ij of one tile (â from the weights w, or log weights for gaussian, and the
+// factors a, b): rows[i] += Σ_j e_ij, cols[j] += Σ_i e_ij. `e` is tile-sized scratch.
+template <typename T>
+NLX_INLINE void terms_tile(bool log_domain, int64_t bi, int64_t bj, const T* w, const T* gv, const T* a,
+                           const T* b, const T* gu, T* e, T* rows, T* cols) {
+  for (int64_t i = 0; i < bi; ++i) {
+    const T *wr = w + i * bj, *gvr = gv + i * bj;
+    T* er = e + i * bj;
+    if (log_domain)
+      for (int64_t j = 0; j < bj; ++j) er[j] = (gvr[j] - gu[i]) * Math<T>::exp(wr[j] + a[i] + b[j]);
+    else
+      for (int64_t j = 0; j < bj; ++j) er[j] = (gvr[j] - gu[i]) * (wr[j] * a[i] * b[j]);
+    rows[i] += row_sum(er, bj);
+    for (int64_t j = 0; j < bj; ++j) cols[j] += er[j];
+  }
+}
+
+// Row and column sums of the backward tiles: Σ_j â_ij (for du), Σ_j C1_ij and Σ_i C1_ij (the
+// q ⊙ C1 terms of distance kernels), and those of C2 when symmetric (c2 non-null).
+template <typename T>
+NLX_INLINE void tile_sums(int64_t bi, int64_t bj, const T* ahat, const T* c1, const T* c2, T* ahat_rows,
+                          T* c1_rows, T* c1_cols, T* c2_rows, T* c2_cols) {
+  for (int64_t i = 0; i < bi; ++i) {
+    const T *ar = ahat + i * bj, *cr = c1 + i * bj;
+    ahat_rows[i] += row_sum(ar, bj);
+    c1_rows[i] += row_sum(cr, bj);
+    for (int64_t j = 0; j < bj; ++j) c1_cols[j] += cr[j];
+    if (c2) {
+      const T* cr2 = c2 + i * bj;
+      c2_rows[i] += row_sum(cr2, bj);
+      for (int64_t j = 0; j < bj; ++j) c2_cols[j] += cr2[j];
     }
   }
 }
@@ -317,6 +383,15 @@ struct TileWeightsBody {
 };
 
 template <Kernel K, bool SYMM>
+struct WeightsFromProductsBody {
+  template <typename T>
+  static NLX_INLINE void run(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, T* s1, const T* s2) {
+    weights_from_products<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
+  }
+};
+
+template <Kernel K, bool SYMM>
 struct BackwardTileBody {
   template <typename T>
   static NLX_INLINE void run(bool symnorm, const Roles<T>& r, const KernelArgs<T>& p,
@@ -340,12 +415,25 @@ struct BackwardTileBody {
                                int64_t i0, int64_t bi, int64_t j0, int64_t bj, T* s1, T* s2) {        \
     dispatch_kernel<T, TileWeightsBody>(k, symm, r, p, i0, bi, j0, bj, s1, s2);                       \
   }                                                                                                   \
+  ATTR void weights_from_products_entry(Kernel k, bool symm, const Roles<T>& r,                       \
+                                        const KernelArgs<T>& p, int64_t i0, int64_t bi, int64_t j0,   \
+                                        int64_t bj, T* s1, const T* s2) {                             \
+    dispatch_kernel<T, WeightsFromProductsBody>(k, symm, r, p, i0, bi, j0, bj, s1, s2);               \
+  }                                                                                                   \
   ATTR void backward_tile_entry(Kernel k, bool symm, bool symnorm, const Roles<T>& r,                 \
                                 const KernelArgs<T>& p, const BackwardRows<T>& v, int64_t i0,         \
                                 int64_t bi, int64_t j0, int64_t bj, const T* s1, const T* s2,         \
                                 const T* gv, T* ahat, T* c1, T* c2) {                                 \
     dispatch_kernel<T, BackwardTileBody>(k, symm, symnorm, r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, \
                                          c1, c2);                                                     \
+  }                                                                                                   \
+  ATTR void terms_tile_entry(bool log_domain, int64_t bi, int64_t bj, const T* w, const T* gv,        \
+                             const T* a, const T* b, const T* gu, T* e, T* rows, T* cols) {           \
+    terms_tile<T>(log_domain, bi, bj, w, gv, a, b, gu, e, rows, cols);                                \
+  }                                                                                                   \
+  ATTR void tile_sums_entry(int64_t bi, int64_t bj, const T* ahat, const T* c1, const T* c2,          \
+                            T* ahat_rows, T* c1_rows, T* c1_cols, T* c2_rows, T* c2_cols) {           \
+    tile_sums<T>(bi, bj, ahat, c1, c2, ahat_rows, c1_rows, c1_cols, c2_rows, c2_cols);                \
   }
 
 NLX_TILE_ENTRY_POINTS(float, NLX_VECTORIZED)
@@ -449,9 +537,10 @@ at::Tensor squared_norms(const at::Tensor& x, const Options& o) {
   return is_distance(o.kernel) ? x.square().sum(-1) : at::Tensor();
 }
 
+// Data of batch element bt of an optional per-batch tensor (undefined: null).
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+const T* ptr_or_null(const at::Tensor& t, int64_t bt) {
+  return t.defined() ? t[bt].data_ptr<T>() : nullptr;
 }
 
 // Per-row statistics of rows_in against all of cols_in (r, or log r for gaussian), for every
@@ -464,12 +553,12 @@ at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in,
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s1(kRowBlock * kColBlock), s2(o.symmetric ? kRowBlock * kColBlock : 0);
+    std::vector<T> s1(kRowBlock * kColBlock), s2(kRowBlock * kColBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, rows - i0);
       const Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
-                                  rows_sqnorm.defined() ? rows_sqnorm[bt].data_ptr<T>() : nullptr,
-                                  cols_sqnorm.defined() ? cols_sqnorm[bt].data_ptr<T>() : nullptr, d);
+                                  ptr_or_null<T>(rows_sqnorm, bt),
+                                  ptr_or_null<T>(cols_sqnorm, bt), d);
       RowState<T> st(bi, 0);
       row_pass_entry(o.kernel, o.symmetric, r, p, cols, static_cast<const T*>(nullptr), 0,
                      static_cast<const T*>(nullptr), i0, bi, st, s1.data(), s2.data());
@@ -507,13 +596,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s1(kRowBlock * kColBlock), s2(o.symmetric ? kRowBlock * kColBlock : 0);
+    std::vector<T> s1(kRowBlock * kColBlock), s2(kRowBlock * kColBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, n - i0);
       const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
-                                  qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
-                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
-      const T* cf = colf.defined() ? colf[bt].data_ptr<T>() : nullptr;
+                                  ptr_or_null<T>(qn, bt),
+                                  ptr_or_null<T>(kn, bt), d);
+      const T* cf = ptr_or_null<T>(colf, bt);
       RowState<T> st(bi, c);
       row_pass_entry(o.kernel, o.symmetric, r, p, m, v[bt].data_ptr<T>(), c, cf, i0, bi, st, s1.data(), s2.data());
       T* out_rows = out[bt].data_ptr<T>() + i0 * c;
@@ -582,12 +671,12 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile = kRowBlock * kColBlock;
-    std::vector<T> s1(tile), s2(o.symmetric ? tile : 0), gv(tile);
+    std::vector<T> s1(tile), s2(tile), gv(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / split.groups, grp = task % split.groups;
       const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
-                                  qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
-                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
+                                  ptr_or_null<T>(qn, bt),
+                                  ptr_or_null<T>(kn, bt), d);
       const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
       const T *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       T* rows = row_part[bt][grp].data_ptr<T>();
@@ -598,19 +687,8 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
           const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
           tile_weights_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, s1.data(), s2.data());
           gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
-          for (int64_t i = 0; i < bi; ++i) {
-            const T* w = s1.data() + i * bj;
-            const T* gvr = gv.data() + i * bj;
-            const T ai = av[i0 + i], gui = guv[i0 + i];
-            T sum = T(0);
-            for (int64_t j = 0; j < bj; ++j) {
-              const T ahat = log_domain ? std::exp(w[j] + ai + bv[j0 + j]) : w[j] * ai * bv[j0 + j];
-              const T e = (gvr[j] - gui) * ahat;
-              sum += e;
-              cols[j0 + j] += e;
-            }
-            rows[i0 + i] += sum;
-          }
+          terms_tile_entry(log_domain, bi, bj, s1.data(), gv.data(), av + i0, bv + j0, guv + i0, s2.data(),
+                           rows + i0, cols + j0);
         }
       }
     }
@@ -618,73 +696,65 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
   return {row_part.sum(1), col_terms};
 }
 
+// What the backward schedules produce, per batch element; assemble_gradients combines them.
+// C1 / C2 are ∂L/∂(pair variable) of the direct / swapped (symmetric) term of each pair.
+struct GradientParts {
+  at::Tensor dq_rows, dq_rows_sum;  // Σ_j C1_ij k_j (B, N, D), Σ_j C1_ij (B, N)
+  at::Tensor dk_cols, dk_cols_sum;  // Σ_i C1_ij q_i (B, M, D), Σ_i C1_ij (B, M)
+  at::Tensor dk_rows, dk_rows_sum;  // symmetric: Σ_j C2_ij q_j, Σ_j C2_ij (rows of k)
+  at::Tensor dq_cols, dq_cols_sum;  // symmetric: Σ_i C2_ij k_i, Σ_i C2_ij (columns = rows of q)
+  at::Tensor ahat_rowsum;           // Σ_j â_ij (B, N)
+  at::Tensor dv;                    // Âᵀ G (B, M, C)
+};
+
+// Vectors of the tile formulas: normalization factors, row/column terms, G·u.
+struct BackwardVectors {
+  at::Tensor qn, kn, a, b, R, X, Y, gu;
+};
+
+// Column-grouped schedule (every normalization): each group owns dv, dk of its column blocks
+// and keeps partial rows of dq (and of dk for the symmetric term), summed in group order.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
-    const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
-    bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats,
-    const Options& o) {
+GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
-  const bool distance = is_distance(o.kernel), symnorm = o.normalize == Normalize::Sym;
-  auto grad_q = at::zeros_like(q), grad_k = at::zeros_like(k), grad_v = at::zeros_like(v);
-  std::optional<at::Tensor> grad_u;
-  if (has_self_value) grad_u = at::zeros_like(u);
-  if (n == 0 || m == 0) return {grad_q, grad_k, grad_v, grad_u};
-
-  // Per-row and per-column vectors (O(N + M) each).
-  const at::Tensor qn = squared_norms(q, o), kn = squared_norms(k, o);
-  const at::Tensor gu = o.diffusion ? (g * u).sum(-1) : at::zeros({batch, n}, q.options());
-  const at::Tensor a = row_factor(row_stats, o, m);
-  const at::Tensor b = symnorm ? column_factor(col_stats, o)
-                               : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options())
-                                                               : at::ones({batch, m}, q.options()));
-  at::Tensor R = at::zeros_like(gu), X = R, Y = at::zeros({batch, m}, q.options());
-  if (o.normalize == Normalize::Row || symnorm) {
-    auto [S, Tc] = normalization_terms<T>(q, k, v, g, qn, kn, a, b, gu, o);
-    if (symnorm) {
-      X = 0.5 * S;
-      Y = 0.5 * Tc;
-    } else {
-      R = S;
-    }
-  }
-
-  // Each group owns dv, dk of its column blocks and keeps partial dq rows (and the dk rows of
-  // the symmetric term).
+  const bool symnorm = o.normalize == Normalize::Sym;
   const GroupSplit split(batch, n, m);
   const int64_t groups = split.groups;
-  auto dq_part = at::zeros({batch, groups, n, d}, q.options());
-  auto dq_rowsum_part = at::zeros({batch, groups, n}, q.options());  // Σ_j C1_ij (distance)
-  auto ahat_rowsum_part = at::zeros({batch, groups, n}, q.options());  // Σ_j â_ij (diffusion)
-  at::Tensor dk2_part, dk2_rowsum_part, dq2_cols, dq2_colsum;
+  auto opts = q.options();
+  auto dq_part = at::zeros({batch, groups, n, d}, opts), dq_sum_part = at::zeros({batch, groups, n}, opts);
+  auto ahat_part = at::zeros({batch, groups, n}, opts);
+  GradientParts parts;
+  parts.dk_cols = at::zeros({batch, m, d}, opts);
+  parts.dk_cols_sum = at::zeros({batch, m}, opts);
+  parts.dv = at::zeros({batch, m, c}, opts);
+  at::Tensor dk2_part, dk2_sum_part;
   if (o.symmetric) {
-    dk2_part = at::zeros({batch, groups, n, d}, q.options());
-    dk2_rowsum_part = at::zeros({batch, groups, n}, q.options());
-    dq2_cols = at::zeros({batch, m, d}, q.options());
-    dq2_colsum = at::zeros({batch, m}, q.options());
+    dk2_part = at::zeros({batch, groups, n, d}, opts);
+    dk2_sum_part = at::zeros({batch, groups, n}, opts);
+    parts.dq_cols = at::zeros({batch, m, d}, opts);
+    parts.dq_cols_sum = at::zeros({batch, m}, opts);
   }
-  auto dk_colsum = at::zeros({batch, m}, q.options());  // Σ_i C1_ij (distance)
   const KernelArgs<T> p = kernel_args<T>(o);
-
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile = kRowBlock * kColBlock;
-    std::vector<T> s1(tile), s2(o.symmetric ? tile : 0), gv(tile), ahat(tile), c1(tile), c2(o.symmetric ? tile : 0);
+    std::vector<T> s1(tile), s2(tile), gv(tile), ahat(tile), c1(tile), c2(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
-      const Roles<T> r = roles<T>(qb, kb, qn.defined() ? qn[bt].data_ptr<T>() : nullptr,
-                                  kn.defined() ? kn[bt].data_ptr<T>() : nullptr, d);
-      const BackwardRows<T> vec{a[bt].data_ptr<T>(), b[bt].data_ptr<T>(), R[bt].data_ptr<T>(),
-                                X[bt].data_ptr<T>(), Y[bt].data_ptr<T>(), gu[bt].data_ptr<T>()};
+      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
+      const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
+                                bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
       T* dqp = dq_part[bt][grp].data_ptr<T>();
-      T* dqrs = dq_rowsum_part[bt][grp].data_ptr<T>();
-      T* ars = ahat_rowsum_part[bt][grp].data_ptr<T>();
-      T* dkb = grad_k[bt].data_ptr<T>();
-      T* dkcs = dk_colsum[bt].data_ptr<T>();
-      T* dvb = grad_v[bt].data_ptr<T>();
+      T* dqs = dq_sum_part[bt][grp].data_ptr<T>();
+      T* ars = ahat_part[bt][grp].data_ptr<T>();
+      T* dkb = parts.dk_cols[bt].data_ptr<T>();
+      T* dks = parts.dk_cols_sum[bt].data_ptr<T>();
+      T* dvb = parts.dv[bt].data_ptr<T>();
       T* dk2p = o.symmetric ? dk2_part[bt][grp].data_ptr<T>() : nullptr;
-      T* dk2rs = o.symmetric ? dk2_rowsum_part[bt][grp].data_ptr<T>() : nullptr;
-      T* dq2c = o.symmetric ? dq2_cols[bt].data_ptr<T>() : nullptr;
-      T* dq2cs = o.symmetric ? dq2_colsum[bt].data_ptr<T>() : nullptr;
+      T* dk2s = o.symmetric ? dk2_sum_part[bt][grp].data_ptr<T>() : nullptr;
+      T* dq2c = o.symmetric ? parts.dq_cols[bt].data_ptr<T>() : nullptr;
+      T* dq2s = o.symmetric ? parts.dq_cols_sum[bt].data_ptr<T>() : nullptr;
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
@@ -703,55 +773,177 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
             gemm<T>(false, false, bi, d, bj, T(1), c2.data(), bj, qb + j0 * d, d, T(1), dk2p + i0 * d, d);
             gemm<T>(true, false, bj, d, bi, T(1), c2.data(), bj, kb + i0 * d, d, T(1), dq2c + j0 * d, d);
           }
-          for (int64_t i = 0; i < bi; ++i) {
-            const T* ar = ahat.data() + i * bj;
-            const T* cr = c1.data() + i * bj;
-            T sa = T(0), sc = T(0);
-            for (int64_t j = 0; j < bj; ++j) {
-              sa += ar[j];
-              sc += cr[j];
-            }
-            ars[i0 + i] += sa;
-            dqrs[i0 + i] += sc;
-            for (int64_t j = 0; j < bj; ++j) dkcs[j0 + j] += cr[j];
-            if (o.symmetric) {
-              const T* cr2 = c2.data() + i * bj;
-              T sc2 = T(0);
-              for (int64_t j = 0; j < bj; ++j) {
-                sc2 += cr2[j];
-                dq2cs[j0 + j] += cr2[j];
-              }
-              dk2rs[i0 + i] += sc2;
-            }
-          }
+          tile_sums_entry(bi, bj, ahat.data(), c1.data(), o.symmetric ? c2.data() : nullptr, ars + i0,
+                          dqs + i0, dks + j0, o.symmetric ? dk2s + i0 : nullptr, o.symmetric ? dq2s + j0 : nullptr);
         }
       }
     }
   });
-
-  // Sum the group partials in group order, then the distance-kernel form 2(x ⊙ Σ C − C y).
-  auto dq = dq_part.sum(1);
-  auto dq_rowsum = dq_rowsum_part.sum(1);
-  auto dk = grad_k;
-  auto dk_rowsum = dk_colsum;
+  parts.dq_rows = dq_part.sum(1);
+  parts.dq_rows_sum = dq_sum_part.sum(1);
+  parts.ahat_rowsum = ahat_part.sum(1);
   if (o.symmetric) {
-    dq = dq + dq2_cols;
-    dq_rowsum = dq_rowsum + dq2_colsum;
-    dk = dk + dk2_part.sum(1);
-    dk_rowsum = dk_rowsum + dk2_rowsum_part.sum(1);
+    parts.dk_rows = dk2_part.sum(1);
+    parts.dk_rows_sum = dk2_sum_part.sum(1);
   }
-  if (distance) {
-    dq = 2.0 * (q * dq_rowsum.unsqueeze(-1) - dq);
-    dk = 2.0 * (k * dk_rowsum.unsqueeze(-1) - dk);
+  return parts;
+}
+
+// Row-block schedule for `row`: C_ij needs S_i = Σ_j dâ_ij â_ij of its whole row. Each row block
+// sweeps its columns twice, keeping the products q_I kᵀ (k_I qᵀ) and G_I vᵀ of the first sweep in
+// a row-block cache (kRowBlock × M each) for the second: GEMM work 3D + 2C per pair instead of
+// 4D + 3C with a separate statistics pass. Row groups (a count fixed by the shapes) keep
+// partial columns of dv and dk, summed in group order.
+template <typename T>
+GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, BackwardVectors& bv, const Options& o) {
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
+  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
+  // Up to 8 tasks per call, fewer when the column partials would pass 256 MB.
+  const int64_t group_bytes = m * (c + 2 * d + 2) * static_cast<int64_t>(sizeof(T));
+  int64_t groups = std::min<int64_t>(row_blocks, (8 + batch - 1) / batch);
+  groups = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t(256) << 20) / std::max<int64_t>(group_bytes, 1)));
+  const int64_t blocks_per_group = (row_blocks + groups - 1) / groups;
+  auto opts = q.options();
+  GradientParts parts;
+  parts.dq_rows = at::zeros({batch, n, d}, opts);
+  parts.dq_rows_sum = at::zeros({batch, n}, opts);
+  parts.ahat_rowsum = at::zeros({batch, n}, opts);
+  auto dv_part = at::zeros({batch, groups, m, c}, opts);
+  auto dk_part = at::zeros({batch, groups, m, d}, opts), dk_sum_part = at::zeros({batch, groups, m}, opts);
+  at::Tensor dq2_part, dq2_sum_part;
+  if (o.symmetric) {
+    parts.dk_rows = at::zeros({batch, n, d}, opts);
+    parts.dk_rows_sum = at::zeros({batch, n}, opts);
+    dq2_part = at::zeros({batch, groups, m, d}, opts);
+    dq2_sum_part = at::zeros({batch, groups, m}, opts);
   }
+  auto S = at::zeros({batch, n}, opts);
+  bv.R = S;  // filled per row block by the first sweep, before the second reads it
+  const KernelArgs<T> p = kernel_args<T>(o);
+  const bool log_domain = o.kernel == Kernel::Gaussian;
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile = kRowBlock * kColBlock, cache = kRowBlock * m;
+    std::vector<T> s1c(cache), s2c(o.symmetric ? cache : 0), gvc(cache);
+    std::vector<T> w(tile), w2(tile), e(tile), unused_cols(kColBlock), ahat(tile), c1(tile), c2(tile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / groups, grp = task % groups;
+      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
+      const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
+                                bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
+      T* Sb = S[bt].data_ptr<T>();
+      T* dqb = parts.dq_rows[bt].data_ptr<T>();
+      T* dqs = parts.dq_rows_sum[bt].data_ptr<T>();
+      T* ars = parts.ahat_rowsum[bt].data_ptr<T>();
+      T* dvp = dv_part[bt][grp].data_ptr<T>();
+      T* dkp = dk_part[bt][grp].data_ptr<T>();
+      T* dks = dk_sum_part[bt][grp].data_ptr<T>();
+      T* dk2b = o.symmetric ? parts.dk_rows[bt].data_ptr<T>() : nullptr;
+      T* dk2s = o.symmetric ? parts.dk_rows_sum[bt].data_ptr<T>() : nullptr;
+      T* dq2p = o.symmetric ? dq2_part[bt][grp].data_ptr<T>() : nullptr;
+      T* dq2s = o.symmetric ? dq2_sum_part[bt][grp].data_ptr<T>() : nullptr;
+      const int64_t first = grp * blocks_per_group, last = std::min(row_blocks, first + blocks_per_group);
+      for (int64_t ib = first; ib < last; ++ib) {
+        const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
+        for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 1: products, S_i
+          const int64_t bj = std::min(kColBlock, m - j0);
+          T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
+          gemm<T>(false, true, bi, bj, d, T(1), qb + i0 * d, d, kb + j0 * d, d, T(0), s1, bj);
+          if (o.symmetric) gemm<T>(false, true, bi, bj, d, T(1), kb + i0 * d, d, qb + j0 * d, d, T(0), s2, bj);
+          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv, bj);
+          std::copy(s1, s1 + bi * bj, w.begin());
+          weights_from_products_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, w.data(), s2);
+          terms_tile_entry(log_domain, bi, bj, w.data(), gv, vec.a + i0, vec.b + j0, vec.gu + i0, e.data(),
+                           Sb + i0, unused_cols.data());
+        }
+        for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 2: C and the gradient GEMMs
+          const int64_t bj = std::min(kColBlock, m - j0);
+          const T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
+          backward_tile_entry(o.kernel, o.symmetric, false, r, p, vec, i0, bi, j0, bj, s1, s2, gv, ahat.data(),
+                              c1.data(), c2.data());
+          gemm<T>(true, false, bj, c, bi, T(1), ahat.data(), bj, gb + i0 * c, c, T(1), dvp + j0 * c, c);
+          gemm<T>(false, false, bi, d, bj, T(1), c1.data(), bj, kb + j0 * d, d, T(1), dqb + i0 * d, d);
+          gemm<T>(true, false, bj, d, bi, T(1), c1.data(), bj, qb + i0 * d, d, T(1), dkp + j0 * d, d);
+          if (o.symmetric) {
+            gemm<T>(false, false, bi, d, bj, T(1), c2.data(), bj, qb + j0 * d, d, T(1), dk2b + i0 * d, d);
+            gemm<T>(true, false, bj, d, bi, T(1), c2.data(), bj, kb + i0 * d, d, T(1), dq2p + j0 * d, d);
+          }
+          tile_sums_entry(bi, bj, ahat.data(), c1.data(), o.symmetric ? c2.data() : nullptr, ars + i0,
+                          dqs + i0, dks + j0, o.symmetric ? dk2s + i0 : nullptr, o.symmetric ? dq2s + j0 : nullptr);
+        }
+      }
+    }
+  });
+  parts.dv = dv_part.sum(1);
+  parts.dk_cols = dk_part.sum(1);
+  parts.dk_cols_sum = dk_sum_part.sum(1);
+  if (o.symmetric) {
+    parts.dq_cols = dq2_part.sum(1);
+    parts.dq_cols_sum = dq2_sum_part.sum(1);
+  }
+  return parts;
+}
+
+// dq, dk (distance kernels: 2(x ⊙ Σ C − C y)), dv and du from the parts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> assemble_gradients(
+    GradientParts parts, const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, bool has_self_value,
+    const Options& o) {
+  at::Tensor dq = parts.dq_rows, dq_sum = parts.dq_rows_sum, dk = parts.dk_cols, dk_sum = parts.dk_cols_sum;
+  if (o.symmetric) {
+    dq = dq + parts.dq_cols;
+    dq_sum = dq_sum + parts.dq_cols_sum;
+    dk = dk + parts.dk_rows;
+    dk_sum = dk_sum + parts.dk_rows_sum;
+  }
+  if (is_distance(o.kernel)) {
+    dq = 2.0 * (q * dq_sum.unsqueeze(-1) - dq);
+    dk = 2.0 * (k * dk_sum.unsqueeze(-1) - dk);
+  }
+  at::Tensor dv = parts.dv;
+  std::optional<at::Tensor> du;
   if (o.diffusion) {
-    auto du = -ahat_rowsum_part.sum(1).unsqueeze(-1) * g;  // −rowsum(Â)_i G_i
+    auto minus_rowsum_g = -parts.ahat_rowsum.unsqueeze(-1) * g;  // −rowsum(Â)_i G_i
     if (has_self_value)
-      grad_u = du;
+      du = minus_rowsum_g;
     else
-      grad_v = grad_v + du;
+      dv = dv + minus_rowsum_g;
   }
-  return {dq, dk, grad_v, grad_u};
+  return {dq, dk, dv, du};
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
+    const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
+    bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o) {
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1);
+  if (n == 0 || m == 0) {
+    std::optional<at::Tensor> grad_u;
+    if (has_self_value) grad_u = at::zeros_like(u);
+    return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), grad_u};
+  }
+  const bool symnorm = o.normalize == Normalize::Sym;
+  BackwardVectors bv;  // O(N + M) each
+  bv.qn = squared_norms(q, o);
+  bv.kn = squared_norms(k, o);
+  bv.gu = o.diffusion ? (g * u).sum(-1) : at::zeros({batch, n}, q.options());
+  bv.a = row_factor(row_stats, o, m);
+  bv.b = symnorm ? column_factor(col_stats, o)
+                 : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
+  bv.R = bv.X = at::zeros_like(bv.gu);
+  bv.Y = at::zeros({batch, m}, q.options());
+  GradientParts parts;
+  if (o.normalize == Normalize::Row) {
+    parts = backward_by_row_blocks<T>(g, q, k, v, bv, o);
+  } else {
+    if (symnorm) {
+      auto [S, Tc] = normalization_terms<T>(q, k, v, g, bv.qn, bv.kn, bv.a, bv.b, bv.gu, o);
+      bv.X = 0.5 * S;
+      bv.Y = 0.5 * Tc;
+    }
+    parts = backward_by_column_groups<T>(g, q, k, v, bv, o);
+  }
+  return assemble_gradients(std::move(parts), g, q, k, has_self_value, o);
 }
 
 // ----------------------------------------------------------------------------------------------

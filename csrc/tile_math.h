@@ -117,21 +117,24 @@ struct Math<double> {  // float64 is the gradcheck precision: the C library's fu
 };
 
 // f(x) of kernel K for the pair (a, b), given s = a·b and, for distance kernels, the squared
-// norms of a and b. `gaussian` returns z = log f (its backends work in the log domain).
-// With a non-null `slope` also stores f′(x) (for gaussian: scale, the derivative of z).
+// norms of a and b; and f′(x). `gaussian` returns z = log f and dz/ds = scale (its backends work
+// in the log domain). Coincident pairs of fractional/log get f = f′ = 0.
+template <typename T>
+struct WeightSlope {
+  T weight, slope;
+};
+
 template <typename T, Kernel K>
-NLX_INLINE T weight(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p, T* slope = nullptr) {
+NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
   if constexpr (K == Kernel::Dot || K == Kernel::Gaussian) {
-    if (slope) *slope = p.scale;
-    return p.scale * s;
+    return {p.scale * s, p.scale};
   } else {
     T norms = a_sqnorm + b_sqnorm;
     T rho = norms - T(2) * s;
     rho = rho > T(0) ? rho : T(0);
     if constexpr (K == Kernel::Rbf) {
       T w = Math<T>::exp(-p.scale * rho);
-      if (slope) *slope = -p.scale * w;
-      return w;
+      return {w, -p.scale * w};
     } else {
       bool coincident = rho <= p.eps * norms;
       T safe = coincident ? T(1) : rho;
@@ -143,10 +146,14 @@ NLX_INLINE T weight(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p, T* slop
         w = -p.scale * Math<T>::log(safe) - p.gamma;
         d = -p.scale / safe;
       }
-      if (slope) *slope = coincident ? T(0) : d;
-      return coincident ? T(0) : w;
+      return {coincident ? T(0) : w, coincident ? T(0) : d};
     }
   }
+}
+
+template <typename T, Kernel K>
+NLX_INLINE T weight(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
+  return weight_and_slope<T, K>(s, a_sqnorm, b_sqnorm, p).weight;
 }
 
 // log(½(e^a + e^b)): the symmetrized weight of a log-domain kernel.
