@@ -441,3 +441,62 @@ def test_autocast_cpu_bfloat16(name, make):
 
 def test_layers_are_exported_from_the_package():
     assert nonlocal_ext.nn.NonLocal2d is nl.NonLocal2d
+
+
+# ---------------------------------------------------------------- the Q-tips example
+
+def _examples():
+    import pathlib
+    import sys
+    path = str(pathlib.Path(__file__).resolve().parents[1] / "examples")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import hamiltonian
+    import qtips
+    return qtips, hamiltonian
+
+
+def test_qtips_generator_is_deterministic_with_15_classes_and_long_sticks():
+    qtips, _ = _examples()
+    images, labels = qtips.make_qtips(300, seed=5)
+    again, labels_again = qtips.make_qtips(300, seed=5)
+    assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(images, qtips.make_qtips(300, seed=6)[0])
+    assert images.shape == (300, 3, 64, 64) and images.dtype == torch.float32 and labels.dtype == torch.long
+    assert qtips.NUM_CLASSES == 15 == len(set(qtips.CLASSES)) and set(labels.tolist()) == set(range(15))
+    clean, clean_labels = qtips.make_qtips(300, seed=5, noise=0.0)
+    assert torch.equal(clean_labels, labels)
+    assert clean.min() >= 0 and clean.max() <= 1
+    noise = images - clean
+    assert abs(noise.std().item() - 0.3) < 0.01 and abs(noise.mean().item()) < 0.01
+    dark = (clean.max(dim=1).values < 0.5).flatten(1).sum(1).float()   # stick pixels between the markers
+    assert dark.min() > 0
+    # both markers are in the image: each image shows the colours of its class and nothing else
+    palette = torch.tensor(list(qtips.COLOURS.values()))
+    for img, lab in zip(clean[:40], clean_labels[:40]):
+        pixels = img.flatten(1).T
+        present = {i for i, col in enumerate(palette) if (pixels - col).abs().max(1).values.eq(0).any()}
+        assert present == set(qtips.CLASSES[lab])
+
+
+def test_hamiltonian_network_with_and_without_nonlocal_blocks():
+    _, hamiltonian = _examples()
+    x = torch.randn(2, 3, 32, 32)
+    plain = hamiltonian.HamiltonianNet(15, channels=(4, 8), blocks=3)
+    with_nl = hamiltonian.HamiltonianNet(15, channels=(4, 8), blocks=3, nonlocal_operator="fractional_laplacian",
+                                            nonlocal_kwargs={"pool": 2})
+    for net in (plain, with_nl):
+        out = net(x)
+        assert out.shape == (2, 15)
+        out.sum().backward()
+    # the nonlocal block sits after the second Hamiltonian block of each Unit
+    for unit in with_nl.units:
+        kinds = [type(m).__name__ for m in unit]
+        assert kinds == ["HamiltonianBlock", "HamiltonianBlock", "PIDENonLocal", "HamiltonianBlock"]
+    # a Verlet step (Eq. 2.17) is reversible: undo the Z update with Y_{j+1}, then the Y update with Z_j
+    block = hamiltonian.HamiltonianBlock(4, h=0.3).double()
+    x = randn(1, 4, 5, 5, seed=14)
+    y1, z1 = block(x).chunk(2, 1)
+    z = z1 + 0.3 * F.conv_transpose2d(F.relu(F.conv2d(y1, block.k2, block.b2, padding=1)), block.k2, padding=1)
+    y = y1 - 0.3 * F.conv_transpose2d(F.relu(F.conv2d(z, block.k1, block.b1, padding=1)), block.k1, padding=1)
+    torch.testing.assert_close(torch.cat([y, z], 1), x, rtol=1e-12, atol=1e-12)
