@@ -13,7 +13,10 @@ with K a 3×3 convolution, Kᵀ its transpose (``conv_transpose2d`` with the sam
 Network (seed 003 Fig. 4.1, §4.4): an opening 3×3 convolution (with ReLU; optionally strided), then Units of
 ``blocks`` Hamiltonian blocks each; Units are joined by 2×2 average pooling and a 1×1
 convolution (with ReLU) that widens the channels; global average pooling and a linear layer
-close it. With ``nonlocal_operator`` set, a :class:`nonlocal_ext.nn.PIDENonLocal` block follows the
+close it. Additions to the thesis' description: a BatchNorm after the opening and joining
+convolutions and one on the pooled features before the linear layer (without them, on Q-tips
+the pooled features hardly differ between images and a small network predicts one class for
+every image through the first epochs). With ``nonlocal_operator`` set, a :class:`nonlocal_ext.nn.PIDENonLocal` block follows the
 second Hamiltonian block of each Unit.
 """
 
@@ -70,7 +73,8 @@ class HamiltonianNet(nn.Module):
                  nonlocal_operator: str | None = None, nonlocal_kwargs: dict | None = None, in_channels: int = 3,
                  opening_stride: int = 1):
         super().__init__()
-        self.opening = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, stride=opening_stride, padding=1), nn.ReLU())
+        self.opening = nn.Sequential(nn.Conv2d(in_channels, channels[0], 3, stride=opening_stride, padding=1),
+                                     nn.BatchNorm2d(channels[0]), nn.ReLU())
         nonlocal_kwargs = dict(nonlocal_kwargs or {})
         pools = nonlocal_kwargs.pop("pool", None)
         if not isinstance(pools, (list, tuple)):
@@ -85,8 +89,11 @@ class HamiltonianNet(nn.Module):
                     layers.append(PIDENonLocal(c, nonlocal_operator, pool=pools[u], **nonlocal_kwargs))
             self.units.append(nn.Sequential(*layers))
             if u + 1 < len(channels):
-                self.joins.append(nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, channels[u + 1], 1), nn.ReLU()))
-        self.head = nn.Linear(channels[-1], num_classes)
+                self.joins.append(nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, channels[u + 1], 1),
+                                                nn.BatchNorm2d(channels[u + 1]), nn.ReLU()))
+        # the class lives in a few marker pixels: the pooled features differ little between images,
+        # and a BatchNorm on them lets the linear layer see those differences from the first step
+        self.head = nn.Sequential(nn.BatchNorm1d(channels[-1]), nn.Linear(channels[-1], num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.opening(x)

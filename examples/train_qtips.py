@@ -87,24 +87,30 @@ def train(name, model, data, args):
     return history
 
 
-def plot(results, args, path):
+def plot(results, config, path):
+    """Training accuracy per epoch (left) and held-out accuracy (right) of both networks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, ax_val) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for name, style in (("plain", "--"), ("nonlocal", "-")):
-        acc = results[name]["train_accuracy"]
-        label = ("Hamiltonian" if name == "plain" else f"Hamiltonian + PIDE ({args.operator})")
-        label += f": final {acc[-1]:.3f}, {results[name]['seconds']:.0f} s"
-        ax.plot(range(1, len(acc) + 1), acc, style, marker="o", markersize=3, label=label)
-    ax.axhline(1 / NUM_CLASSES, color="grey", lw=0.8, ls=":", label="chance (1/15)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training accuracy")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"Q-tips, {args.train} images, channels {tuple(args.channels)}, {args.blocks} blocks/Unit")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+        r = results[name]
+        label = "Hamiltonian" if name == "plain" else f"Hamiltonian + PIDE ({config['operator']})"
+        epochs = range(1, len(r["train_accuracy"]) + 1)
+        ax.plot(epochs, r["train_accuracy"], style, marker="o", markersize=3,
+                label=f"{label}: final {r['train_accuracy'][-1]:.3f}, {r['seconds']:.0f} s")
+        ax_val.plot(epochs, r["val_accuracy"], style, marker="o", markersize=3, label=label)
+    for a, title in ((ax, "training accuracy (running, per epoch)"), (ax_val, f"held-out accuracy ({config['val']} images)")):
+        a.axhline(1 / NUM_CLASSES, color="grey", lw=0.8, ls=":", label="chance (1/15)")
+        a.set_xlabel("epoch")
+        a.set_ylim(0, 1.02)
+        a.set_title(title, fontsize=10)
+        a.grid(alpha=0.3)
+        a.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Q-tips, {config['train']} training images, channels {tuple(config['channels'])}, "
+                 f"{config['blocks']} blocks/Unit", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -113,7 +119,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=512, help="training images (thesis: 512)")
     p.add_argument("--val", type=int, default=256, help="held-out images")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=2e-4)
@@ -127,10 +133,17 @@ def main(argv=None):
     p.add_argument("--nl-h", type=float, default=0.05, help="step size of the nonlocal stages (thesis: 0.04–0.08)")
     p.add_argument("--pool", type=int, nargs="+", default=[2, 2, 1],
                    help="key max-pool window of the nonlocal block in each Unit (1: none)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 is the most robust on a CPU shared with other jobs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "qtips_training"), help="path of the PNG/JSON, without suffix")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON at --out")
     args = p.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if args.replot:
+        record = json.loads(out.with_suffix(".json").read_text())
+        plot(record["results"], record["config"], out.with_suffix(".png"))
+        return
     torch.set_num_threads(args.threads)
 
     images, labels = make_qtips(args.train + args.val, seed=args.seed)
@@ -140,8 +153,8 @@ def main(argv=None):
     for name, operator in (("plain", None), ("nonlocal", args.operator)):
         torch.manual_seed(args.seed)
         kwargs = dict(s=args.s, h=args.nl_h, pool=pools) if operator else {}
-        model = HamiltonianNet(NUM_CLASSES, channels=args.channels, blocks=args.blocks, h=args.h, opening_stride=args.opening_stride,
-                               nonlocal_operator=operator, nonlocal_kwargs=kwargs)
+        model = HamiltonianNet(NUM_CLASSES, channels=args.channels, blocks=args.blocks, h=args.h,
+                               opening_stride=args.opening_stride, nonlocal_operator=operator, nonlocal_kwargs=kwargs)
         start = time.perf_counter()
         history = train(name, model, data, args)
         history["seconds"] = time.perf_counter() - start
@@ -150,13 +163,12 @@ def main(argv=None):
         print(f"{name}: final training accuracy {history['train_accuracy'][-1]:.3f}, held-out "
               f"{history['val_accuracy'][-1]:.3f}, {history['parameters']} parameters, {history['seconds']:.1f} s")
     wall = time.perf_counter() - total
-    out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": "python examples/train_qtips.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "config": vars(args), "wall_seconds": wall, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "results": results}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
-    plot(results, args, out.with_suffix(".png"))
+    plot(results, vars(args), out.with_suffix(".png"))
     print(f"wall time {wall:.1f} s; wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
 
 
