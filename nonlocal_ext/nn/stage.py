@@ -10,6 +10,13 @@ unit applies the nonlocal-stage operator F(A, Z) = (A − D_A) Z W (graph Laplac
 with g_t a 1×1 convolution to ``inter_channels``, W_t one back to C and BN_t zero-initialized
 (the stage starts as the identity). Each unit is one op call with ``update="diffusion"`` on the
 same query/key embeddings: S units cost S aggregations, no N×N tensor exists.
+
+``../shared/DESIGN.md`` §4 writes the unit as z ← z + ReLU(BN(W((A − I) z))). Two differences, on
+purpose: (1) no ReLU after the BN: with the BN zero-initialized (identity at init) the branch
+is exactly 0, where ReLU's derivative is 0, so no gradient would ever reach the unit and it
+would stay the identity; seed 000 Eq. 3 has no activation either (F(A, Z) = (A − D_A) Z W);
+(2) a g embedding per unit (Z = g(z), as in Eq. 1–3 and Tao et al.), so the op aggregates
+``inter_channels`` instead of C channels.
 """
 
 from __future__ import annotations
