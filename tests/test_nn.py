@@ -402,6 +402,16 @@ def test_layers_start_as_the_identity_and_can_leave_it(dim):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), name
 
 
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_wang_without_bn_layer_starts_as_the_identity_with_a_zero_conv(dim):
+    layer = WANG[dim](6, bn_layer=False)
+    x = torch.randn(*SHAPES[dim], requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, x) and isinstance(layer.W, nn.Module) and not layer.W.weight.any()
+    y.square().sum().backward()
+    assert layer.W.weight.grad.abs().sum() > 0
+
+
 def test_backends_agree_through_the_layers():
     x = randn(2, 6, 9, 11, seed=11)
     for make in (lambda b: nl.NonLocal2d(6, backend=b), lambda b: nl.NonLocalStage(6, backend=b),
