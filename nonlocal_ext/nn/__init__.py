@@ -1,0 +1,21 @@
+"""Drop-in nonlocal layers built on :func:`nonlocal_ext.nonlocal_aggregate`.
+
+Every layer takes ``(B, C, *spatial)`` and returns the same shape; it computes its affinities only
+through the op (so every backend serves it, chosen by its ``backend=`` argument) and never forms
+an N×N tensor.
+
+* :class:`NonLocal1d`, :class:`NonLocal2d`, :class:`NonLocal3d`: Wang et al. 2018, modes
+  ``gaussian``, ``embedded_gaussian``, ``dot_product``, ``concatenation``.
+* :class:`NonLocalStage`: Tao et al. 2018, units sharing one affinity (seed 000 Eq. 3).
+* :class:`SpectralNonLocal`: SNL (seed 000 Eq. 9) and gSNL (Eq. 11).
+* :class:`PIDENonLocal`: nonlocal diffusion, fractional Laplacian and inverse fractional
+  Laplacian blocks (seed 003 Eq. 4.1–4.8).
+"""
+
+from .nonlocal_block import MODES, NonLocal1d, NonLocal2d, NonLocal3d, concat_relu_aggregate
+from .pide import OPERATORS, PIDENonLocal, c_n, c_n_minus_s, c_ns
+from .spectral import SpectralNonLocal
+from .stage import NonLocalStage
+
+__all__ = ["MODES", "OPERATORS", "NonLocal1d", "NonLocal2d", "NonLocal3d", "NonLocalStage", "PIDENonLocal",
+           "SpectralNonLocal", "c_n", "c_n_minus_s", "c_ns", "concat_relu_aggregate"]

@@ -1,0 +1,91 @@
+"""Helpers shared by the layers: position-major views, the op call, pooling, initialization.
+
+The layers hold feature maps as ``(B, C, *spatial)``; the op wants ``(B, positions, features)``.
+``positions`` and ``channels_first`` convert between the two; a 1×1 convolution on
+``(B, C, *spatial)`` is a ``Conv1d(kernel_size=1)`` on ``(B, C, N)`` and a BatchNorm over
+``(B, C, *spatial)`` is a ``BatchNorm1d`` over ``(B, C, N)`` (same per-channel statistics), which
+is how the dimension-agnostic layers (NonLocalStage, SpectralNonLocal, PIDENonLocal) work for
+1, 2 and 3 spatial dims alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import nonlocal_aggregate
+
+
+def check_input(x: torch.Tensor, layer: str, dims=(1, 2, 3)) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() - 2 not in dims:
+        spatial = " or ".join(str(d) for d in dims)
+        raise ValueError(f"{layer} expects input of shape (B, C, *spatial) with {spatial} spatial dims, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def positions(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, *spatial)`` → ``(B, N, C)`` with N = prod(spatial)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def channels_first(y: torch.Tensor, spatial) -> torch.Tensor:
+    """``(B, N, C)`` → ``(B, C, *spatial)``."""
+    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], *spatial)
+
+
+def aggregate(query, key, value, kernel, *, self_value=None, **kwargs) -> torch.Tensor:
+    """``nonlocal_aggregate`` for the layers.
+
+    The inputs are cast to one dtype (their promotion: under autocast the embeddings come out of
+    the convolutions in bfloat16/float16 while an input used directly, e.g. ``x`` in the
+    ``gaussian`` mode, stays float32), and autocast is switched off around the op, which has its
+    own mixed-precision policy (half inputs are accumulated in float32 by every backend); without
+    this, autocast would cast the float32 internals of the dense backends down again.
+    """
+    tensors = [query, key, value] + ([] if self_value is None else [self_value])
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    query, key, value = (t.to(dtype) for t in (query, key, value))
+    if self_value is not None:
+        self_value = self_value.to(dtype)
+    device_type = query.device.type
+    off = (torch.autocast(device_type=device_type, enabled=False)
+           if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+           else contextlib.nullcontext())
+    with off:
+        return nonlocal_aggregate(query, key, value, kernel, self_value=self_value, **kwargs)
+
+
+def max_pool(x: torch.Tensor, size) -> torch.Tensor:
+    """Max-pool the spatial dims of ``(B, C, *spatial)`` with window = stride = ``size``
+    (an int for every spatial dim, or one per dim); ``ceil_mode`` keeps a partial window at odd
+    sizes, so every position is covered."""
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[x.dim() - 2]
+    return pool(x, kernel_size=size, stride=size, ceil_mode=True)
+
+
+def zero_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    """A BatchNorm whose affine weight and bias start at 0: the residual branch it ends starts
+    at exactly 0, so the block starts as the identity (and stays trainable: ∂/∂weight ≠ 0)."""
+    nn.init.zeros_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
+def default_inter_channels(in_channels: int, inter_channels) -> int:
+    if inter_channels is None:
+        return max(in_channels // 2, 1)
+    if not isinstance(inter_channels, int) or inter_channels < 1:
+        raise ValueError(f"inter_channels must be a positive int or None, got {inter_channels!r}")
+    return inter_channels
+
+
+def check_in_channels(in_channels) -> int:
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    return in_channels

@@ -1,0 +1,74 @@
+r"""The nonlocal stage of Tao, Sun and Du (NeurIPS 2018), seed 000 Eq. 3: ``NonLocalStage``.
+
+One affinity A, from θ and φ of the stage input X, is shared by ``units`` consecutive units; each
+unit applies the nonlocal-stage operator F(A, Z) = (A − D_A) Z W (graph Laplacian instead of A):
+
+    A    = D⁻¹ W,  w_ij = exp(scale · θ(X)_iᵀ φ(X)_j)        (row-normalized, so D_A = I)
+    z⁰   = X
+    zᵗ   = zᵗ⁻¹ + BN_t(W_t((A − I) g_t(zᵗ⁻¹))),   [(A − I) v]_i = Σ_j a_ij (v_j − v_i)
+
+with g_t a 1×1 convolution to ``inter_channels``, W_t one back to C and BN_t zero-initialized
+(the stage starts as the identity). Each unit is one op call with ``update="diffusion"`` on the
+same query/key embeddings: S units cost S aggregations, no N×N tensor exists.
+
+``../shared/DESIGN.md`` §4 writes the unit as z ← z + ReLU(BN(W((A − I) z))). Two differences, on
+purpose: (1) no ReLU after the BN: with the BN zero-initialized (identity at init) the branch
+is exactly 0, where ReLU's derivative is 0, so no gradient would ever reach the unit and it
+would stay the identity; seed 000 Eq. 3 has no activation either (F(A, Z) = (A − D_A) Z W);
+(2) a g embedding per unit (Z = g(z), as in Eq. 1–3 and Tao et al.), so the op aggregates
+``inter_channels`` instead of C channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._common import (aggregate, check_in_channels, check_input, default_inter_channels, positions,
+                      zero_batch_norm)
+
+
+class NonLocalStage(nn.Module):
+    r"""Nonlocal stage (seed 000 Eq. 3) on ``(B, C, *spatial)`` with 1, 2 or 3 spatial dims.
+
+    Args:
+        in_channels: C.
+        inter_channels: channels of θ, φ and each unit's g; default C // 2 (at least 1).
+        units: number of units sharing the affinity (default 2).
+        kernel: the op's affinity kernel between θ and φ (default ``"gaussian"``: softmax rows).
+        scale: the kernel's scale; ``None`` means 1/√inter_channels.
+        backend: the op's ``backend=``.
+    """
+
+    def __init__(self, in_channels: int, inter_channels: int | None = None, units: int = 2,
+                 kernel: str = "gaussian", scale: float | None = None, backend: str = "auto"):
+        super().__init__()
+        c = check_in_channels(in_channels)
+        ci = default_inter_channels(c, inter_channels)
+        if not isinstance(units, int) or units < 1:
+            raise ValueError(f"units must be a positive int, got {units!r}")
+        self.in_channels, self.inter_channels, self.kernel, self.backend = c, ci, kernel, backend
+        self.scale = 1.0 / math.sqrt(ci) if scale is None else float(scale)
+        self.theta = nn.Conv1d(c, ci, kernel_size=1)
+        self.phi = nn.Conv1d(c, ci, kernel_size=1)
+        self.units = nn.ModuleList(
+            nn.ModuleDict({"g": nn.Conv1d(c, ci, kernel_size=1),
+                           "W": nn.Conv1d(ci, c, kernel_size=1),
+                           "bn": zero_batch_norm(nn.BatchNorm1d(c))})
+            for _ in range(units))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel!r}, scale={self.scale:g}, backend={self.backend!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "NonLocalStage")
+        flat = x.flatten(2)                                             # (B, C, N)
+        query, key = positions(self.theta(flat)), positions(self.phi(flat))
+        z = flat
+        for unit in self.units:
+            laplace = aggregate(query, key, positions(unit["g"](z)), self.kernel, scale=self.scale,
+                                normalize="row", update="diffusion", backend=self.backend)
+            z = z + unit["bn"](unit["W"](laplace.transpose(1, 2)))
+        return z.reshape(x.shape)

@@ -1,0 +1,512 @@
+"""The layers of ``nonlocal_ext.nn``: drop-in compatibility, dense formulas, shapes, gradients,
+identity at init, shared affinities, memory, backends, autocast.
+
+Each layer is checked against a direct dense computation of its published formula, written
+here independently of the layer (float64, small inputs). ``NonLocal1d/2d/3d`` are checked against
+a module built by hand with the layout of the widely used PyTorch implementation of Wang et al.
+2018, whose state dict must load unchanged.
+
+Run alone: .venv/bin/python -m pytest -q tests/test_nn.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nonlocal_ext
+from nonlocal_ext import nn as nl
+from nonlocal_ext.nn import _common
+
+SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (2, 6, 3, 5, 7)}  # odd spatial sizes
+WANG = {1: nl.NonLocal1d, 2: nl.NonLocal2d, 3: nl.NonLocal3d}
+EULER_GAMMA = 0.5772156649015329
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def randomize(module, seed=0):
+    """Random values in every parameter and buffer (BN affine and running stats too), so the
+    residual branches are not zero and a wrong key or a wrong path shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
+            else:
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) / math.sqrt(max(t[0].numel(), 1)))
+    return module
+
+
+def all_layers(dim):
+    c = SHAPES[dim][1]
+    layers = [(f"NonLocal{dim}d-{mode}-sub{int(sub)}", lambda mode=mode, sub=sub: WANG[dim](c, mode=mode, sub_sample=sub))
+              for mode in nl.MODES for sub in (False, True)]
+    layers += [
+        ("NonLocalStage", lambda: nl.NonLocalStage(c, units=2)),
+        ("SNL", lambda: nl.SpectralNonLocal(c)),
+        ("gSNL", lambda: nl.SpectralNonLocal(c, generalized=True)),
+    ]
+    layers += [(f"PIDE-{op}-s{s}-pool{pool}", lambda op=op, s=s, pool=pool: nl.PIDENonLocal(c, op, s=s, pool=pool))
+               for op, s in (("diffusion", 0.5), ("fractional_laplacian", 0.5), ("inverse_fractional_laplacian", 0.5),
+                             ("inverse_fractional_laplacian", 1.0))
+               for pool in (None, 2)]
+    return layers
+
+
+# ---------------------------------------------------------------- NonLocal1d/2d/3d vs the common implementation
+
+class HandBuiltNonLocal(nn.Module):
+    """Wang et al. 2018 written out densely, with the module layout of the widely used PyTorch
+    implementation (``g``, ``theta``, ``phi``, ``W``, ``concat_project``; pools inside g and phi)."""
+
+    def __init__(self, dim, in_channels, mode, sub_sample, bn_layer, use_scale=False):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+        bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
+        pool = {1: nn.MaxPool1d(2), 2: nn.MaxPool2d((2, 2)), 3: nn.MaxPool3d((1, 2, 2))}[dim]
+        self.mode, self.use_scale, self.ci = mode, use_scale, max(in_channels // 2, 1)
+        self.g = conv(in_channels, self.ci, 1)
+        self.W = nn.Sequential(conv(self.ci, in_channels, 1), bn(in_channels)) if bn_layer else conv(self.ci, in_channels, 1)
+        if mode == "gaussian":
+            self.phi = pool if sub_sample else None
+        else:
+            self.theta = conv(in_channels, self.ci, 1)
+            self.phi = conv(in_channels, self.ci, 1)
+        if mode == "concatenation":
+            self.concat_project = nn.Sequential(nn.Conv2d(2 * self.ci, 1, 1, bias=False), nn.ReLU())
+        if sub_sample:
+            self.g = nn.Sequential(self.g, pool)
+            if mode != "gaussian":
+                self.phi = nn.Sequential(self.phi, pool)
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        g_x = self.g(x).view(b, self.ci, -1).permute(0, 2, 1)
+        if self.mode == "concatenation":
+            theta_x = self.theta(x).view(b, self.ci, -1, 1)
+            phi_x = self.phi(x).view(b, self.ci, 1, -1)
+            n, m = theta_x.shape[2], phi_x.shape[3]
+            pairs = torch.cat([theta_x.repeat(1, 1, 1, m), phi_x.repeat(1, 1, n, 1)], dim=1)
+            f = self.concat_project(pairs).view(b, n, m) / m
+        else:
+            if self.mode == "gaussian":
+                theta_x = x.view(b, c, -1).permute(0, 2, 1)
+                phi_x = (x if self.phi is None else self.phi(x)).view(b, c, -1)
+            else:
+                theta_x = self.theta(x).view(b, self.ci, -1).permute(0, 2, 1)
+                phi_x = self.phi(x).view(b, self.ci, -1)
+            f = theta_x @ phi_x
+            if self.mode == "dot_product":
+                f = f / f.shape[-1]
+            else:
+                if self.use_scale:
+                    f = f / theta_x.shape[-1] ** 0.5
+                f = F.softmax(f, dim=-1)
+        y = (f @ g_x).permute(0, 2, 1).contiguous().view(b, self.ci, *x.shape[2:])
+        return self.W(y) + x
+
+
+@pytest.mark.parametrize("bn_layer", [True, False])
+@pytest.mark.parametrize("sub_sample", [True, False])
+@pytest.mark.parametrize("mode", nl.MODES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_wang_state_dict_loads_unchanged_and_gives_the_same_outputs(dim, mode, sub_sample, bn_layer):
+    shape = SHAPES[dim]
+    theirs = randomize(HandBuiltNonLocal(dim, shape[1], mode, sub_sample, bn_layer).double())
+    ours = WANG[dim](shape[1], mode=mode, sub_sample=sub_sample, bn_layer=bn_layer).double()
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = randn(*shape, seed=1)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_wang_use_scale_divides_the_exponent_by_root_channels(mode):
+    theirs = randomize(HandBuiltNonLocal(2, 6, mode, True, True, use_scale=True).double())
+    ours = nl.NonLocal2d(6, mode=mode, use_scale=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = randn(*SHAPES[2], seed=2)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_wang_defaults_match_the_common_implementation():
+    m = nl.NonLocal2d(64)
+    assert (m.mode, m.inter_channels, m.sub_sample, m.use_scale) == ("embedded_gaussian", 32, True, False)
+    assert isinstance(m.g, nn.Sequential) and isinstance(m.g[1], nn.MaxPool2d)
+    assert isinstance(m.W[1], nn.BatchNorm2d) and not m.W[1].weight.any() and not m.W[1].bias.any()
+    assert nl.NonLocal1d(1).inter_channels == 1
+    assert isinstance(nl.NonLocal3d(4).phi[1], nn.MaxPool3d) and nl.NonLocal3d(4).phi[1].kernel_size == (1, 2, 2)
+    assert nl.NonLocal2d(4, mode="embedded").mode == "embedded_gaussian"  # other implementations' spelling
+    with pytest.raises(ValueError, match="mode"):
+        nl.NonLocal2d(4, mode="softmax")
+    with pytest.raises(ValueError, match="spatial dims"):
+        nl.NonLocal2d(4)(torch.randn(2, 4, 5))
+
+
+# ---------------------------------------------------------------- concatenation without an N×M tensor
+
+def dense_concat(a, b, v):
+    return (F.relu(a[:, :, None] + b[:, None, :]) @ v) / b.shape[-1]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_concat_relu_aggregate_equals_the_dense_formula_with_gradients(ties):
+    a, b, v = randn(3, 11, seed=3), randn(3, 7, seed=4), randn(3, 7, 5, seed=5)
+    if ties:  # integer scores: many a_i + b_j are exactly 0 (the ReLU kink) and many b_j are equal
+        a, b = a.mul(2).round(), b.mul(2).round()
+    leaves = [t.clone().requires_grad_() for t in (a, b, v)]
+    out = nl.concat_relu_aggregate(*leaves)
+    truth = [t.clone().requires_grad_() for t in (a, b, v)]
+    dense = dense_concat(*truth)
+    torch.testing.assert_close(out, dense, rtol=1e-12, atol=1e-12)
+    grad = randn(*out.shape, seed=6)
+    ours = torch.autograd.grad(out, leaves, grad)
+    theirs = torch.autograd.grad(dense, truth, grad)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-12, atol=1e-12)
+    if not ties:
+        assert torch.autograd.gradcheck(nl.concat_relu_aggregate, leaves)
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nl.NonLocal2d(4, mode="concatenation", sub_sample=False),
+    lambda: nl.NonLocal2d(4, mode="dot_product", sub_sample=False),
+    lambda: nl.PIDENonLocal(4, "diffusion"),
+], ids=["concatenation", "dot_product", "pide-diffusion"])
+def test_layers_without_a_dense_path_never_form_an_n_by_m_tensor(make):
+    layer = make()
+    x = torch.randn(1, 4, 48, 48, requires_grad=True)  # N = M = 2304: N·M = 5.3M, the largest map is N·C
+    with MaxNumel() as mode:
+        layer(x).sum().backward()
+    assert mode.largest < 48 * 48 * 48
+
+
+# ---------------------------------------------------------------- the other layers vs their dense formulas
+
+def dense_affinity(kernel, q, k, scale):
+    if kernel == "gaussian":
+        return torch.exp(scale * q @ k.transpose(-1, -2))
+    assert kernel == "dot"
+    return scale * q @ k.transpose(-1, -2)
+
+
+def dense_stage(m, x):
+    """Seed 000 Eq. 3, units sharing A: z ← z + BN(W (A − D_A) g(z)), A = softmax rows."""
+    flat = x.flatten(2)
+    q, k = m.theta(flat).transpose(1, 2), m.phi(flat).transpose(1, 2)
+    w = dense_affinity("gaussian", q, k, m.scale)
+    a = w / w.sum(-1, keepdim=True)
+    degree = torch.diag_embed(a.sum(-1))
+    z = flat
+    for unit in m.units:
+        v = unit["g"](z).transpose(1, 2)
+        z = z + unit["bn"](unit["W"](((a - degree) @ v).transpose(1, 2)))
+    return z.reshape(x.shape)
+
+
+def dense_spectral(m, x):
+    """Seed 000 Eq. 9 / 11 literally: X + BN(Z W1 + A Z W2 [+ (2A − I) Z W3])."""
+    flat = x.flatten(2)
+    q, k = m.theta(flat).transpose(1, 2), m.phi(flat).transpose(1, 2)
+    w = dense_affinity(m.kernel, q, k, m.scale)
+    w = 0.5 * (w + w.transpose(1, 2))
+    r, c = w.sum(-1, keepdim=True), w.sum(-2, keepdim=True)
+    a = w / (r.sqrt() * c.sqrt()) if m.normalize == "sym" else w / r
+    z = m.g(flat)                               # (B, Ci, N)
+    az = (a @ z.transpose(1, 2)).transpose(1, 2)
+    out = m.w1(z) + m.w2(az)
+    if m.generalized:
+        eye = torch.eye(a.shape[-1], dtype=a.dtype)
+        out = out + m.w3(((2 * a - eye) @ z.transpose(1, 2)).transpose(1, 2))
+    return x + m.bn(out).reshape(x.shape)
+
+
+def dense_pide(m, x):
+    """Seed 003 Eq. 4.1, 4.6 (sign of §4.2.2), 4.7, 4.8 written out with the N×M kernel matrix."""
+    lam, s, n = m.scale, m.s, m.n
+    pool = (lambda t: t) if m.pool is None else (lambda t: _common.max_pool(t, m.pool))
+    flat = x.flatten(2)
+    q = m.theta(flat).transpose(1, 2)
+    k = m.phi(pool(x).flatten(2)).transpose(1, 2)
+    rho = torch.cdist(q, k)
+    inf = torch.full_like(rho, math.inf)
+    count = k.shape[1]
+    b = x
+    for k_t in m.K:
+        u, v = b.flatten(2).transpose(1, 2), pool(b).flatten(2).transpose(1, 2)
+        if m.operator == "diffusion":
+            w = lam * q @ k.transpose(1, 2)
+            p = (w @ v - w.sum(-1, keepdim=True) * u) / count                      # Σ w (v_j − u_i) / N
+        elif m.operator == "fractional_laplacian":
+            w = lam / torch.where(rho > 0, rho, inf) ** (n + 2 * s)
+            p = nl.c_ns(n, s) * (w.sum(-1, keepdim=True) * u - w @ v) / count      # c Σ w (u_i − v_j) / N
+        elif math.isclose(s, n / 2):
+            w = torch.where(rho > 0, -2 * lam * torch.log(rho) - EULER_GAMMA, torch.zeros_like(rho))
+            p = nl.c_n(n) * (w @ v) / count
+        else:
+            w = lam / torch.where(rho > 0, rho, inf) ** (n - 2 * s)
+            p = nl.c_n_minus_s(n, s) * (w @ v) / count
+        b = (flat + m.h * k_t(p.transpose(1, 2))).reshape(x.shape)
+    return b
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("units", [1, 3])
+def test_nonlocal_stage_equals_dense_formula(dim, units):
+    m = randomize(nl.NonLocalStage(6, units=units).double())
+    x = randn(*SHAPES[dim], seed=7)
+    torch.testing.assert_close(m(x), dense_stage(m, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("kernel", ["gaussian", "dot"])
+@pytest.mark.parametrize("normalize", ["sym", "row"])
+@pytest.mark.parametrize("generalized", [False, True])
+def test_spectral_nonlocal_equals_dense_formula(dim, kernel, normalize, generalized):
+    m = randomize(nl.SpectralNonLocal(6, generalized=generalized, kernel=kernel, normalize=normalize).double())
+    x = randn(*SHAPES[dim], seed=8)
+    if kernel == "dot":  # positive embeddings keep the dot-product sums positive (sym needs their roots)
+        with torch.no_grad():
+            m.theta.weight.abs_(), m.phi.weight.abs_(), m.theta.bias.abs_(), m.phi.bias.abs_()
+        x = x.abs()
+    torch.testing.assert_close(m(x), dense_spectral(m, x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("pool", [None, 2])
+@pytest.mark.parametrize("operator,s", [("diffusion", 0.5), ("fractional_laplacian", 0.5),
+                                        ("fractional_laplacian", 0.8), ("inverse_fractional_laplacian", 0.5),
+                                        ("inverse_fractional_laplacian", 0.25), ("inverse_fractional_laplacian", 1.0)])
+def test_pide_equals_dense_formula(dim, pool, operator, s):
+    m = randomize(nl.PIDENonLocal(6, operator, s=s, pool=pool, h=0.5).double())
+    x = randn(*SHAPES[dim], seed=9)
+    torch.testing.assert_close(m(x), dense_pide(m, x), rtol=1e-10, atol=1e-10)
+
+
+def test_pide_constants_from_the_gamma_function():
+    assert nl.c_ns(2, 0.5) == pytest.approx(1 / (2 * math.pi), rel=1e-14)
+    assert nl.c_n_minus_s(2, 0.5) == pytest.approx(1 / (2 * math.pi), rel=1e-14)
+    assert nl.c_n(2) == pytest.approx(1 / (4 * math.pi), rel=1e-14)
+    for n in (1, 2, 3):
+        for s in (0.1, 0.25, 0.75, 0.9):  # |Γ(−s)| = Γ(1 − s)/s
+            assert nl.c_ns(n, s) == pytest.approx(s * 4 ** s * math.gamma(n / 2 + s) / (math.pi ** (n / 2) * math.gamma(1 - s)))
+    # c_{1,½} = 1/π: the Hilbert-transform constant of (−Δ)^½ on the line
+    assert nl.c_ns(1, 0.5) == pytest.approx(1 / math.pi, rel=1e-14)
+
+
+def test_pide_picks_the_kernel_and_sign_of_each_operator():
+    frac = nl.PIDENonLocal(4, "fractional_laplacian", s=0.5)
+    assert frac.op_kwargs == {"kernel": "fractional", "scale": 0.1, "power": 3.0, "update": "diffusion"}
+    assert frac.constant == pytest.approx(-1 / (2 * math.pi))  # Σ w (u_i − v_j) = −(Σ w v_j − rowsum·u_i)
+    riesz = nl.PIDENonLocal(4, "inverse_fractional_laplacian", s=0.5)
+    assert riesz.op_kwargs["kernel"] == "fractional" and riesz.op_kwargs["power"] == 1.0
+    log = nl.PIDENonLocal(4, "inverse_fractional_laplacian", s=1.0, n=2)
+    assert log.op_kwargs["kernel"] == "log" and log.constant == pytest.approx(1 / (4 * math.pi))
+    assert nl.PIDENonLocal(4, "diffusion").op_kwargs["kernel"] == "dot"
+    for bad in [dict(operator="fractional_laplacian", s=1.0), dict(operator="inverse_fractional_laplacian", s=1.5),
+                dict(operator="laplace"), dict(stages=0)]:
+        with pytest.raises(ValueError):
+            nl.PIDENonLocal(4, **bad)
+
+
+def test_pide_pool_uses_subsampled_keys_and_full_resolution_self_value(monkeypatch):
+    calls = []
+    real = _common.nonlocal_aggregate
+
+    def spy(query, key, value, kernel, **kwargs):
+        calls.append((query.shape, key.shape, value.shape, None if kwargs["self_value"] is None
+                      else kwargs["self_value"].shape, kwargs["update"]))
+        return real(query, key, value, kernel, **kwargs)
+
+    monkeypatch.setattr(_common, "nonlocal_aggregate", spy)
+    nl.PIDENonLocal(6, "fractional_laplacian", pool=2)(torch.randn(2, 6, 5, 7))
+    # N = 35 queries; keys pooled with ceil_mode: 3·4 = 12; self_value at full resolution
+    assert calls == [((2, 35, 3), (2, 12, 3), (2, 12, 6), (2, 35, 6), "diffusion")] * 2
+
+
+# ---------------------------------------------------------------- shared affinity: S stages = S op calls
+
+@pytest.mark.parametrize("make,calls", [
+    (lambda: nl.NonLocalStage(6, units=3), 3),
+    (lambda: nl.PIDENonLocal(6, "fractional_laplacian", stages=3, pool=2), 3),
+    (lambda: nl.SpectralNonLocal(6, generalized=True), 1),
+    (lambda: nl.SpectralNonLocal(6), 1),
+    (lambda: nl.NonLocal2d(6), 1),
+], ids=["stage-3-units", "pide-3-stages", "gSNL", "SNL", "NonLocal2d"])
+def test_blocks_share_one_affinity_one_op_call_per_stage(monkeypatch, make, calls):
+    seen = []
+    real = _common.nonlocal_aggregate
+
+    def spy(query, key, value, kernel, **kwargs):
+        seen.append((query, key))
+        return real(query, key, value, kernel, **kwargs)
+
+    monkeypatch.setattr(_common, "nonlocal_aggregate", spy)
+    make()(torch.randn(2, 6, 5, 7))
+    assert len(seen) == calls
+    assert all(q is seen[0][0] and k is seen[0][1] for q, k in seen)  # the same embeddings every time
+
+
+# ---------------------------------------------------------------- every layer: shapes, gradients, identity
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_every_layer_forward_backward_keeps_shape_with_finite_gradients(dim):
+    for name, make in all_layers(dim):
+        layer = randomize(make(), seed=10)
+        x = torch.randn(*SHAPES[dim], requires_grad=True)
+        y = layer(x)
+        assert y.shape == x.shape and y.dtype == x.dtype, name
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(x.grad).all(), name
+        for pname, p in layer.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (name, pname)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_layers_start_as_the_identity_and_can_leave_it(dim):
+    for name, make in all_layers(dim):
+        if name.startswith("PIDE"):
+            continue  # the thesis' block starts with default-initialized K_t, not as the identity
+        layer = make()
+        x = torch.randn(*SHAPES[dim], requires_grad=True)
+        y = layer(x)
+        assert torch.equal(y, x), name
+        y.square().sum().backward()  # trainable from the start: the zero-initialized end receives a gradient
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters()), name
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_wang_without_bn_layer_starts_as_the_identity_with_a_zero_conv(dim):
+    layer = WANG[dim](6, bn_layer=False)
+    x = torch.randn(*SHAPES[dim], requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, x) and isinstance(layer.W, nn.Module) and not layer.W.weight.any()
+    y.square().sum().backward()
+    assert layer.W.weight.grad.abs().sum() > 0
+
+
+def test_backends_agree_through_the_layers():
+    x = randn(2, 6, 9, 11, seed=11)
+    for make in (lambda b: nl.NonLocal2d(6, backend=b), lambda b: nl.NonLocalStage(6, backend=b),
+                 lambda b: nl.SpectralNonLocal(6, generalized=True, backend=b),
+                 lambda b: nl.PIDENonLocal(6, "fractional_laplacian", pool=2, backend=b),
+                 lambda b: nl.PIDENonLocal(6, "inverse_fractional_laplacian", s=1.0, backend=b)):
+        ref = randomize(make("reference").double())
+        chunk = make("chunked").double()
+        chunk.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(chunk(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("name,make", all_layers(2), ids=[name for name, _ in all_layers(2)])
+def test_autocast_cpu_bfloat16(name, make):
+    """Under CPU autocast (bfloat16) every layer runs, stays finite, keeps the input's shape, and is
+    no further from the float64 truth than the whole layer run in bfloat16 (2× + 1e-2·scale)."""
+    layer = randomize(make().double(), seed=12)
+    x = randn(*SHAPES[2], seed=13)
+    truth = layer(x)
+    low = make().bfloat16()
+    low.load_state_dict(layer.state_dict())
+    plain = low(x.bfloat16())
+    mixed = make().float()
+    mixed.load_state_dict(layer.state_dict())
+    xf = x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixed(xf)
+    out.float().sum().backward()
+    assert out.shape == x.shape and torch.isfinite(out).all() and torch.isfinite(xf.grad).all()
+    scale = truth.abs().max().item()
+    err = (out.double() - truth).abs().max().item()
+    err_plain = (plain.double() - truth).abs().max().item()
+    assert err <= 2 * err_plain + 1e-2 * scale, f"{name}: {err:.3e} vs plain bfloat16 {err_plain:.3e}"
+
+
+def test_layers_are_exported_from_the_package():
+    assert nonlocal_ext.nn.NonLocal2d is nl.NonLocal2d
+
+
+# ---------------------------------------------------------------- the Q-tips example
+
+def _examples():
+    import pathlib
+    import sys
+    path = str(pathlib.Path(__file__).resolve().parents[1] / "examples")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import hamiltonian
+    import qtips
+    return qtips, hamiltonian
+
+
+def test_qtips_generator_is_deterministic_with_15_classes_and_long_sticks():
+    qtips, _ = _examples()
+    images, labels = qtips.make_qtips(300, seed=5)
+    again, labels_again = qtips.make_qtips(300, seed=5)
+    assert torch.equal(images, again) and torch.equal(labels, labels_again)
+    assert not torch.equal(images, qtips.make_qtips(300, seed=6)[0])
+    assert images.shape == (300, 3, 64, 64) and images.dtype == torch.float32 and labels.dtype == torch.long
+    assert qtips.NUM_CLASSES == 15 == len(set(qtips.CLASSES)) and set(labels.tolist()) == set(range(15))
+    clean, clean_labels = qtips.make_qtips(300, seed=5, noise=0.0)
+    assert torch.equal(clean_labels, labels)
+    assert clean.min() >= 0 and clean.max() <= 1
+    noise = images - clean
+    assert abs(noise.std().item() - 0.3) < 0.01 and abs(noise.mean().item()) < 0.01
+    dark = (clean.max(dim=1).values < 0.5).flatten(1).sum(1).float()   # stick pixels between the markers
+    assert dark.min() > 0
+    # both markers are in the image: each image shows the colours of its class and nothing else
+    palette = torch.tensor(list(qtips.COLOURS.values()))
+    for img, lab in zip(clean[:40], clean_labels[:40]):
+        pixels = img.flatten(1).T
+        present = {i for i, col in enumerate(palette) if (pixels - col).abs().max(1).values.eq(0).any()}
+        assert present == set(qtips.CLASSES[lab])
+
+
+def test_hamiltonian_network_with_and_without_nonlocal_blocks():
+    _, hamiltonian = _examples()
+    x = torch.randn(2, 3, 32, 32)
+    plain = hamiltonian.HamiltonianNet(15, channels=(4, 8), blocks=3)
+    with_nl = hamiltonian.HamiltonianNet(15, channels=(4, 8), blocks=3, nonlocal_operator="fractional_laplacian",
+                                            nonlocal_kwargs={"pool": 2})
+    for net in (plain, with_nl):
+        out = net(x)
+        assert out.shape == (2, 15)
+        out.sum().backward()
+    # the nonlocal block sits after the second Hamiltonian block of each Unit
+    for unit in with_nl.units:
+        kinds = [type(m).__name__ for m in unit]
+        assert kinds == ["HamiltonianBlock", "HamiltonianBlock", "PIDENonLocal", "HamiltonianBlock"]
+    # a Verlet step (Eq. 2.17) is reversible: undo the Z update with Y_{j+1}, then the Y update with Z_j
+    block = hamiltonian.HamiltonianBlock(4, h=0.3).double()
+    x = randn(1, 4, 5, 5, seed=14)
+    y1, z1 = block(x).chunk(2, 1)
+    z = z1 + 0.3 * F.conv_transpose2d(F.relu(F.conv2d(y1, block.k2, block.b2, padding=1)), block.k2, padding=1)
+    y = y1 - 0.3 * F.conv_transpose2d(F.relu(F.conv2d(z, block.k1, block.b1, padding=1)), block.k1, padding=1)
+    torch.testing.assert_close(torch.cat([y, z], 1), x, rtol=1e-12, atol=1e-12)
