@@ -11,7 +11,7 @@ import torch
 
 import nonlocal_ext
 from common import COMBOS, combo_id, kernel_kwargs, make_inputs, run
-from nonlocal_ext.backends import cpu
+from nonlocal_ext.backends import cpu, reference
 from nonlocal_ext.kernels import default_eps
 
 OPS = torch.ops.nonlocal_ext
@@ -108,11 +108,18 @@ def test_half_inputs_give_half_outputs():
     assert out.dtype == torch.bfloat16
 
 
-def test_auto_picks_cpu_for_cpu_tensors():
-    q, k, v, _ = make_inputs("rbf", "row", (), 20, 20, 4, 3, with_self_value=False)
-    spec = nonlocal_ext.spec.validate(q, k, v, "rbf", scale=1.0, power=None, gamma=0.5, eps=None, normalize="row",
-                                      update="aggregate", symmetric=False, self_value=None, backend="auto")
-    assert nonlocal_ext.backends.select("auto", spec, q, k) is cpu
+@pytest.mark.parametrize("kernel", ["gaussian", "rbf", "fractional", "log"])
+def test_auto_picks_cpu_for_cpu_tensors_except_small_gaussian(kernel):
+    def chosen(n):
+        q = torch.empty(2, n, 4)
+        spec = nonlocal_ext.spec.validate(q, q, q, kernel, scale=1.0, power=1.0 if kernel == "fractional" else None,
+                                          gamma=0.5, eps=None, normalize="row", update="aggregate", symmetric=False,
+                                          self_value=None, backend="auto")
+        return nonlocal_ext.backends.select("auto", spec, q, q)
+
+    limit = nonlocal_ext.backends.SMALL_GAUSSIAN_DENSE_MAX
+    small, large = chosen(int((limit // 2) ** 0.5)), chosen(int((limit // 2) ** 0.5) + 1)
+    assert (small, large) == ((reference, cpu) if kernel == "gaussian" else (cpu, cpu))
 
 
 def test_op_rejects_bad_arguments_by_name():

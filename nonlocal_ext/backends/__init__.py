@@ -28,22 +28,32 @@ def available(spec, query) -> list[str]:
 DENSE_MAX_ELEMENTS = 1 << 21
 
 
+#: ``auto`` keeps ``gaussian`` on the dense reference below this many affinities B·N·M even when
+#: the fused ``cpu`` kernels are available: there one softmax of MKL GEMMs beats the fused
+#: kernel's fixed cost per call (bench/NOTES.md: cpu at 0.64–0.94× of dense for N = M ≤ 512,
+#: ahead from 1024 on). The other kernels are faster fused at every size measured (N ≥ 8).
+SMALL_GAUSSIAN_DENSE_MAX = 1 << 19
+
+
 def select(name: str, spec, query, key):
     """The backend module for ``backend=name``.
 
     ``auto``: ``kernel="dot"`` always takes the exact linear-time path; every other kernel
     takes the fused backend of the device (``triton`` on CUDA, ``cpu`` on CPU) when it is
-    available, else the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS)
-    and ``chunked`` for the rest. A backend asked for by name is used or refused with the
-    reason and the list of what is available, never silently replaced.
+    available (except small ``gaussian`` problems on CPU: dense, see SMALL_GAUSSIAN_DENSE_MAX),
+    else the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS) and
+    ``chunked`` for the rest. A backend asked for by name is used or refused with the reason
+    and the list of what is available, never silently replaced.
     """
     if name == "auto":
         if spec.kernel.name == "dot":
             return linear
+        affinities = math.prod(query.shape[:-1]) * key.shape[-2]  # B·N·M
         fused = triton if query.device.type == "cuda" else cpu
         if fused.unsupported_reason(spec, query) is None:
+            if fused is cpu and spec.kernel.name == "gaussian" and affinities <= SMALL_GAUSSIAN_DENSE_MAX:
+                return reference
             return fused
-        affinities = math.prod(query.shape[:-1]) * key.shape[-2]  # B·N·M
         return reference if affinities <= DENSE_MAX_ELEMENTS else chunked
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)
