@@ -712,6 +712,44 @@ struct BackwardVectors {
   at::Tensor qn, kn, a, b, R, X, Y, gu;
 };
 
+// Where one tile's gradient contributions go: base pointers of row-indexed (rows of q) and
+// column-indexed (rows of k) accumulators; the symmetric ones are null when not symmetric.
+template <typename T>
+struct TileSinks {
+  T *dv, *dq_rows, *dk_cols, *dk_rows, *dq_cols;                         // × C, × D, × D, × D, × D
+  T *ahat_rowsum, *dq_rows_sum, *dk_cols_sum, *dk_rows_sum, *dq_cols_sum;  // scalars per row / column
+};
+
+template <typename T>
+struct TileScratch {
+  std::vector<T> ahat, c1, c2;
+  TileScratch() : ahat(kRowBlock * kColBlock), c1(kRowBlock * kColBlock), c2(kRowBlock * kColBlock) {}
+};
+
+// One backward tile, rows i0..+bi × columns j0..+bj, from its products s1 (s2) and gv = G_I v_Jᵀ:
+// Â and C (backward_tile_entry), then dv_J += Âᵀ G_I, dq_I += C1 k_J, dk_J += C1ᵀ q_I (and
+// dk_I += C2 q_J, dq_J += C2ᵀ k_I when symmetric), and the row / column sums of Â and C.
+template <typename T>
+void backward_tile_gradients(const Options& o, bool symnorm, const Roles<T>& r, const KernelArgs<T>& p,
+                             const BackwardRows<T>& vec, const T* gb, int64_t c, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, const T* s1, const T* s2, const T* gv, TileScratch<T>& t,
+                             const TileSinks<T>& out) {
+  const int64_t d = r.d;
+  const T *qb = r.a, *kb = r.b;
+  T *ahat = t.ahat.data(), *c1 = t.c1.data(), *c2 = t.c2.data();
+  backward_tile_entry(o.kernel, o.symmetric, symnorm, r, p, vec, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
+  gemm<T>(true, false, bj, c, bi, T(1), ahat, bj, gb + i0 * c, c, T(1), out.dv + j0 * c, c);
+  gemm<T>(false, false, bi, d, bj, T(1), c1, bj, kb + j0 * d, d, T(1), out.dq_rows + i0 * d, d);
+  gemm<T>(true, false, bj, d, bi, T(1), c1, bj, qb + i0 * d, d, T(1), out.dk_cols + j0 * d, d);
+  if (o.symmetric) {
+    gemm<T>(false, false, bi, d, bj, T(1), c2, bj, qb + j0 * d, d, T(1), out.dk_rows + i0 * d, d);
+    gemm<T>(true, false, bj, d, bi, T(1), c2, bj, kb + i0 * d, d, T(1), out.dq_cols + j0 * d, d);
+  }
+  tile_sums_entry(bi, bj, ahat, c1, o.symmetric ? c2 : nullptr, out.ahat_rowsum + i0, out.dq_rows_sum + i0,
+                  out.dk_cols_sum + j0, o.symmetric ? out.dk_rows_sum + i0 : nullptr,
+                  o.symmetric ? out.dq_cols_sum + j0 : nullptr);
+}
+
 // Column-grouped schedule (every normalization): each group owns dv, dk of its column blocks
 // and keeps partial rows of dq (and of dk for the symmetric term), summed in group order.
 template <typename T>
@@ -738,23 +776,21 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile = kRowBlock * kColBlock;
-    std::vector<T> s1(tile), s2(tile), gv(tile), ahat(tile), c1(tile), c2(tile);
+    std::vector<T> s1(tile), s2(tile), gv(tile);
+    TileScratch<T> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
       const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
                                 bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
-      T* dqp = dq_part[bt][grp].data_ptr<T>();
-      T* dqs = dq_sum_part[bt][grp].data_ptr<T>();
-      T* ars = ahat_part[bt][grp].data_ptr<T>();
-      T* dkb = parts.dk_cols[bt].data_ptr<T>();
-      T* dks = parts.dk_cols_sum[bt].data_ptr<T>();
-      T* dvb = parts.dv[bt].data_ptr<T>();
-      T* dk2p = o.symmetric ? dk2_part[bt][grp].data_ptr<T>() : nullptr;
-      T* dk2s = o.symmetric ? dk2_sum_part[bt][grp].data_ptr<T>() : nullptr;
-      T* dq2c = o.symmetric ? parts.dq_cols[bt].data_ptr<T>() : nullptr;
-      T* dq2s = o.symmetric ? parts.dq_cols_sum[bt].data_ptr<T>() : nullptr;
+      T* none = nullptr;
+      const TileSinks<T> sinks{
+          parts.dv[bt].data_ptr<T>(), dq_part[bt][grp].data_ptr<T>(), parts.dk_cols[bt].data_ptr<T>(),
+          o.symmetric ? dk2_part[bt][grp].data_ptr<T>() : none, o.symmetric ? parts.dq_cols[bt].data_ptr<T>() : none,
+          ahat_part[bt][grp].data_ptr<T>(), dq_sum_part[bt][grp].data_ptr<T>(), parts.dk_cols_sum[bt].data_ptr<T>(),
+          o.symmetric ? dk2_sum_part[bt][grp].data_ptr<T>() : none,
+          o.symmetric ? parts.dq_cols_sum[bt].data_ptr<T>() : none};
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
@@ -763,18 +799,8 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
           if (o.symmetric)
             gemm<T>(false, true, bi, bj, d, T(1), kb + i0 * d, d, qb + j0 * d, d, T(0), s2.data(), bj);
           gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
-          backward_tile_entry(o.kernel, o.symmetric, symnorm, r, p, vec, i0, bi, j0, bj, s1.data(),
-                              s2.data(), gv.data(), ahat.data(), c1.data(), c2.data());
-          // dv_J += Âᵀ G_I; dq_I += C1 k_J; dk_J += C1ᵀ q_I (and the swapped term when symmetric)
-          gemm<T>(true, false, bj, c, bi, T(1), ahat.data(), bj, gb + i0 * c, c, T(1), dvb + j0 * c, c);
-          gemm<T>(false, false, bi, d, bj, T(1), c1.data(), bj, kb + j0 * d, d, T(1), dqp + i0 * d, d);
-          gemm<T>(true, false, bj, d, bi, T(1), c1.data(), bj, qb + i0 * d, d, T(1), dkb + j0 * d, d);
-          if (o.symmetric) {
-            gemm<T>(false, false, bi, d, bj, T(1), c2.data(), bj, qb + j0 * d, d, T(1), dk2p + i0 * d, d);
-            gemm<T>(true, false, bj, d, bi, T(1), c2.data(), bj, kb + i0 * d, d, T(1), dq2c + j0 * d, d);
-          }
-          tile_sums_entry(bi, bj, ahat.data(), c1.data(), o.symmetric ? c2.data() : nullptr, ars + i0,
-                          dqs + i0, dks + j0, o.symmetric ? dk2s + i0 : nullptr, o.symmetric ? dq2s + j0 : nullptr);
+          backward_tile_gradients(o, symnorm, r, p, vec, gb, c, i0, bi, j0, bj, s1.data(), s2.data(), gv.data(),
+                                  scratch, sinks);
         }
       }
     }
@@ -825,7 +851,8 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile = kRowBlock * kColBlock, cache = kRowBlock * m;
     std::vector<T> s1c(cache), s2c(o.symmetric ? cache : 0), gvc(cache);
-    std::vector<T> w(tile), w2(tile), e(tile), unused_cols(kColBlock), ahat(tile), c1(tile), c2(tile);
+    std::vector<T> w(tile), e(tile), unused_cols(kColBlock);
+    TileScratch<T> scratch;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
@@ -833,16 +860,13 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
       const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
                                 bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
       T* Sb = S[bt].data_ptr<T>();
-      T* dqb = parts.dq_rows[bt].data_ptr<T>();
-      T* dqs = parts.dq_rows_sum[bt].data_ptr<T>();
-      T* ars = parts.ahat_rowsum[bt].data_ptr<T>();
-      T* dvp = dv_part[bt][grp].data_ptr<T>();
-      T* dkp = dk_part[bt][grp].data_ptr<T>();
-      T* dks = dk_sum_part[bt][grp].data_ptr<T>();
-      T* dk2b = o.symmetric ? parts.dk_rows[bt].data_ptr<T>() : nullptr;
-      T* dk2s = o.symmetric ? parts.dk_rows_sum[bt].data_ptr<T>() : nullptr;
-      T* dq2p = o.symmetric ? dq2_part[bt][grp].data_ptr<T>() : nullptr;
-      T* dq2s = o.symmetric ? dq2_sum_part[bt][grp].data_ptr<T>() : nullptr;
+      T* none = nullptr;
+      const TileSinks<T> sinks{
+          dv_part[bt][grp].data_ptr<T>(), parts.dq_rows[bt].data_ptr<T>(), dk_part[bt][grp].data_ptr<T>(),
+          o.symmetric ? parts.dk_rows[bt].data_ptr<T>() : none, o.symmetric ? dq2_part[bt][grp].data_ptr<T>() : none,
+          parts.ahat_rowsum[bt].data_ptr<T>(), parts.dq_rows_sum[bt].data_ptr<T>(), dk_sum_part[bt][grp].data_ptr<T>(),
+          o.symmetric ? parts.dk_rows_sum[bt].data_ptr<T>() : none,
+          o.symmetric ? dq2_sum_part[bt][grp].data_ptr<T>() : none};
       const int64_t first = grp * blocks_per_group, last = std::min(row_blocks, first + blocks_per_group);
       for (int64_t ib = first; ib < last; ++ib) {
         const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
@@ -860,17 +884,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
         for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 2: C and the gradient GEMMs
           const int64_t bj = std::min(kColBlock, m - j0);
           const T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
-          backward_tile_entry(o.kernel, o.symmetric, false, r, p, vec, i0, bi, j0, bj, s1, s2, gv, ahat.data(),
-                              c1.data(), c2.data());
-          gemm<T>(true, false, bj, c, bi, T(1), ahat.data(), bj, gb + i0 * c, c, T(1), dvp + j0 * c, c);
-          gemm<T>(false, false, bi, d, bj, T(1), c1.data(), bj, kb + j0 * d, d, T(1), dqb + i0 * d, d);
-          gemm<T>(true, false, bj, d, bi, T(1), c1.data(), bj, qb + i0 * d, d, T(1), dkp + j0 * d, d);
-          if (o.symmetric) {
-            gemm<T>(false, false, bi, d, bj, T(1), c2.data(), bj, qb + j0 * d, d, T(1), dk2b + i0 * d, d);
-            gemm<T>(true, false, bj, d, bi, T(1), c2.data(), bj, kb + i0 * d, d, T(1), dq2p + j0 * d, d);
-          }
-          tile_sums_entry(bi, bj, ahat.data(), c1.data(), o.symmetric ? c2.data() : nullptr, ars + i0,
-                          dqs + i0, dks + j0, o.symmetric ? dk2s + i0 : nullptr, o.symmetric ? dq2s + j0 : nullptr);
+          backward_tile_gradients(o, false, r, p, vec, gb, c, i0, bi, j0, bj, s1, s2, gv, scratch, sinks);
         }
       }
     }

@@ -31,11 +31,18 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("combo", [c for c in COMBOS if c[0] in ("gaussian", "fractional")], ids=combo_id)
-def test_opcheck(combo):
-    """torch.library.opcheck: schema, fake kernel, autograd registration agree with the kernels."""
+OPCHECK_CASES = [pytest.param(c, False, id=combo_id(c)) for c in COMBOS if c[0] in ("gaussian", "fractional")] + [
+    pytest.param(c, True, id=combo_id(c) + "-transposed") for c in COMBOS
+    if c[0] == "fractional" and c[1] in ("row", "sym") and c[4]]
+
+
+@pytest.mark.parametrize("combo,noncontiguous", OPCHECK_CASES)
+def test_opcheck(combo, noncontiguous):
+    """torch.library.opcheck: schema, fake kernel, autograd registration agree with the kernels
+    (strides included: the fake kernels must promise what the kernels return)."""
     kernel, normalize, update, symmetric, with_self_value = combo
-    q, k, v, u = make_inputs(kernel, normalize, (2,), 7, 7, 3, 2, with_self_value=with_self_value)
+    q, k, v, u = make_inputs(kernel, normalize, (2,), 7, 7, 3, 2, with_self_value=with_self_value,
+                             noncontiguous=noncontiguous)
     args = op_arguments(kernel, normalize, update, symmetric, torch.float64)
     leaves = [None if t is None else t.requires_grad_() for t in (q, k, v, u)]
     torch.library.opcheck(OPS.aggregate_forward, (*leaves, *args))

@@ -84,7 +84,9 @@ BAD_INPUTS = {
                              "symmetric must be a bool, got numpy.bool"),
     "linear for gaussian": (dict(backend="linear"), ValueError, "backend='linear' is the exact low-rank path"),
     "triton not available": (dict(backend="triton"), ValueError, "backend='triton'"),
-    "cpu not available": (dict(backend="cpu"), ValueError, "backend='cpu'"),
+    "cpu on a non-CPU device": (dict(backend="cpu", **{name: torch.empty(2, 4, 3, device="meta")
+                                                       for name in ("query", "key", "value")}),
+                                ValueError, "backend='cpu' runs on CPU tensors, got a tensor on meta"),
 }
 
 
@@ -98,8 +100,9 @@ def test_bad_input_raises_naming_the_argument(case):
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_unavailable_backend_lists_what_is_available(backend):
-    with pytest.raises(ValueError, match="backends available for these inputs: reference, chunked"):
-        call(backend=backend)
+    meta = {name: torch.empty(2, 4, 3, device="meta") for name in ("query", "key", "value")}
+    with pytest.raises(ValueError, match="backends available for these inputs: reference, chunked$"):
+        call(backend=backend, **meta)
 
 
 def test_good_inputs_pass():

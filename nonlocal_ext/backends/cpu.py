@@ -64,8 +64,9 @@ def _forward_fake(query, key, value, self_value, kernel, scale, power, gamma, ep
 
 
 def _backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *args):
-    grad_self_value = None if self_value is None else torch.empty_like(self_value)
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), grad_self_value
+    # The kernels return contiguous gradients whatever the inputs' strides.
+    grad_self_value = None if self_value is None else self_value.new_empty(self_value.shape)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
 
 
 def _setup_context(ctx, inputs, output):
