@@ -16,7 +16,10 @@ def main(payload: str) -> None:
     from .measure import peak_rss_growth_mb
     from .runners import all_runners
 
+    import torch
+
     request = json.loads(payload)
+    torch.set_num_threads(request.get("threads", torch.get_num_threads()))  # as in the parent
     fields = dict(request["case"])
     fields["pass_"] = fields.pop("pass")
     case = Case(**fields)

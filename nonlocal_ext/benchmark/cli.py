@@ -81,10 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--check", action="store_true", help="compare each output (and gradients, for passes with a backward) "
                                              "with the float64 reference before timing; a mismatch is an error row")
     add("--no-memory", action="store_true", help="skip peak memory (on CPU it costs a fresh subprocess per case)")
+    add("--threads", type=int, help="torch CPU threads (default: torch's own choice; 1 gives steadier times "
+                                    "on a loaded machine)")
     add("--quick", action="store_true", help="a fast smoke run: small N, fewer repeats, a smaller GEMM probe")
     add("--gemm-size", type=int, default=None, help="size of the torch.mm rate probe (default 2048; --quick 1024)")
     add("--json", metavar="FILE", help="write the rows as a JSON list")
     add("--csv", metavar="FILE", help="write the rows as CSV")
+    add("--table", metavar="FILE", help="also write the printed table to FILE")
     add("--plot", metavar="FILE.png", help="plot time and peak memory against N, one panel per kernel")
     add("--list", action="store_true", help="list the runners and exit")
     return parser
@@ -105,6 +108,8 @@ def main(argv=None) -> int:
             return given
         return QUICK.get(name, DEFAULTS[name]) if args.quick else DEFAULTS[name]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
@@ -136,13 +141,18 @@ def main(argv=None) -> int:
                 + ("CUDA allocator" if device.startswith("cuda") else "fresh subprocess per case"))]
 
     progress = Progress(len(cases) * len(selected))
-    table = Table(cases, progress=progress)
-    table.header(notes)
-    absent = {}
-    rows = run_sweep(cases, selected, explicit, options, gemm, table=table, progress=progress, absent=absent)
-    for name, reason in absent.items():
-        if not any(row["backend"] == name for row in rows):
-            print(f"not in the table: {name} ({reason})")
+    table_file = open(args.table, "w") if args.table else None
+    try:
+        table = Table(cases, progress=progress, copy_to=table_file)
+        table.header(notes)
+        absent = {}
+        rows = run_sweep(cases, selected, explicit, options, gemm, table=table, progress=progress, absent=absent)
+        for name, reason in absent.items():
+            if not any(row["backend"] == name for row in rows):
+                table.line(f"not in the table: {name} ({reason})")
+    finally:
+        if table_file is not None:
+            table_file.close()
 
     if args.json:
         write_json(rows, args.json)

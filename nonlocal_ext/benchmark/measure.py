@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def cuda_peak_mb(step, device: str) -> float:
 
 def subprocess_peak_mb(case: Case, runner_name: str, timeout: float = 1800) -> tuple[float | None, str | None]:
     """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message)."""
-    payload = json.dumps({"case": case.describe(), "runner": runner_name})
+    payload = json.dumps({"case": case.describe(), "runner": runner_name, "threads": torch.get_num_threads()})
     cmd = [sys.executable, "-m", "nonlocal_ext.benchmark._memory_child", payload]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -246,6 +245,3 @@ def peak_rss_growth_mb(case: Case, runner: Runner) -> float:
     step()
     return (rss_kib("VmHWM") - baseline) / 1024
 
-
-def environment_note() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, pid {os.getpid()}"

@@ -36,8 +36,9 @@ class Table:
     of in every row.
     """
 
-    def __init__(self, cases, stream=None, progress=None):
+    def __init__(self, cases, stream=None, progress=None, copy_to=None):
         self.stream = stream or sys.stdout
+        self.copy_to = copy_to  # a second text stream that gets the same lines (``--table FILE``)
         self.progress = progress
         described = [c.describe() for c in cases]
         self.same_m = all(d["M"] == d["N"] for d in described)
@@ -66,10 +67,16 @@ class Table:
                   f"{_fmt(row['vs_reference'], '.2f', 'x'):>7}", note]
         self._write(" ".join(cells).rstrip())
 
+    def line(self, text):
+        """A free-form line (a note under the table)."""
+        self._write(text)
+
     def _write(self, text):
         if self.progress is not None:
             self.progress.clear()
         print(text, file=self.stream, flush=True)
+        if self.copy_to is not None:
+            print(text, file=self.copy_to, flush=True)
         if self.progress is not None:
             self.progress.redraw()
 

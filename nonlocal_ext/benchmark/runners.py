@@ -9,7 +9,8 @@ a differentiable function computing exactly ``nonlocal_aggregate`` for that case
   ``unsupported_reason``; they call the public op with ``backend=<name>``.
 * **Peers** — :data:`PEERS`, an ordinary dict (tests add a deliberately wrong runner to it):
   ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` for ``gaussian`` + ``row``
-  (its default scale is 1/√D, so ours is passed explicitly); ``flex``: FlexAttention on CUDA
+  (its default scale is 1/√D, so ours is passed explicitly; on CPU its fused flash kernel needs
+  D = C, else it falls back to its dense math path); ``flex``: FlexAttention on CUDA
   (compiled) for ``gaussian``, ``rbf`` and ``fractional`` with ``row``, through log-space scores;
   ``keops``: pykeops LazyTensors, when installed, for ``gaussian`` and ``rbf`` with
   ``none``/``count``/``row``.
@@ -113,8 +114,11 @@ def _sdpa_build(case):
     scale = _defaults(case)["scale"]
 
     def fn(q, k, v, u):
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-        return _diffusion(out, v, u, case)
+        # (B, 1 head, N, D): torch's fused SDPA kernels take 4-d inputs only (3-d ones take the
+        # dense math path); on CPU its flash kernel also needs D = C.
+        out = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
+                                                               scale=scale)
+        return _diffusion(out.squeeze(1), v, u, case)
     return fn
 
 
