@@ -21,7 +21,9 @@ with torch.mm timed at start. Unsupported cases and out-of-memory are rows with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 
 import torch
 
@@ -59,6 +61,14 @@ def _ints(text: str, what: str, parser) -> list[int]:
     return values
 
 
+def _load_note() -> str:
+    """The machine's load, so that a reader can tell a quiet run from a shared one."""
+    try:
+        return f" · load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except (AttributeError, OSError):
+        return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nonlocal-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +103,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pick(args, name):
+    """A flag's value: as given, else its --quick value under --quick, else its default."""
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    return QUICK.get(name, DEFAULTS[name]) if args.quick else DEFAULTS[name]
+
+
+def _cases(args, parser, device):
+    def pick(name):
+        return _pick(args, name)
+    return sweep(kernels=_choices(pick("kernel"), list(KERNELS), "kernel", parser),
+                 normalizes=_choices(pick("normalize"), NORMALIZATIONS, "normalize", parser),
+                 updates=_choices(pick("update"), UPDATES, "update", parser),
+                 ns=_ints(pick("n"), "n", parser), ms=_ints(args.m, "m", parser) if args.m else [],
+                 ds=_ints(pick("d"), "d", parser), cs=_ints(pick("c"), "c", parser),
+                 batches=_ints(pick("batch"), "batch", parser),
+                 dtypes=_choices(pick("dtype"), list(DTYPES), "dtype", parser), device=device,
+                 passes=_choices(args.passes or DEFAULTS["pass"], PASSES, "pass", parser))
+
+
+def _notes(args, device, repeat, gemm, gemm_size) -> list[str]:
+    """The lines above the table: machine, GEMM rate, what the columns mean."""
+    where = (f"{torch.get_num_threads()} threads" if not device.startswith("cuda")
+             else torch.cuda.get_device_name(device))
+    rates = ", ".join(f"{dtype} {rate:.4g} GFLOP/s" for (_, dtype), rate in gemm.items())
+    timing = f"time: median of {repeat} after warm-up"
+    if args.check:
+        timing += "; outputs checked against float64 first"
+    if not args.no_memory:
+        timing += ("; peak MB: growth over the inputs during one call, "
+                   + ("CUDA allocator" if device.startswith("cuda") else "fresh subprocess per case"))
+    return [f"nonlocal-bench · torch {torch.__version__} · {device} · {where}{_load_note()}",
+            f"GEMM rate (torch.mm {gemm_size}²): {rates}", timing]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -101,31 +147,16 @@ def main(argv=None) -> int:
         for name, runner in runners.items():
             print(f"{name:<10} {runner.kind}")
         return 0
-
-    def pick(name):
-        given = getattr(args, name)
-        if given is not None:
-            return given
-        return QUICK.get(name, DEFAULTS[name]) if args.quick else DEFAULTS[name]
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: this torch sees no CUDA device")
-    backends = pick("backends")
-    explicit = backends != "all"
+    backends = _pick(args, "backends")
     names = _choices(backends, list(runners), "backends", parser)
     selected = {name: runner for name, runner in runners.items() if name in names}
-    passes = _choices(args.passes or DEFAULTS["pass"], PASSES, "pass", parser)
-    cases = sweep(kernels=_choices(pick("kernel"), list(KERNELS), "kernel", parser),
-                  normalizes=_choices(pick("normalize"), NORMALIZATIONS, "normalize", parser),
-                  updates=_choices(pick("update"), UPDATES, "update", parser),
-                  ns=_ints(pick("n"), "n", parser), ms=_ints(args.m, "m", parser) if args.m else [],
-                  ds=_ints(pick("d"), "d", parser), cs=_ints(pick("c"), "c", parser),
-                  batches=_ints(pick("batch"), "batch", parser),
-                  dtypes=_choices(pick("dtype"), list(DTYPES), "dtype", parser), device=device, passes=passes)
-    repeat = pick("repeat")
+    cases = _cases(args, parser, device)
+    repeat = _pick(args, "repeat")
     if repeat < 1:
         parser.error("--repeat must be at least 1")
     options = Options(repeat=repeat, warmup=max(args.warmup, 0), check=args.check, memory=not args.no_memory)
@@ -133,23 +164,21 @@ def main(argv=None) -> int:
     gemm_size = args.gemm_size or (1024 if args.quick else 2048)
     gemm = {(device, dtype): measure.gemm_gflops(device, DTYPES[dtype], gemm_size)
             for dtype in sorted({case.dtype for case in cases})}
-    notes = [f"nonlocal-bench · torch {torch.__version__} · {device}"
-             + (f" · {torch.get_num_threads()} threads" if device == "cpu" else f" · {torch.cuda.get_device_name(device)}"),
-             "GEMM rate (torch.mm " + f"{gemm_size}²): " + ", ".join(f"{dt} {rate:.1f} GFLOP/s" for (_, dt), rate in gemm.items()),
-             f"time: median of {repeat} after warm-up" + ("; outputs checked against float64 first" if args.check else "")
-             + ("" if args.no_memory else "; peak MB: growth over the inputs during one call, "
-                + ("CUDA allocator" if device.startswith("cuda") else "fresh subprocess per case"))]
+    notes = _notes(args, device, repeat, gemm, gemm_size)
 
+    started = time.perf_counter()
     progress = Progress(len(cases) * len(selected))
     table_file = open(args.table, "w") if args.table else None
     try:
         table = Table(cases, progress=progress, copy_to=table_file)
         table.header(notes)
         absent = {}
-        rows = run_sweep(cases, selected, explicit, options, gemm, table=table, progress=progress, absent=absent)
+        rows = run_sweep(cases, selected, backends != "all", options, gemm, table=table, progress=progress,
+                         absent=absent)
         for name, reason in absent.items():
             if not any(row["backend"] == name for row in rows):
                 table.line(f"not in the table: {name} ({reason})")
+        table.line(f"{len(rows)} rows in {time.perf_counter() - started:.0f} s" + _load_note().replace(" ·", ";", 1))
     finally:
         if table_file is not None:
             table_file.close()

@@ -30,7 +30,8 @@ def plot_rows(rows, path, title=""):
     kernels = list(dict.fromkeys(row["kernel"] for row in rows)) or ["(none)"]
     with_memory = any(row["peak_mem_mb"] is not None for row in timed)
     panels = ["time"] + (["memory"] if with_memory else [])
-    series_fields = [f for f in _varying(rows, _SERIES_FIELDS) if not (f == "M" and all(r["M"] == r["N"] for r in rows))]
+    same_m = all(row["M"] == row["N"] for row in rows)
+    series_fields = [f for f in _varying(rows, _SERIES_FIELDS) if not (f == "M" and same_m)]
     sizes = sorted({row["N"] for row in rows})
     backends = list(dict.fromkeys(row["backend"] for row in rows))
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(backends)}

@@ -138,6 +138,9 @@ def _flex_function(device: str):
     if device != "cuda":
         return flex_attention
     if _compiled_flex is None:
+        # one compilation per shape and score function; dynamo's default of 8 recompilations
+        # would silently fall back to the eager (dense) form in the middle of a sweep
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
