@@ -22,6 +22,7 @@ in ``--backends`` gets an error row with its reason instead.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -43,8 +44,8 @@ class Runner:
 
     ``forward_flops``: the GEMM FLOPs of its forward when it does less work than the dense
     computation exactly (``None``: the dense count of :meth:`Case.forward_flops`).
-    ``dense_bytes``: bytes it allocates for one N×M temporary per batch element as a function of
-    the case, when it materializes them (used to refuse cases that cannot fit in memory).
+    ``dense_temporaries``: how many N×M temporaries per batch element it may hold at once, when it
+    materializes them (used to refuse a case that cannot fit in memory before starting it).
     ``warmup``: calls before timing (more for runners that compile on first calls).
     """
 
@@ -77,19 +78,25 @@ def _ours(name: str) -> Runner:
                                                    update=case.update, self_value=u, backend=name, **kwargs)
         return fn
 
-    flops = None
-    if name == "linear":  # kᵀv then q(kᵀv): 2·(N+M)·D·C per batch element, exactly
-        flops = lambda case: 2.0 * case.batch * (case.N + case.M) * case.D * case.C  # noqa: E731
-    # the dense reference holds ~4 N×M temporaries in its forward and ~8 with autograd
-    return Runner(name, "ours", reason, build, forward_flops=flops,
-                  dense_temporaries=8 if name == "reference" else 0)
+    return Runner(name, "ours", reason, build, forward_flops=_OWN_FLOPS.get(name),
+                  dense_temporaries=_DENSE_TEMPORARIES.get(name, 0))
+
+
+#: Forward GEMM FLOPs of the backends that do less than the dense work, exactly:
+#: ``linear`` forms kᵀv then q(kᵀv), 2·(N+M)·D·C per batch element.
+_OWN_FLOPS = {"linear": lambda case: 2.0 * case.batch * (case.N + case.M) * case.D * case.C}
+
+#: Backends that materialize N×M matrices: how many they may hold at once (the dense reference
+#: keeps ~4 in its forward and ~6 with autograd; 8 leaves a margin).
+_DENSE_TEMPORARIES = {"reference": 8}
+
+_OP_DEFAULTS = {name: p.default for name, p in inspect.signature(nonlocal_ext.nonlocal_aggregate).parameters.items()
+                if name in ("scale", "power", "gamma")}
 
 
 def _defaults(case: Case) -> dict:
-    """The op's keyword defaults, overridden by the case's kernel parameters (for ``validate``)."""
-    params = {"scale": 1.0, "power": None, "gamma": 0.5772156649015329}
-    params.update(case.kernel_kwargs)
-    return params
+    """The op's ``scale``, ``power`` and ``gamma`` for this case (its defaults, then the case's)."""
+    return {**_OP_DEFAULTS, **case.kernel_kwargs}
 
 
 def our_runners() -> dict[str, Runner]:
