@@ -53,7 +53,7 @@ def test_tiny_sweep_writes_json_csv_and_png(tmp_path, capsys):
     assert "backend" in out and "sdpa" in out and "GFLOP/s" in out
 
 
-def test_cpu_peak_memory_comes_from_a_fresh_subprocess(tmp_path):
+def test_cpu_peak_memory_comes_from_a_fresh_process(tmp_path):
     rows = bench(tmp_path, "--kernel", "gaussian", "--n", "300", "--pass", "fwd+bwd", "--backends", "reference")
     # the dense reference keeps a few N×M float32 matrices for the backward: well above 300²·4 B = 0.34 MB
     assert rows[0]["error"] is None and rows[0]["peak_mem_mb"] > 0.34

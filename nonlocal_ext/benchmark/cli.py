@@ -13,7 +13,7 @@ examples:
 
 Time is the median of --repeat calls after warm-up (CUDA events on GPU). Peak memory is the
 growth over the inputs during one call: the CUDA allocator's peak on GPU, the peak RSS of a
-fresh subprocess per case on CPU (--no-memory skips it). GFLOP/s counts the dense GEMM work,
+fresh process per case on CPU (--no-memory skips it). GFLOP/s counts the dense GEMM work,
 2·N·M·(D+C) per forward, 2× that per backward (dv, dÂ, dq, dk), 3× for fwd+bwd; %GEMM compares it
 with torch.mm timed at start. Unsupported cases and out-of-memory are rows with an error.
 """
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=int, default=1, help="untimed calls before timing (default 1; compiled peers use more)")
     add("--check", action="store_true", help="compare each output (and gradients, for passes with a backward) "
                                              "with the float64 reference before timing; a mismatch is an error row")
-    add("--no-memory", action="store_true", help="skip peak memory (on CPU it costs a fresh subprocess per case)")
+    add("--no-memory", action="store_true", help="skip peak memory (on CPU it costs a fresh process per case)")
     add("--threads", type=int, help="torch CPU threads (default: torch's own choice; 1 gives steadier times "
                                     "on a loaded machine)")
     add("--quick", action="store_true", help="a fast smoke run: small N, fewer repeats, a smaller GEMM probe")
@@ -134,7 +134,7 @@ def _notes(args, device, repeat, gemm, gemm_size) -> list[str]:
         timing += "; outputs checked against float64 first"
     if not args.no_memory:
         timing += ("; peak MB: growth over the inputs during one call, "
-                   + ("CUDA allocator" if device.startswith("cuda") else "fresh subprocess per case"))
+                   + ("CUDA allocator" if device.startswith("cuda") else "fresh process per case"))
     return [f"nonlocal-bench · torch {torch.__version__} · {device} · {where}{_load_note()}",
             f"GEMM rate (torch.mm {gemm_size}²): {rates}", timing]
 

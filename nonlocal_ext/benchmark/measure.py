@@ -12,7 +12,7 @@ given as a percentage.
 **Peak memory**, as growth over what existed before the step (the inputs, and for ``bwd`` the
 graph the forward left): on CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``, in this process; on CPU the peak resident set size of a fresh
-subprocess (:mod:`._memory_child`) — the kernel's high-water mark ``VmHWM`` is reset through
+process per case (:mod:`.fresh_process`) — the kernel's high-water mark ``VmHWM`` is reset through
 ``/proc/self/clear_refs`` just before the step, so the allocator's cache and earlier cases
 cannot hide or inflate it (Linux only; elsewhere the column is empty).
 
@@ -25,10 +25,7 @@ TOLERANCE[dtype]·max(max|truth|, 1)``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -144,21 +141,11 @@ def cuda_peak_mb(step, device: str) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def subprocess_peak_mb(case: Case, runner_name: str, timeout: float = 1800) -> tuple[float | None, str | None]:
+def fresh_process_peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
     """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message)."""
-    payload = json.dumps({"case": case.describe(), "runner": runner_name, "threads": torch.get_num_threads()})
-    cmd = [sys.executable, "-m", "nonlocal_ext.benchmark._memory_child", payload]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"peak-memory subprocess timed out after {timeout:.0f} s"
-    if done.returncode == -9:
-        return None, "out of memory (the peak-memory subprocess was killed)"
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
-        return None, lines[-1] if lines else f"peak-memory subprocess exited with {done.returncode}"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result.get("peak_mb"), result.get("error")
+    from . import fresh_process  # starts a forkserver on first use
+
+    return fresh_process.peak_mb(case, runner_name)
 
 
 # ---------------------------------------------------------------------------------- check

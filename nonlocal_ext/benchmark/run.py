@@ -7,8 +7,8 @@ time is the ``vs ref`` of the others). Per runner, in this order:
    ``--backends`` — an error row with the reason;
 2. a runner that materializes N×M temporaries is not started when they cannot fit in memory;
 3. ``--check``: a mismatch against the float64 reference is an error row, and no timing;
-4. on CPU, peak memory in a fresh subprocess, *before* timing here: a case that runs out of
-   memory kills the subprocess, not the sweep;
+4. on CPU, peak memory in a fresh process, *before* timing here: a case that runs out of
+   memory kills that process, not the sweep;
 5. timing (and peak memory on CUDA); an exception such as out-of-memory is an error row.
 """
 
@@ -30,7 +30,7 @@ class Options:
     repeat: int = 5
     warmup: int = 1
     check: bool = False
-    memory: bool = True  # CPU: a fresh subprocess per case (about 2 s each)
+    memory: bool = True  # CPU: a fresh process per case
 
 
 def empty_row(case: Case, runner: Runner) -> dict:
@@ -65,7 +65,7 @@ def measure_one(case: Case, runner: Runner, inputs, options: Options, gemm_gflop
             return row
     on_cuda = case.device.startswith("cuda")
     if options.memory and not on_cuda:
-        row["peak_mem_mb"], error = measure.subprocess_peak_mb(case, runner.name)
+        row["peak_mem_mb"], error = measure.fresh_process_peak_mb(case, runner.name)
         if error is not None:
             row["error"] = error
             return row
