@@ -151,3 +151,21 @@ def test_bad_flags_are_usage_errors(capsys):
 def test_cuda_sweep_measures_allocator_peak(tmp_path):  # pragma: no cover - no GPU on CI
     rows = bench(tmp_path, "--device", "cuda", "--kernel", "gaussian", "--n", "64", "--pass", "fwd+bwd")
     assert all(r["error"] is None and r["peak_mem_mb"] is not None for r in rows)
+
+
+def test_check_of_a_large_case_uses_its_first_rows(tmp_path, monkeypatch):
+    """Above CHECK_MAX_ELEMENTS affinities: row-local normalizations are checked on the first rows
+    (forward only, diffusion with u = v sliced too); others are skipped, and said so."""
+    from nonlocal_ext.benchmark import measure
+    monkeypatch.setattr(measure, "CHECK_MAX_ELEMENTS", 600)  # N·M = 1600
+    monkeypatch.setitem(runners.PEERS, "wrong_out", runners.Runner(
+        "wrong_out", "peer", lambda case, inputs: None,
+        lambda case: (lambda q, k, v, u: 1.001 * reference_fn(case)(q, k, v, u))))
+    rows = bench(tmp_path, "--kernel", "rbf", "--normalize", "row,sym", "--update", "all", "--n", "40", "--pass",
+                 "fwd+bwd", "--check", "--no-memory", "--backends", "chunked,wrong_out")
+    result = {(r["backend"], r["normalize"], r["update"]): r for r in rows}
+    for update in ("aggregate", "diffusion"):
+        assert result["chunked", "row", update]["check"] == "output (first 15 rows)"
+        assert result["chunked", "row", update]["error"] is None
+        assert result["wrong_out", "row", update]["error"].startswith("check: output differs")
+        assert result["wrong_out", "sym", update]["check"].startswith("skipped")
