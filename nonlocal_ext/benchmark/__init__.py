@@ -7,7 +7,9 @@ Modules (each small, each with its own docstring saying what it measures and how
 * :mod:`.runners`  — what gets timed: our backends (enumerated from ``nonlocal_ext.backends``)
   and the peers a user would otherwise pick (SDPA, FlexAttention, KeOps);
 * :mod:`.measure`  — the timed step of each pass, the median timer, the GEMM rate probe, peak
-  memory (CUDA allocator, or a fresh process per case on CPU) and the ``--check`` comparison;
+  memory (CUDA allocator) and the ``--check`` comparison;
+* :mod:`.fresh_process` — peak RSS on CPU, one fresh process per case;
+* :mod:`.run`      — the sweep: every case × every runner → one row;
 * :mod:`.report`   — the streamed table, the progress bar, JSON and CSV;
 * :mod:`.plot`     — time and peak memory against N (matplotlib, Agg);
 * :mod:`.cli`      — the command line (``nonlocal-bench``, ``python -m bench``).

@@ -25,6 +25,7 @@ TOLERANCE[dtype]·max(max|truth|, 1)``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 
@@ -142,7 +143,12 @@ def cuda_peak_mb(step, device: str) -> float:
 
 
 def fresh_process_peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
-    """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message)."""
+    """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message).
+
+    (None, None) where the peak RSS cannot be reset (not Linux): the column stays empty.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None, None
     from . import fresh_process  # starts a forkserver on first use
 
     return fresh_process.peak_mb(case, runner_name)
