@@ -179,6 +179,9 @@ def _flex_build(case):
     flex = _flex_function(case.device)
 
     def attend(qt, kt, v, score_mod=None, flex_scale=1.0):
+        pad = -qt.shape[-1] % 16  # zero columns change no q̃·k̃; the fused kernels want aligned head dims
+        if pad:
+            qt, kt = torch.nn.functional.pad(qt, (0, pad)), torch.nn.functional.pad(kt, (0, pad))
         out = flex(qt.unsqueeze(1), kt.unsqueeze(1), v.unsqueeze(1), score_mod=score_mod, scale=flex_scale)
         return out.squeeze(1)
 
