@@ -224,8 +224,8 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} is not in /proc/self/status")
 
 
-def peak_rss_growth_mb(case: Case, runner: Runner) -> float:
-    """Peak RSS growth of one step of the case, in MB, measured in this (fresh) process."""
+def peak_rss_growth(case: Case, runner: Runner) -> dict:
+    """``{"peak_mb": peak RSS growth of one step, "seconds": its time}``, in this (fresh) process."""
     warm = small_case(case)
     try:
         make_step(warm, runner.build(warm), make_inputs(warm))()
@@ -235,6 +235,8 @@ def peak_rss_growth_mb(case: Case, runner: Runner) -> float:
     baseline = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    start = time.perf_counter()
     step()
-    return (rss_kib("VmHWM") - baseline) / 1024
+    seconds = time.perf_counter() - start
+    return {"peak_mb": (rss_kib("VmHWM") - baseline) / 1024, "seconds": seconds}
 
