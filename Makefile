@@ -20,8 +20,15 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csr
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The default CPU sweep (under 5 minutes on a quiet 2-core machine): gaussian and fractional with
+# row normalization, N = M = 256..4096, D = 64, C = 128, float32, fwd and fwd+bwd, every backend and
+# peer that can run each case, outputs checked against float64 first; writes bench/results/.
 bench: $(STAMP)
-	$(PY) bench/bench_backends.py
+	mkdir -p bench/results
+	$(VENV)/bin/nonlocal-bench --device cpu --kernel gaussian,fractional --normalize row --update aggregate \
+		--n 256,512,1024,2048,4096 --d 64 --c 128 --batch 1 --dtype float32 --pass fwd,fwd+bwd \
+		--backends all --repeat 5 --check --table bench/results/cpu.txt --json bench/results/cpu.json \
+		--csv bench/results/cpu.csv --plot bench/results/cpu.png
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

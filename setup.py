@@ -93,6 +93,7 @@ setup(
     packages=_packages(),
     package_dir={"nonlocal_ext.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),
+    entry_points={"console_scripts": ["nonlocal-bench = nonlocal_ext.benchmark.cli:main"]},
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,
 )

@@ -1,0 +1,143 @@
+"""One benchmark case, its inputs, and the work it represents.
+
+A case is one call of ``nonlocal_aggregate`` (kernel, normalize, update, sizes, dtype, device)
+measured in one *pass*:
+
+* ``fwd``     — the forward alone, inputs not requiring grad (inference);
+* ``bwd``     — the backward alone: the forward is run once outside the timer, then each timed
+  step is ``torch.autograd.grad(out, inputs, G, retain_graph=True)``;
+* ``fwd+bwd`` — forward then backward, as in a training step.
+
+**FLOPs** count the dense GEMM work: the forward does ``S = q kᵀ`` and ``Â v``, i.e.
+``2·N·M·(D+C)`` per batch element. The backward does four GEMMs of the same sizes
+(``dv = ÂᵀG``, ``dÂ = G vᵀ``, ``dq = C k``, ``dk = Cᵀ q``): ``2×`` the forward; ``fwd+bwd``
+counts ``3×``. The elementwise kernel work and the recomputation of W that a memory-efficient
+backward does are not counted, so GFLOP/s compares backends on the same useful work. A runner
+that does less work exactly (the low-rank ``linear`` path of ``dot``) declares its own count.
+
+**Bytes** count the compulsory traffic: every input read once, every output written once
+(forward: q, k, v [, u] in, out; backward: q, k, v [, u] and G in, their gradients out).
+FLOPs / bytes is the arithmetic intensity a roofline needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+#: GEMM-work multiple of each pass relative to the forward (see the module docstring).
+PASS_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
+
+#: Parameters that keep each kernel well conditioned on the inputs of :func:`make_inputs`
+#: (the same as the test suite's): q, k have unit-scale rows, so q·k and ‖q−k‖² are O(1).
+KERNEL_PARAMS = {
+    "dot": {},
+    "gaussian": {},
+    "rbf": {"scale": 0.5},
+    "fractional": {"power": 1.5},
+    "log": {"gamma": -3.0},  # ρ < e³ keeps log weights positive, so row sums stay away from 0
+}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call, measured in one pass. Sizes follow the op: query (B, N, D), key (B, M, D), value (B, M, C)."""
+
+    kernel: str
+    normalize: str
+    update: str
+    N: int
+    M: int
+    D: int
+    C: int
+    batch: int
+    dtype: str
+    device: str
+    pass_: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def kernel_kwargs(self) -> dict:
+        return dict(KERNEL_PARAMS[self.kernel])
+
+    @property
+    def needs_backward(self) -> bool:
+        return self.pass_ != "fwd"
+
+    @property
+    def explicit_self_value(self) -> bool:
+        """Diffusion with N ≠ M needs u = self_value; with N = M the op uses u = value."""
+        return self.update == "diffusion" and self.N != self.M
+
+    def forward_flops(self) -> float:
+        return 2.0 * self.batch * self.N * self.M * (self.D + self.C)
+
+    def flops(self, forward_flops: float | None = None) -> float:
+        """GEMM FLOPs of this pass; ``forward_flops`` overrides the dense forward count."""
+        fwd = self.forward_flops() if forward_flops is None else forward_flops
+        return fwd * PASS_FLOP_FACTOR[self.pass_]
+
+    def bytes(self) -> float:
+        """Compulsory memory traffic of this pass, in bytes."""
+        n, m, d, c = self.N, self.M, self.D, self.C
+        inputs = n * d + m * d + m * c + (n * c if self.explicit_self_value else 0)
+        forward = inputs + n * c  # inputs in, out
+        backward = inputs + n * c + inputs  # inputs and G in, one gradient per input out
+        traffic = {"fwd": forward, "bwd": backward, "fwd+bwd": forward + backward}[self.pass_]
+        return float(traffic * self.batch * torch.empty((), dtype=self.torch_dtype).element_size())
+
+    def describe(self) -> dict:
+        """The case's fields under the JSON row names (``pass`` rather than ``pass_``)."""
+        row = asdict(self)
+        row["pass"] = row.pop("pass_")
+        return row
+
+    def label(self) -> str:
+        return (f"{self.kernel}+{self.normalize}" + ("" if self.update == "aggregate" else f"+{self.update}")
+                + f" N={self.N}" + ("" if self.M == self.N else f" M={self.M}") + f" {self.pass_}")
+
+
+def sweep(kernels, normalizes, updates, ns, ms, ds, cs, batches, dtypes, device, passes) -> list[Case]:
+    """Every combination, in the order the table prints it (N varies fastest but for the pass).
+
+    ``ms`` empty means M = N.
+    """
+    cases = []
+    for kernel, normalize, update, dtype, d, c, batch, n in itertools.product(
+            kernels, normalizes, updates, dtypes, ds, cs, batches, ns):
+        for m in (ms or [n]):
+            for pass_ in passes:
+                cases.append(Case(kernel, normalize, update, n, m, d, c, batch, dtype, device, pass_))
+    return cases
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """(query, key, value, self_value or None) for the case, on its device and in its dtype.
+
+    Rows of q and k have unit expected norm (``randn / √D``); ``dot`` with ``row``/``sym``
+    gets positive data so the normalizer sums cannot vanish. Drawn in float32 on CPU from a
+    seeded generator, so every device and dtype sees the same numbers (rounded).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (case.batch,)
+
+    def randn(*size):
+        return torch.randn(*shape, *size, generator=g)
+
+    q = randn(case.N, case.D) / max(case.D, 1) ** 0.5
+    k = randn(case.M, case.D) / max(case.D, 1) ** 0.5
+    if case.kernel == "dot" and case.normalize in ("row", "sym"):
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    v = randn(case.M, case.C)
+    u = randn(case.N, case.C) if case.explicit_self_value else None
+    return tuple(None if t is None else t.to(device=case.device, dtype=case.torch_dtype) for t in (q, k, v, u))

@@ -1,0 +1,75 @@
+"""Peak RSS growth of one benchmark step, each in a fresh process (CPU).
+
+Every case runs in a new process, forked from a multiprocessing *forkserver* that has imported
+torch and nonlocal_ext but never run an op: the process starts with a fresh heap, no allocator
+caches and no worker threads, without paying ~2 s to import torch again per case. The process
+builds the case's inputs, warms up on a tiny case, resets the kernel's peak-RSS counter and runs
+the step once (:func:`measure.peak_rss_growth`). The server is started once, on first use;
+it is a separate program, so nothing the sweep has done in this process is inherited.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import torch  # noqa: F401 - imported here so that the forkserver preloads it
+
+from .cases import Case
+from .runners import all_runners
+
+_context = None
+
+
+def _forkserver():
+    global _context
+    if _context is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # torch, nonlocal_ext and this module; not __main__
+        _context = context
+    return _context
+
+
+def _run(request: dict, connection) -> None:
+    """In the fresh process: measure, send ``{"peak_mb": MB, "seconds": s}`` or ``{"error": message}``."""
+    from .measure import peak_rss_growth
+
+    torch.set_num_threads(request["threads"])  # as in the sweep's process
+    fields = dict(request["case"])
+    fields["pass_"] = fields.pop("pass")
+    try:
+        result = peak_rss_growth(Case(**fields), all_runners()[request["runner"]])
+    except Exception as error:  # noqa: BLE001 - reported as the row's error
+        result = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+    connection.send(result)
+    connection.close()
+
+
+def measure(case: Case, runner_name: str, timeout: float = 1800) -> dict:
+    """``{"peak_mb": MB, "seconds": s}`` of one step of the case in a fresh process, or ``{"error": message}``."""
+    context = _forkserver()
+    receive, send = context.Pipe(duplex=False)
+    request = {"case": case.describe(), "runner": runner_name, "threads": torch.get_num_threads()}
+    process = context.Process(target=_run, args=(request, send), daemon=True)
+    process.start()
+    send.close()
+    try:
+        if not receive.poll(timeout):
+            process.kill()
+            return {"error": f"peak-memory process timed out after {timeout:.0f} s"}
+        result = receive.recv()
+    except EOFError:  # the process died without an answer
+        result = None
+    finally:
+        receive.close()
+        process.join()
+    if result is None:
+        if process.exitcode == -9:
+            return {"error": "out of memory (the peak-memory process was killed)"}
+        return {"error": f"peak-memory process exited with {process.exitcode}"}
+    return result
+
+
+def peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
+    """(peak RSS growth in MB, None) of one step of the case in a fresh process, or (None, error)."""
+    result = measure(case, runner_name)
+    return result.get("peak_mb"), result.get("error")

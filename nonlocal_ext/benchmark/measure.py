@@ -1,0 +1,242 @@
+"""How time, peak memory and correctness are measured.
+
+**Time.** :func:`make_step` turns a runner and a case into the one step that is timed (see
+:mod:`.cases` for the three passes). :func:`time_step` calls it ``warmup`` times, then
+``repeat`` times, each timed alone — with ``time.perf_counter`` on CPU (the CPU ops are
+synchronous), with CUDA events around the step on GPU — and the row reports the median.
+
+**GEMM rate.** :func:`gemm_gflops` times ``torch.mm`` of two square matrices in the case's
+dtype and device the same way: the machine's practical peak, against which a row's GFLOP/s is
+given as a percentage.
+
+**Peak memory**, as growth over what existed before the step (the inputs, and for ``bwd`` the
+graph the forward left): on CUDA ``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, in this process; on CPU the peak resident set size of a fresh
+process per case (:mod:`.fresh_process`) — the kernel's high-water mark ``VmHWM`` is reset through
+``/proc/self/clear_refs`` just before the step, so the allocator's cache and earlier cases
+cannot hide or inflate it (Linux only; elsewhere the column is empty).
+
+**Check.** :func:`check` compares a runner's output (and, when its pass has a backward, the
+gradients of every input for a random upstream G) with the dense reference evaluated in
+float64, by the test suite's rule: ``err ≤ 2·err(reference in the same dtype) +
+TOLERANCE[dtype]·max(max|truth|, 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+
+import torch
+
+from .cases import Case, make_inputs
+from .runners import Runner, our_runners
+
+#: err(runner) ≤ 2·err(reference in the same dtype) + TOLERANCE[dtype]·scale, errors against float64.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+#: ``--check`` runs the float64 dense reference on at most this many affinities B·N·M (a few
+#: hundred MB); larger row-local cases are checked on their first rows, forward only.
+CHECK_MAX_ELEMENTS = 1 << 24
+
+
+# ----------------------------------------------------------------------------------- time
+
+def make_step(case: Case, fn, inputs, seed: int = 1):
+    """The callable that one timing sample runs, for the case's pass (``bwd`` runs its forward here)."""
+    q, k, v, u = inputs
+    if case.pass_ == "fwd":
+        def forward():
+            with torch.no_grad():
+                return fn(q, k, v, u)
+        return forward
+
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, u) if t is not None]
+    args = leaves if u is not None else leaves + [None]
+    grad_out = torch.randn(case.batch, case.N, case.C, generator=torch.Generator().manual_seed(seed))
+    grad_out = grad_out.to(device=case.device, dtype=case.torch_dtype)
+    if case.pass_ == "bwd":
+        out = fn(*args)
+
+        def backward():
+            return torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+        return backward
+
+    def forward_backward():
+        return torch.autograd.grad(fn(*args), leaves, grad_out)
+    return forward_backward
+
+
+def _synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_step(step, device: str, repeat: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeat`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    samples = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            step()
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def gemm_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeat: int = 5) -> float:
+    """GFLOP/s of ``torch.mm`` on two size×size matrices (2·size³ FLOPs), median of ``repeat``."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    seconds = statistics.median(time_step(lambda: torch.mm(a, b), device, repeat, warmup=2))
+    return 2.0 * size ** 3 / seconds / 1e9
+
+
+# --------------------------------------------------------------------------------- memory
+
+def available_bytes(device: str) -> float:
+    """Memory a case may still use: MemAvailable on CPU, free device memory on CUDA."""
+    if device.startswith("cuda"):
+        return float(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def memory_guard(case: Case, runner: Runner) -> str | None:
+    """Why a runner that materializes N×M temporaries should not be started (None: it fits)."""
+    if not runner.dense_temporaries:
+        return None
+    element = max(torch.empty((), dtype=case.torch_dtype).element_size(), 4)
+    need = runner.dense_temporaries * case.batch * case.N * case.M * element
+    have = available_bytes(case.device)
+    if need > 0.8 * have:
+        return (f"not run: its N×M temporaries need ~{need / 2**30:.1f} GiB, "
+                f"{have / 2**30:.1f} GiB available")
+    return None
+
+
+def cuda_peak_mb(step, device: str) -> float:
+    """Peak allocator growth of one step, in MB (CUDA)."""
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def fresh_process_peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
+    """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message).
+
+    (None, None) where the peak RSS cannot be reset (not Linux): the column stays empty.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None, None
+    from . import fresh_process  # starts a forkserver on first use
+
+    return fresh_process.peak_mb(case, runner_name)
+
+
+# ---------------------------------------------------------------------------------- check
+
+def _outputs(fn, inputs, grad_out):
+    """The output, and the gradients of every input tensor when ``grad_out`` is given."""
+    if grad_out is None:
+        with torch.no_grad():
+            return [fn(*inputs)]
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    present = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, present, grad_out.to(out.dtype), allow_unused=True)
+    return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(present, grads)]
+
+
+def check(case: Case, runner: Runner, inputs) -> tuple[str | None, str]:
+    """(mismatch message or None, what was checked) for one runner on one case."""
+    if runner.name == "reference":
+        return None, "reference"
+    q, k, v, u = inputs
+    affinities = case.batch * case.N * case.M
+    rows = None
+    if affinities > CHECK_MAX_ELEMENTS:
+        if case.normalize not in ("none", "count", "row"):
+            return None, "skipped (too large for the float64 reference)"
+        rows = max(1, CHECK_MAX_ELEMENTS // (case.batch * case.M))
+        if case.update == "diffusion" and u is None:
+            u = v[:, :rows]
+        q, u = q[:, :rows], None if u is None else u[:, :rows]
+    with_grads = case.needs_backward and rows is None
+    grad_out = None
+    if with_grads:
+        grad_out = torch.randn(case.batch, case.N, case.C, generator=torch.Generator().manual_seed(2))
+        grad_out = grad_out.to(device=case.device, dtype=torch.float64)
+
+    reference = our_runners()["reference"].build(case)
+    ours = _outputs(runner.build(case), (q, k, v, u), grad_out)
+    plain = _outputs(reference, (q, k, v, u), grad_out)
+    truth = _outputs(reference, tuple(None if t is None else t.double() for t in (q, k, v, u)), grad_out)
+    names = ["output", "d query", "d key", "d value", "d self_value"]
+    for name, a, p, t in zip(names, ours, plain, truth):
+        if a.shape != t.shape:
+            return f"check: {name} has shape {tuple(a.shape)}, expected {tuple(t.shape)}", "failed"
+        err = (a.double() - t).abs().max().item() if t.numel() else 0.0
+        err_plain = (p.double() - t).abs().max().item() if t.numel() else 0.0
+        if err_plain != err_plain:  # the plain computation overflowed: judge against the table alone
+            err_plain = 0.0
+        scale = max(t.abs().max().item() if t.numel() else 0.0, 1.0)
+        bound = 2 * err_plain + TOLERANCE[case.torch_dtype] * scale
+        if not err <= bound:
+            return (f"check: {name} differs from the float64 reference by {err:.2e} "
+                    f"(bound {bound:.2e}, reference in {case.dtype} {err_plain:.2e})"), "failed"
+    what = "output and gradients" if with_grads else "output"
+    return None, what + ("" if rows is None else f" (first {rows} rows)")
+
+
+def small_case(case: Case) -> Case:
+    """A tiny case of the same kind, for warming up one-time allocations."""
+    n = min(case.N, 64)
+    return dataclasses.replace(case, N=n, M=n if case.M == case.N else min(case.M, 48))
+
+
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+def peak_rss_growth(case: Case, runner: Runner) -> dict:
+    """``{"peak_mb": peak RSS growth of one step, "seconds": its time}``, in this (fresh) process."""
+    warm = small_case(case)
+    try:
+        make_step(warm, runner.build(warm), make_inputs(warm))()
+    except Exception:  # noqa: BLE001 - warming up is best effort; the real step reports errors
+        pass
+    step = make_step(case, runner.build(case), make_inputs(case))
+    baseline = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return {"peak_mb": (rss_kib("VmHWM") - baseline) / 1024, "seconds": seconds}
+
