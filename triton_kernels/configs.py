@@ -1,0 +1,69 @@
+"""Tile configurations: the autotune lists for sm_80 / sm_90, the interpreter's, and the AOT defaults.
+
+Autotune keys are bucketed (next power of two of N, M, D, C, at least 16) plus the constexprs that
+select the variant, so a new N within a bucket does not retune. ``EVEN_D`` / ``EVEN_C`` are
+``triton.heuristics``: feature tiles that divide D (C) load without a column mask.
+
+The first configuration of each list is the default the AOT report (``python -m nonlocal_ext.aot``)
+compiles: it must fit the register file of sm_80 and sm_90 with no spills at every variant.
+The backward kernels hold three accumulators of BLOCK × BLOCK_D/C plus the recomputed tile, hence
+smaller tiles than the forward.
+"""
+
+from __future__ import annotations
+
+import triton
+
+
+def _config(block_i, block_j, block_d, block_c, warps, stages):
+    return triton.Config({"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c},
+                         num_warps=warps, num_stages=stages)
+
+
+FORWARD_CONFIGS = [
+    _config(64, 64, 64, 64, 4, 2),
+    _config(128, 64, 64, 64, 8, 2),
+    _config(128, 32, 64, 64, 4, 3),
+    _config(64, 32, 32, 64, 4, 3),
+    _config(32, 32, 32, 32, 4, 2),
+    _config(64, 64, 32, 128, 8, 2),
+]
+
+COLUMN_CONFIGS = [
+    _config(32, 64, 64, 64, 4, 1),
+    _config(64, 64, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 2),
+    _config(64, 32, 32, 64, 4, 2),
+]
+
+ROW_CONFIGS = [
+    _config(64, 32, 64, 64, 4, 1),
+    _config(64, 64, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 2),
+    _config(32, 64, 32, 64, 4, 2),
+]
+
+PREPROCESS_CONFIGS = [
+    triton.Config({"BLOCK_I": 64, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_I": 128, "BLOCK_C": 32}, num_warps=4, num_stages=1),
+]
+
+#: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles.
+INTERPRETER_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_D": 64, "BLOCK_C": 64}
+
+#: Keys of the bucketed autotune cache (besides the variant's constexprs).
+BUCKET_KEYS = ["n_bucket", "m_bucket", "d_bucket", "c_bucket"]
+VARIANT_KEYS = ["KERNEL", "LOG_DOMAIN", "SYMMETRIC", "NORMALIZE", "DIFFUSION", "ACC_DTYPE"]
+
+
+def bucket(size: int) -> int:
+    """The autotune bucket of a size: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(1, size)))
+
+
+def even_heuristics():
+    """Tail-tile heuristics: a feature dimension that the tile divides needs no mask."""
+    return {
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+        "EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0,
+    }
