@@ -6,8 +6,11 @@ select the variant, so a new N within a bucket does not retune. ``EVEN_D`` / ``E
 
 The first configuration of each list is the default the AOT report (``python -m nonlocal_ext.aot``)
 compiles: it must fit the register file of sm_80 and sm_90 with no spills at every variant.
-The backward kernels hold three accumulators of BLOCK × BLOCK_D/C plus the recomputed tile, hence
-smaller tiles than the forward.
+The backward kernels hold up to three accumulators of BLOCK × BLOCK_D/C plus the recomputed tile (two
+GEMMs with ``symmetric``), hence smaller tiles than the forward. Measured with the AOT report (sm_80,
+gaussian + sym + diffusion + symmetric, fp16, the heaviest variant): backward 64×32 tiles spill
+160–336 bytes at 8 warps, 32×32 tiles at 4 warps with 64-wide feature tiles spill 456; 32×32 at 8 warps
+and the forward's 64×32 at 8 warps spill nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ def _config(block_i, block_j, block_d, block_c, warps, stages):
 
 
 FORWARD_CONFIGS = [
-    _config(64, 64, 64, 64, 4, 2),
+    _config(64, 32, 64, 64, 8, 1),
+    _config(64, 64, 64, 64, 8, 2),
     _config(128, 64, 64, 64, 8, 2),
     _config(128, 32, 64, 64, 4, 3),
     _config(64, 32, 32, 64, 4, 3),
@@ -30,17 +34,17 @@ FORWARD_CONFIGS = [
 ]
 
 COLUMN_CONFIGS = [
-    _config(32, 64, 64, 64, 4, 1),
-    _config(64, 64, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 2),
-    _config(64, 32, 32, 64, 4, 2),
+    _config(32, 32, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(64, 32, 64, 64, 8, 1),
+    _config(32, 64, 64, 64, 8, 1),
 ]
 
 ROW_CONFIGS = [
-    _config(64, 32, 64, 64, 4, 1),
+    _config(32, 32, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(64, 32, 64, 64, 8, 1),
     _config(64, 64, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 2),
-    _config(32, 64, 32, 64, 4, 2),
 ]
 
 PREPROCESS_CONFIGS = [
