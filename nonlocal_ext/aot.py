@@ -111,13 +111,12 @@ def compile_variant(row, arch: str) -> dict:
     input_type = {"fp16": "fp16", "fp32": "fp32"}[dtype]
     if family == "preprocess":
         fn = aggregate.preprocess_kernel
-        config = configs.PREPROCESS_CONFIGS[0]
+        config = configs.configs_for("preprocess", True)[0]
         constexprs = dict(DIFFUSION=diffusion, ACC_DTYPE=tl.float32, **config.kwargs)
         pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
     else:
         fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
-        config = {"forward": configs.FORWARD_CONFIGS, "column": configs.COLUMN_CONFIGS,
-                  "row": configs.ROW_CONFIGS}[family][0]
+        config = configs.configs_for(family, dtype == "fp32")[0]
         torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":

@@ -20,8 +20,7 @@ import triton
 import triton.language as tl
 
 from . import aggregate as kernels
-from .configs import (BUCKET_KEYS, COLUMN_CONFIGS, FORWARD_CONFIGS, INTERPRETER_BLOCKS, PREPROCESS_CONFIGS,
-                      ROW_CONFIGS, VARIANT_KEYS, bucket, even_heuristics)
+from .configs import BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics
 from .tiles import KERNEL_IDS, NORMALIZE_IDS
 
 #: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
@@ -39,11 +38,12 @@ _TUNED = {}
 
 def _tuned(kernel, configs, with_even=True):
     """The autotuned (and tail-heuristic) wrapper of a kernel, built once."""
-    if kernel not in _TUNED:
+    cache_key = (kernel, id(configs))
+    if cache_key not in _TUNED:
         fn = triton.heuristics(even_heuristics())(kernel) if with_even else kernel
-        _TUNED[kernel] = triton.autotune(configs=configs, key=BUCKET_KEYS + VARIANT_KEYS
-                                         + ["WITH_VALUES", "WITH_DV_T", "WITH_DK"])(fn)
-    return _TUNED[kernel]
+        _TUNED[cache_key] = triton.autotune(configs=configs, key=BUCKET_KEYS + VARIANT_KEYS
+                                            + ["WITH_VALUES", "WITH_DV_T", "WITH_DK"])(fn)
+    return _TUNED[cache_key]
 
 
 def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
@@ -148,6 +148,7 @@ class _Prepared:
         self.spec = spec
         self.dtype = query.dtype
         self.acc = compute_dtype(query.dtype)
+        self.fp32 = query.dtype in (torch.float32, torch.float64)
         self.q, self.k, self.v = (t.contiguous() for t in (query, key, value))
         self.u = None
         if spec.diffusion:
@@ -170,7 +171,7 @@ def _row_sums(p: _Prepared, swapped: bool):
         (p.q, p.k, p.q_sq, p.k_sq, p.n, p.m)
     stats = p.new(p.b, rows)
     constexprs = dict(p.constexprs, WITH_VALUES=False, DIFFUSION=False)
-    _launch(kernels.forward_kernel, FORWARD_CONFIGS,
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
             lambda blk: (triton.cdiv(rows, blk["BLOCK_I"]), 1, p.b),
             (a, b_, p.dummy, p.dummy, a_sq, b_sq, p.dummy, p.params, p.dummy, stats, rows, cols, p.d, 0),
             constexprs, (rows, cols, p.d, 0))
@@ -192,7 +193,7 @@ def forward(query, key, value, self_value, spec):
     out = p.new(p.b, p.n, p.c)
     row_stats = p.new(p.b, p.n)
     factor = col_factor(spec, col_stats) if spec.normalize == "sym" else p.dummy
-    _launch(kernels.forward_kernel, FORWARD_CONFIGS,
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), triton.cdiv(p.c, blk["BLOCK_C"]), p.b),
             (p.q, p.k, p.v, p.u if p.u is not None else p.dummy, p.q_sq, p.k_sq, factor, p.params, out, row_stats,
              p.n, p.m, p.d, p.c),
@@ -215,7 +216,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
     # δ preprocess: S_i = G_i·out_i, gu_i = G_i·u_i
     s_rows = p.new(p.b, p.n)
     gu_rows = p.new(p.b, p.n) if spec.diffusion else p.dummy
-    _launch(kernels.preprocess_kernel, PREPROCESS_CONFIGS,
+    _launch(kernels.preprocess_kernel, configs_for("preprocess", p.fp32),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), p.b),
             (g, out, u_or_dummy, s_rows, gu_rows, p.n, p.c),
             dict(DIFFUSION=spec.diffusion, ACC_DTYPE=p.constexprs["ACC_DTYPE"]), (p.n, p.m, p.d, p.c),
@@ -232,13 +233,13 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
                            p.params, dv, dk, dq_swap, p.n, p.m, p.d, p.c)
     column_grid = lambda blk: (triton.cdiv(p.m, blk["BLOCK_J"]), nd_chunks(blk), p.b)  # noqa: E731
     for with_dv_t, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-        _launch(kernels.column_kernel, COLUMN_CONFIGS, column_grid, column_args(),
+        _launch(kernels.column_kernel, configs_for("column", p.fp32), column_grid, column_args(),
                 dict(p.constexprs, WITH_DV_T=with_dv_t, WITH_DK=with_dk), (p.n, p.m, p.d, p.c))
 
     dq = p.new(p.b, p.n, p.d)
     dk_swap = p.new(p.b, p.n, p.d) if spec.symmetric else p.dummy
     du = p.new(p.b, p.n, p.c) if spec.diffusion else p.dummy
-    _launch(kernels.row_kernel, ROW_CONFIGS,
+    _launch(kernels.row_kernel, configs_for("row", p.fp32),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), nd_chunks(blk), p.b),
             (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols, p.params,
              dq, dk_swap, du, p.n, p.m, p.d, p.c),
