@@ -5,7 +5,8 @@
 For each variant (affinity kernel × normalization × update × symmetric) and pass (forward, backward)
 this counts the work the fused kernels of nonlocal_ext/triton_kernels/aggregate.py do — including the
 recomputation of tiles in the backward — and divides by an H100 SXM's peak (DESIGN §3):
-990 TFLOP/s dense bf16/fp16 tensor-core math, 3.35 TB/s HBM3. A GPU owner reads the achieved fraction as
+990 TFLOP/s dense bf16/fp16 tensor-core math (float32 inputs: tf32x3, three tf32 products at 495
+TFLOP/s, so 165 TFLOP/s effective), 3.35 TB/s HBM3. A GPU owner reads the achieved fraction as
 ``peak time / measured time`` (``nonlocal-bench --device cuda`` measures the time).
 
 Counting (multiply-add = 2 FLOPs; per batch element; "GEMM" = tensor-core work):
@@ -31,6 +32,8 @@ import itertools
 import math
 
 PEAK_FLOPS = 990e12   # H100 SXM, dense fp16/bf16 tensor cores
+#: float32 inputs run every product as tf32x3: three tf32 MMAs (dense tf32 peak 495 TFLOP/s).
+PEAK_FLOPS_BY_DTYPE = {"fp16": PEAK_FLOPS, "bf16": PEAK_FLOPS, "fp32": 495e12 / 3}
 PEAK_BYTES = 3.35e12  # H100 SXM HBM3
 FEATURE_TILE = 64     # BLOCK_D = BLOCK_C of the default configurations
 
@@ -74,18 +77,18 @@ def backward_cost(n, m, d, c, normalize, symmetric, element_bytes, batch=1):
     return batch * flops, batch * (read + written) * element_bytes, batch * evaluations
 
 
-def peak_time(flops, nbytes):
-    return max(flops / PEAK_FLOPS, nbytes / PEAK_BYTES)
+def peak_time(flops, nbytes, peak_flops=PEAK_FLOPS):
+    return max(flops / peak_flops, nbytes / PEAK_BYTES)
 
 
-def rows(n, m, d, c, element_bytes, batch=1):
+def rows(n, m, d, c, element_bytes, batch=1, peak_flops=PEAK_FLOPS):
     for kernel, normalize, symmetric in itertools.product(AFFINITIES, NORMALIZATIONS, (False, True)):
         if symmetric and n != m:
             continue
         for name, cost in (("fwd", forward_cost), ("bwd", backward_cost)):
             flops, nbytes, evaluations = cost(n, m, d, c, normalize, symmetric, element_bytes, batch)
             yield dict(kernel=kernel, normalize=normalize, symmetric=symmetric, pass_=name, flops=flops,
-                       bytes=nbytes, pair_evaluations=evaluations, peak_seconds=peak_time(flops, nbytes))
+                       bytes=nbytes, pair_evaluations=evaluations, peak_seconds=peak_time(flops, nbytes, peak_flops))
 
 
 def main(argv=None):
@@ -99,17 +102,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     m = args.n if args.m is None else args.m
     element_bytes = 4 if args.dtype == "fp32" else 2
-    print(f"H100 peak model: {PEAK_FLOPS / 1e12:.0f} TFLOP/s, {PEAK_BYTES / 1e12:.2f} TB/s; "
+    peak_flops = PEAK_FLOPS_BY_DTYPE[args.dtype]
+    print(f"H100 peak model: {peak_flops / 1e12:.0f} TFLOP/s, {PEAK_BYTES / 1e12:.2f} TB/s; "
           f"N={args.n} M={m} D={args.d} C={args.c} batch={args.batch} {args.dtype} "
           "(update does not change the counts; affinity kernels differ only in pair evaluations' cost)")
     print(f"{'normalize':<9} {'symm':<5} {'pass':<4} {'GFLOP':>9} {'MB':>9} {'Gpairs':>8} {'peak us':>9} {'bound':>7}")
     seen = set()
-    for r in rows(args.n, m, args.d, args.c, element_bytes, args.batch):
+    for r in rows(args.n, m, args.d, args.c, element_bytes, args.batch, peak_flops):
         key = (r["normalize"], r["symmetric"], r["pass_"])
         if key in seen:  # identical for every affinity kernel
             continue
         seen.add(key)
-        bound = "math" if r["flops"] / PEAK_FLOPS >= r["bytes"] / PEAK_BYTES else "memory"
+        bound = "math" if r["flops"] / peak_flops >= r["bytes"] / PEAK_BYTES else "memory"
         print(f"{r['normalize']:<9} {str(r['symmetric']):<5} {r['pass_']:<4} {r['flops'] / 1e9:>9.2f} "
               f"{r['bytes'] / 1e6:>9.2f} {r['pair_evaluations'] / 1e9:>8.3f} {r['peak_seconds'] * 1e6:>9.1f} {bound:>7}")
 

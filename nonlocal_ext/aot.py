@@ -63,23 +63,27 @@ def _spec(kernel, normalize, diffusion, symmetric):
 
 
 def variants(which: str = "full"):
-    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase)`` to compile."""
+    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even)`` to compile.
+
+    ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick and heavy
+    sets add the masked ("tail") build of their first two combinations."""
     rows = []
     combos = list(itertools.product(AFFINITIES, NORMALIZATIONS, (False, True), (False, True), DTYPES))
     if which == "quick":  # CI: every affinity, normalization, flag and dtype at least once
         combos = QUICK
     elif which == "heavy":  # the most register-hungry variant of each affinity, in each dtype
         combos = [(k, "sym", True, True, dt) for k in AFFINITIES for dt in DTYPES]
-    for kernel, normalize, diffusion, symmetric, dtype in combos:
+    tails = [] if which == "full" else combos[:2]  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
+    for (kernel, normalize, diffusion, symmetric, dtype), even in [(c, True) for c in combos] + [(c, False) for c in tails]:
         name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
-                        + (["symmetric"] if symmetric else []) + [dtype])
-        rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None))
+                        + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
+        rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
         phases = ["dv_t", "dk"] if normalize == "sym" else ["dv_dk"]
         for phase in phases:
-            rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase))
-        rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None))
-    rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None))
-    rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None))
+            rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase, even))
+        rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
+    rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None, False))
+    rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None, False))
     return rows
 
 
@@ -106,7 +110,7 @@ def compile_variant(row, arch: str) -> dict:
     from .triton_kernels import aggregate, configs
     from .triton_kernels.launchers import variant_constexprs
 
-    family, name, kernel, normalize, diffusion, symmetric, dtype, phase = row
+    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even = row
     cap = int(arch.split("_")[1])
     input_type = {"fp16": "fp16", "fp32": "fp32"}[dtype]
     if family == "preprocess":
@@ -124,7 +128,7 @@ def compile_variant(row, arch: str) -> dict:
         if family == "column":
             constexprs["WITH_DV_T"] = phase in ("dv_t", "dv_dk")
             constexprs["WITH_DK"] = phase in ("dk", "dv_dk")
-        constexprs.update(EVEN_D=True, EVEN_C=True, **config.kwargs)
+        constexprs.update(EVEN_D=even, EVEN_C=even, **config.kwargs)
         pointer_dtypes = {n: input_type for n in ("q_ptr", "k_ptr", "v_ptr", "u_ptr", "g_ptr")}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = ASTSource(fn, _signature(fn, constexprs, pointer_dtypes), constexprs=constexprs)

@@ -81,6 +81,14 @@ def test_odd_sizes_match_reference(combo, shape, dtype):
     check_against_reference(combo, shape, dtype, noncontiguous=shape[1] == 130)
 
 
+@pytest.mark.parametrize("combo", [("rbf", "row", "diffusion", False, True), ("gaussian", "sym", "aggregate", True, False)],
+                         ids=combo_id)
+def test_feature_tiles_that_divide_d_and_c(combo):
+    """D = 64, C = 128: the EVEN_D / EVEN_C path (loads without a feature mask)."""
+    n, m = (67, 67) if square_only(combo) else (67, 33)
+    check_against_reference(combo, ((), n, m, 64, 128), torch.float32)
+
+
 @pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
                                    ("gaussian", "sym", "diffusion", True, True),
                                    ("rbf", "row", "diffusion", False, True),
