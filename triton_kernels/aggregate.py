@@ -110,7 +110,7 @@ def forward_kernel(
             rescale = tl.exp(row_max - new_max)
             p = tl.exp(z - new_max[:, None])
             row_sums = row_sums * rescale + tl.sum(p, 1)
-            if NORMALIZE == NORM_SYM:
+            if NORMALIZE == NORM_SYM and WITH_VALUES:  # (the column-sum pass has no column factor yet)
                 log_b = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
                 p = tl.exp(z - new_max[:, None] + log_b[None, :])
             weighted_sums = weighted_sums * rescale + tl.sum(p, 1)
@@ -121,7 +121,7 @@ def forward_kernel(
         else:
             w = tl.where(col_mask[None, :], z, 0.0)
             row_sums += tl.sum(w, 1)
-            if NORMALIZE == NORM_SYM:
+            if NORMALIZE == NORM_SYM and WITH_VALUES:
                 w = w * tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)[None, :]
             weighted_sums += tl.sum(w, 1)
             if WITH_VALUES:

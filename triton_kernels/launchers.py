@@ -205,7 +205,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
     """Returns ``(grad_query, grad_key, grad_value, grad_self_value)`` in the inputs' dtype
     (``grad_self_value`` None without ``self_value``); ``out`` is the forward's compute-dtype output."""
     p = _Prepared(spec, query, key, value, self_value)
-    if p.b * p.n * p.m == 0 or (p.c == 0 and p.d == 0):
+    if p.b * p.n * p.m * p.c == 0:  # out has no elements or does not depend on the inputs
         zeros = [torch.zeros_like(t) for t in (query, key, value)]
         return (*zeros, None if self_value is None else torch.zeros_like(self_value))
     g = grad_out.to(p.dtype).contiguous()

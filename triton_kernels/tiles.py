@@ -130,8 +130,9 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
             # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2)
             high = tl.maximum(z1, z2)
             low = tl.minimum(z1, z2)
-            z = high + tl.log(0.5 + 0.5 * tl.exp(low - high))
-            share1 = 1.0 / (1.0 + tl.exp(z2 - z1))
+            ratio = tl.exp(low - high)  # ≤ 1: no overflow
+            z = high + tl.log(0.5 + 0.5 * ratio)
+            share1 = tl.where(z1 >= z2, 1.0, ratio) / (1.0 + ratio)
             g1 = scale * share1
             g2 = scale * (1.0 - share1)
         else:
