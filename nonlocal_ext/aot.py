@@ -78,6 +78,9 @@ def variants(which: str = "full"):
         name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
                         + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
         rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
+        if normalize == "sym":  # the column-sum pass: the forward kernel without values
+            rows.append(("forward", f"{name}-column_sums", kernel, normalize, diffusion, symmetric, dtype,
+                         "column_sums", even))
         phases = ["dv_t", "dk"] if normalize == "sym" else ["dv_dk"]
         for phase in phases:
             rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase, even))
@@ -124,7 +127,9 @@ def compile_variant(row, arch: str) -> dict:
         torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":
-            constexprs["WITH_VALUES"] = True
+            constexprs["WITH_VALUES"] = phase != "column_sums"
+            if phase == "column_sums":
+                constexprs["DIFFUSION"] = False
         if family == "column":
             constexprs["WITH_DV_T"] = phase in ("dv_t", "dv_dk")
             constexprs["WITH_DK"] = phase in ("dk", "dv_dk")
