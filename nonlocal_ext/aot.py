@@ -184,13 +184,13 @@ def run(archs, which="full", jobs=None):
 
 
 def table(results) -> str:
-    header = f"{'kernel':<10} {'variant':<46} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}"
+    header = f"{'kernel':<10} {'variant':<56} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}"
     lines = [header, "-" * len(header)]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['kernel']:<10} {r['variant']:<46} {r['arch']:<6} ERROR {r['error'][:120]}")
+            lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} ERROR {r['error'][:120]}")
             continue
-        lines.append(f"{r['kernel']:<10} {r['variant']:<46} {r['arch']:<6} {r['registers']:>4} {r['spill_bytes']:>5} "
+        lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} {r['registers']:>4} {r['spill_bytes']:>5} "
                      f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5}")
     return "\n".join(lines)
 
