@@ -18,8 +18,8 @@ the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` 
 
 The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
 normalization × {aggregate, diffusion} × symmetric, in float16 and float32 for the forward, column and
-row kernels, is 4·4·2·2·2 = 128 variants per kernel family per arch (about 10 s of compilation each on
-one core). ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
+row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·2 = 128 combinations, about 450
+compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
 diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
 and dtype at least once.
 """
