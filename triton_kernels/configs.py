@@ -10,7 +10,8 @@ The backward kernels hold up to three accumulators of BLOCK × BLOCK_D/C plus th
 GEMMs with ``symmetric``), hence smaller tiles than the forward. Measured with the AOT report (sm_80,
 gaussian + sym + diffusion + symmetric, fp16, the heaviest variant): backward 64×32 tiles spill
 160–336 bytes at 8 warps, 32×32 tiles at 4 warps with 64-wide feature tiles spill 456; 32×32 at 8 warps
-and the forward's 64×32 at 8 warps spill nothing.
+and the forward's 64×32 at 8 warps spill nothing. The full AOT set then showed 8–16 byte spills on
+sm_90 in the combined (dv + dk) column pass of symmetric half variants: 32-wide feature tiles fix them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ FORWARD_CONFIGS = [
 ]
 
 COLUMN_CONFIGS = [
+    _config(32, 32, 32, 32, 8, 1),
     _config(32, 32, 64, 64, 8, 1),
     _config(32, 32, 32, 32, 4, 1),
     _config(64, 32, 64, 64, 8, 1),
@@ -51,6 +53,7 @@ ROW_CONFIGS = [
 # register use grows accordingly. Measured (sm_80, log + count + symmetric, fp32): backward 32×32 tiles
 # with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
 # (255 and 222 registers). Forward 32×32×32×32 spills 40 bytes at 4 warps; 64×32 at 8 warps none on sm_90.
+# The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
 FORWARD_CONFIGS_FP32 = [
     _config(32, 32, 32, 32, 8, 1),
     _config(32, 32, 32, 32, 4, 1),
@@ -59,6 +62,7 @@ FORWARD_CONFIGS_FP32 = [
 ]
 
 COLUMN_CONFIGS_FP32 = [
+    _config(16, 16, 32, 32, 8, 1),
     _config(16, 16, 32, 32, 4, 1),
     _config(32, 32, 32, 32, 4, 1),
     _config(32, 32, 32, 32, 8, 1),
@@ -66,6 +70,7 @@ COLUMN_CONFIGS_FP32 = [
 ]
 
 ROW_CONFIGS_FP32 = [
+    _config(16, 16, 32, 32, 8, 1),
     _config(16, 16, 32, 32, 4, 1),
     _config(32, 32, 32, 32, 4, 1),
     _config(32, 32, 32, 32, 8, 1),
