@@ -1,5 +1,12 @@
 """Triton kernels of nonlocal_ext, installed as ``nonlocal_ext.triton_kernels``.
 
 (The folder is not a top-level ``triton_kernels`` package: that name is taken on PyPI.)
-The fused forward and backward kernels are not written yet; ``backend="triton"`` says so.
+
+* :mod:`.tiles`      per-tile maths: pair variable, affinity weight and slopes (``@triton.jit`` helpers);
+* :mod:`.aggregate`  the fused kernels: forward, δ preprocess, column pass, row pass (DESIGN §2);
+* :mod:`.configs`    autotune lists for sm_80 / sm_90, tail-tile heuristics, interpreter tiles;
+* :mod:`.launchers`  host launchers (layouts, statistics, grids), used by ``backend="triton"``.
+
+Importing :mod:`.aggregate` creates the kernels; under ``TRITON_INTERPRET=1`` they are interpreted
+(CPU tensors), so the variable must be set before the first import.
 """

@@ -1,0 +1,220 @@
+"""Compile the shipped Triton kernel variants for real GPU targets without a GPU, and report their resources.
+
+    python -m nonlocal_ext.aot --arch sm_80,sm_90 --json FILE [--all]
+
+Each variant is compiled with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda",
+cap, 32))`` at the default (first) configuration of its autotune list (:mod:`nonlocal_ext.triton_kernels.configs`);
+the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` that the triton wheel ships
+(DESIGN §3). One JSON row per (kernel, variant, arch):
+
+    kernel            forward | column | row | preprocess (the kernel family)
+    variant           affinity-normalize-update[-symmetric]-dtype (plus the column pass phase)
+    arch              sm_80 | sm_90
+    registers         registers per thread
+    spill_bytes       STACK + LOCAL bytes per thread (0 means no spills)
+    shared_bytes      static shared memory (SHARED in the resource usage; the launch adds Triton's
+                      dynamic shared memory, reported as shared_dynamic_bytes)
+    mma_instructions  HMMA + HGMMA instructions in the SASS (tensor cores)
+
+The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
+normalization × {aggregate, diffusion} × symmetric, in float16 and float32 for the forward, column and
+row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·2 = 128 combinations, about 450
+compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
+diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
+and dtype at least once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+AFFINITIES = ("gaussian", "rbf", "fractional", "log")
+NORMALIZATIONS = ("none", "count", "row", "sym")
+DTYPES = ("fp16", "fp32")
+
+#: (kernel, normalize, diffusion, symmetric, dtype) of the quick set.
+QUICK = [
+    ("gaussian", "row", False, False, "fp16"),
+    ("rbf", "sym", True, True, "fp32"),
+    ("fractional", "none", True, False, "fp16"),
+    ("log", "count", False, True, "fp32"),
+]
+
+
+def _tools():
+    import triton
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return os.path.join(base, "cuobjdump"), os.path.join(base, "nvdisasm")
+
+
+def _spec(kernel, normalize, diffusion, symmetric):
+    from .kernels import KERNELS, KernelParams
+    from .spec import AggregateSpec
+    return AggregateSpec(KERNELS[kernel], KernelParams(1.0, 1.5, 0.5, 1e-4), normalize,
+                         "diffusion" if diffusion else "aggregate", symmetric)
+
+
+def variants(which: str = "full"):
+    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even)`` to compile.
+
+    ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick and heavy
+    sets add the masked ("tail") build of their first two combinations."""
+    rows = []
+    combos = list(itertools.product(AFFINITIES, NORMALIZATIONS, (False, True), (False, True), DTYPES))
+    if which == "quick":  # CI: every affinity, normalization, flag and dtype at least once
+        combos = QUICK
+    elif which == "heavy":  # the most register-hungry variant of each affinity, in each dtype
+        combos = [(k, "sym", True, True, dt) for k in AFFINITIES for dt in DTYPES]
+    tails = [] if which == "full" else combos[:2]  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
+    for (kernel, normalize, diffusion, symmetric, dtype), even in [(c, True) for c in combos] + [(c, False) for c in tails]:
+        name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
+                        + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
+        rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
+        if normalize == "sym":  # the column-sum pass: the forward kernel without values
+            rows.append(("forward", f"{name}-column_sums", kernel, normalize, diffusion, symmetric, dtype,
+                         "column_sums", even))
+        phases = ["dv_t", "dk"] if normalize == "sym" else ["dv_dk"]
+        for phase in phases:
+            rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase, even))
+        rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
+    rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None, False))
+    rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None, False))
+    return rows
+
+
+def _signature(fn, constexprs, pointer_dtypes, int_type="i32"):
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointer_dtypes.get(name, "fp32")
+        else:
+            sig[name] = int_type
+    return sig
+
+
+def compile_variant(row, arch: str) -> dict:
+    """Compile one variant for ``arch`` (``sm_80``) and return its JSON row."""
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .triton_kernels import aggregate, configs
+    from .triton_kernels.launchers import variant_constexprs
+
+    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even = row
+    cap = int(arch.split("_")[1])
+    input_type = {"fp16": "fp16", "fp32": "fp32"}[dtype]
+    if family == "preprocess":
+        fn = aggregate.preprocess_kernel
+        config = configs.configs_for("preprocess", True)[0]
+        constexprs = dict(DIFFUSION=diffusion, ACC_DTYPE=tl.float32, **config.kwargs)
+        pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
+    else:
+        fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
+        config = configs.configs_for(family, dtype == "fp32")[0]
+        torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+        constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
+        if family == "forward":
+            constexprs["WITH_VALUES"] = phase != "column_sums"
+            if phase == "column_sums":
+                constexprs["DIFFUSION"] = False
+        if family == "column":
+            constexprs["WITH_DV_T"] = phase in ("dv_t", "dv_dk")
+            constexprs["WITH_DK"] = phase in ("dk", "dv_dk")
+        constexprs.update(EVEN_D=even, EVEN_C=even, **config.kwargs)
+        pointer_dtypes = {n: input_type for n in ("q_ptr", "k_ptr", "v_ptr", "u_ptr", "g_ptr")}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    src = ASTSource(fn, _signature(fn, constexprs, pointer_dtypes), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    usage = _resource_usage(compiled.asm["cubin"], arch)
+    usage.update(kernel=family, variant=name, arch=arch,
+                 shared_dynamic_bytes=int(compiled.metadata.shared),
+                 num_warps=config.num_warps, num_stages=config.num_stages,
+                 blocks={k: v for k, v in config.kwargs.items()})
+    return usage
+
+
+def _resource_usage(cubin: bytes, arch: str) -> dict:
+    cuobjdump, nvdisasm = _tools()
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+    def field(key):
+        match = re.search(rf"\b{key}:(\d+)", usage)
+        return int(match.group(1)) if match else 0
+
+    mma = len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass))
+    return dict(registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), shared_bytes=field("SHARED"),
+                mma_instructions=mma)
+
+
+def _job(args):
+    row, arch = args
+    try:
+        return compile_variant(row, arch)
+    except Exception as error:  # reported as a failed row, the test asserts there are none
+        family, name = row[0], row[1]
+        return dict(kernel=family, variant=name, arch=arch, error=f"{type(error).__name__}: {error}"[:2000])
+
+
+def run(archs, which="full", jobs=None):
+    rows = [(row, arch) for row in variants(which) for arch in archs]
+    jobs = jobs or max(1, min(len(rows), os.cpu_count() or 1))
+    if jobs == 1:
+        return [_job(r) for r in rows]
+    with ProcessPoolExecutor(jobs) as pool:
+        return list(pool.map(_job, rows))
+
+
+def table(results) -> str:
+    header = f"{'kernel':<10} {'variant':<56} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} ERROR {r['error'][:120]}")
+            continue
+        lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} {r['registers']:>4} {r['spill_bytes']:>5} "
+                     f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nonlocal_ext.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
+    parser.add_argument("--json", help="write the rows to this file")
+    parser.add_argument("--set", dest="which", choices=["full", "heavy", "quick"], default="full",
+                        help="full: every shipped variant; heavy: the symmetric+sym+diffusion variant of each "
+                             "affinity and dtype; quick: a covering subset of 4 (CI)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    for arch in archs:
+        if not re.fullmatch(r"sm_\d+", arch):
+            parser.error(f"--arch takes targets like sm_80, got {arch!r}")
+    results = run(archs, which=args.which, jobs=args.jobs)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The Triton kernels under TRITON_INTERPRET=1 (CPU tensors) against the float64 reference.
+
+Collected through tests/test_triton.py, which runs this suite in a process of its own with
+TRITON_INTERPRET=1 (the variable has to be set before the kernels are created, and it must not
+make the other test files' CPU tensors eligible for ``backend="triton"``). Run alone:
+
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_triton.py
+
+Every output buffer is pre-filled with NaN (``launchers.POISON_OUTPUTS``), so an element that a
+kernel does not write fails every comparison below. bfloat16 is not run: the interpreter's bfloat16
+``tl.dot`` gives wrong products (backend="triton" refuses bfloat16 on CPU tensors and says why).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nonlocal_ext
+from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs, run
+from nonlocal_ext.triton_kernels import launchers
+
+assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 set before nonlocal_ext.triton_kernels is imported"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(launchers, "POISON_OUTPUTS", True)
+
+
+def square_only(combo):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    return symmetric or (update == "diffusion" and not with_self_value)
+
+
+def check_against_reference(combo, shape, dtype, noncontiguous=False):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    batch, n, m, d, c = shape
+    inputs64 = make_inputs(kernel, normalize, batch, n, m, d, c, with_self_value=with_self_value,
+                           noncontiguous=noncontiguous)
+    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)
+    grad_out = torch.randn(*batch, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    truth = run("reference", *inputs64, kernel, normalize, update, symmetric, grad_out, **kwargs)
+    low = [None if t is None else t.to(dtype) for t in inputs64]
+    ours = run("triton", *low, kernel, normalize, update, symmetric, grad_out, **kwargs)
+    plain = truth if dtype == torch.float64 else run("reference", *low, kernel, normalize, update, symmetric,
+                                                      grad_out, **kwargs)
+    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
+    names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
+    for name, o, p, t in zip(names, [ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
+        assert not o.isnan().any(), f"{name}: NaN (an element the kernels did not write)"
+        assert_close_to_truth(o, p, t, dtype, name, floor=max(1.0, max_abs(truth[0])))
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+def test_every_combination_matches_reference(combo):
+    """All 120 combinations (dot included), values and every gradient, float64, 33 rows = 2 tiles of 32
+    (33 × 33 for the square-only ones, else 33 queries against 17 keys)."""
+    n, m = (33, 33) if square_only(combo) else (33, 17)
+    check_against_reference(combo, ((), n, m, 5, 3), torch.float64)
+
+
+# Odd sizes from the issue (N ∈ {1, 67, 130}, M ∈ {1, 33, 130}, D ∈ {5, 200}, C ∈ {3, 300}), a covering
+# subset: each size, each affinity kernel, normalization, update and symmetric at least once. D = 200 and
+# C = 300 span 4 and 5 feature tiles of 64 (the second grid axis).
+ODD_CASES = [
+    (("gaussian", "row", "aggregate", False, False), ((), 67, 33, 200, 3), torch.float32),
+    (("fractional", "sym", "diffusion", False, True), ((), 130, 1, 5, 300), torch.float32),
+    (("rbf", "count", "aggregate", False, False), ((2,), 1, 130, 5, 3), torch.float64),
+    (("log", "none", "diffusion", True, False), ((), 1, 1, 200, 3), torch.float64),
+    (("log", "sym", "diffusion", True, False), ((), 130, 130, 5, 3), torch.float32),
+    (("gaussian", "sym", "diffusion", True, True), ((), 67, 67, 5, 3), torch.float32),
+    (("rbf", "row", "diffusion", False, True), ((), 130, 33, 5, 3), torch.float32),
+    (("fractional", "none", "aggregate", True, False), ((), 67, 67, 5, 3), torch.float32),
+]
+
+
+@pytest.mark.parametrize("combo,shape,dtype", ODD_CASES,
+                         ids=[f"{combo_id(c)}-{'x'.join(map(str, s[1:]))}-{str(dt)[6:]}" for c, s, dt in ODD_CASES])
+def test_odd_sizes_match_reference(combo, shape, dtype):
+    check_against_reference(combo, shape, dtype, noncontiguous=shape[1] == 130)
+
+
+@pytest.mark.parametrize("combo", [("rbf", "row", "diffusion", False, True), ("gaussian", "sym", "aggregate", True, False)],
+                         ids=combo_id)
+def test_feature_tiles_that_divide_d_and_c(combo):
+    """D = 64, C = 128: the EVEN_D / EVEN_C path (loads without a feature mask)."""
+    n, m = (67, 67) if square_only(combo) else (67, 33)
+    check_against_reference(combo, ((), n, m, 64, 128), torch.float32)
+
+
+@pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
+                                   ("gaussian", "sym", "diffusion", True, True),
+                                   ("rbf", "row", "diffusion", False, True),
+                                   ("fractional", "none", "aggregate", False, False),
+                                   ("log", "count", "diffusion", True, False)], ids=combo_id)
+def test_float16_inputs(combo):
+    """float16 inputs accumulate in float32: within 2× plain PyTorch's float16 error plus the table's atol."""
+    n, m = (67, 67) if square_only(combo) else (67, 33)
+    check_against_reference(combo, ((2,), n, m, 5, 3), torch.float16)
+
+
+GRADCHECK_COMBOS = [
+    ("gaussian", "row", "aggregate", False, False),
+    ("gaussian", "sym", "diffusion", True, False),
+    ("rbf", "count", "diffusion", False, True),
+    ("rbf", "sym", "aggregate", True, False),
+    ("fractional", "row", "diffusion", True, False),
+    ("fractional", "none", "aggregate", False, False),
+    ("log", "sym", "diffusion", False, True),
+    ("log", "row", "aggregate", True, False),
+]
+
+
+@pytest.mark.parametrize("combo", GRADCHECK_COMBOS, ids=combo_id)
+def test_gradcheck_float64(combo):
+    kernel, normalize, update, symmetric, with_self_value = combo
+    n, m = (4, 4) if square_only(combo) else (3, 5)
+    # no coincident pairs: the weights are discontinuous there, finite differences are not
+    inputs = make_inputs(kernel, normalize, (), n, m, 2, 2, with_self_value=with_self_value, coincident=False)
+    inputs = [t.requires_grad_() for t in inputs if t is not None]
+
+    def f(q, k, v, u=None):
+        return nonlocal_ext.nonlocal_aggregate(q, k, v, kernel, normalize=normalize, update=update,
+                                               symmetric=symmetric, self_value=u, backend="triton",
+                                               **kernel_kwargs(kernel))
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_two_backward_runs_are_bitwise_equal():
+    combo = ("fractional", "sym", "diffusion", True, True)
+    q, k, v, u = make_inputs("fractional", "sym", (), 37, 37, 5, 3, with_self_value=True, dtype=torch.float32)
+    grad_out = torch.randn(37, 3, generator=torch.Generator().manual_seed(2))
+    first = run("triton", q, k, v, u, *combo[:4], grad_out, **kernel_kwargs("fractional"))
+    second = run("triton", q, k, v, u, *combo[:4], grad_out, **kernel_kwargs("fractional"))
+    for a, b in zip([first[0]] + first[1], [second[0]] + second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "fractional"])
+def test_no_n_by_m_tensor_reaches_a_launcher(monkeypatch, kernel):
+    """Every tensor passed to a kernel launch, forward and backward, is O((N + M)(D + C))."""
+    log = []
+    monkeypatch.setattr(launchers, "LAUNCH_LOG", log)
+    n = 70
+    q, k, v, u = make_inputs(kernel, "sym", (), n, n, 5, 3, with_self_value=True)
+    grad_out = torch.randn(n, 3, dtype=torch.float64)
+    run("triton", q, k, v, u, kernel, "sym", "diffusion", True, grad_out, **kernel_kwargs(kernel))
+    launched = {name for name, _ in log}
+    assert launched == {"forward_kernel", "preprocess_kernel", "column_kernel", "row_kernel"}
+    largest = max(max((sizes[0] if len(sizes) else 1) * (sizes[1] if len(sizes) > 1 else 1)
+                      * (sizes[2] if len(sizes) > 2 else 1) for sizes in shapes) for _, shapes in log)
+    assert largest <= n * 5 < n * n / 4
+
+
+def test_no_n_by_m_allocation():
+    """No torch op produces an N×M tensor during a forward and backward (TorchDispatchMode probe)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
+            return out
+
+    n = 70
+    q, k, v, u = make_inputs("log", "sym", (), n, n, 5, 3, with_self_value=False)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    with LargestTensor():
+        out = nonlocal_ext.nonlocal_aggregate(*leaves, "log", normalize="sym", update="diffusion", symmetric=True,
+                                              backend="triton", gamma=-3.0)
+        out.sum().backward()
+    assert LargestTensor.largest < n * n / 4
+
+
+def test_empty_inputs():
+    q, k, v = torch.randn(2, 0, 3), torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    assert nonlocal_ext.nonlocal_aggregate(q, k, v, "rbf", backend="triton").shape == (2, 0, 4)
+    q, k, v = (t.requires_grad_() for t in (torch.randn(2, 4, 3), torch.randn(2, 0, 3), torch.randn(2, 0, 4)))
+    out = nonlocal_ext.nonlocal_aggregate(q, k, v, "rbf", normalize="none", backend="triton")
+    assert torch.equal(out, torch.zeros(2, 4, 4))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_auto_on_cpu_does_not_take_triton():
+    from nonlocal_ext import backends
+    from nonlocal_ext.spec import validate
+    q = torch.randn(1, 8, 3)
+    spec = validate(q, q, q, "rbf", scale=1.0, power=None, gamma=0.5, eps=None, normalize="row",
+                    update="aggregate", symmetric=False, self_value=None, backend="auto")
+    assert "triton" in backends.available(spec, q)
+    assert backends.select("auto", spec, q, q).NAME != "triton"
+
+
+def test_bfloat16_is_refused_under_the_interpreter():
+    q = torch.randn(1, 8, 3, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 tl.dot"):
+        nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf", backend="triton")
+
+
+def test_custom_op_opcheck():
+    """torch.library.opcheck: schema, fake implementation, autograd registration, dynamic shapes."""
+    from nonlocal_ext.backends import triton as triton_backend
+    q, k, v, u = make_inputs("rbf", "sym", (2,), 6, 5, 3, 2, with_self_value=True, dtype=torch.float32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), u.requires_grad_(),
+            "rbf", 0.5, None, 0.5, 1e-4, "sym", "diffusion", False)
+    torch.library.opcheck(triton_backend.aggregate_forward, args)
+
+
+def test_torch_compile_fullgraph_traces_the_op():
+    """torch.compile(fullgraph=True) traces the custom op (aot_eager: the interpreter runs the kernels)."""
+    q, k, v, _ = make_inputs("gaussian", "row", (2,), 37, 37, 5, 3, with_self_value=False, dtype=torch.float32)
+
+    def f(q, k, v):
+        return nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", normalize="row", update="diffusion",
+                                               backend="triton")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = compiled(*leaves)
+    expected = f(*eager_leaves)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

@@ -1,0 +1,392 @@
+"""Fused forward and backward kernels of ``nonlocal_aggregate`` (DESIGN §2), one program per tile row.
+
+Notation (all per batch element b; inputs contiguous (N, D), (M, D), (M, C), (N, C)):
+    w̃_ij (or z_ij = log w̃_ij for gaussian) from :mod:`.tiles`;
+    Â = A_i · w̃_ij · B_j with the row factor A_i and column factor B_j of the normalization
+        none: A = 1 · count: A = 1/M · row: A = 1/r_i · sym: A = r_i^(−½), B = c_j^(−½)
+        (gaussian: â = exp(z + la_i + lb_j) with la = log A, lb = log B), a zero sum giving 0;
+    out_i = A_i [Σ_j w̃_ij B_j v_j − [diffusion] (Σ_j w̃_ij B_j) u_i].
+
+Forward (:func:`forward_kernel`, grid (row blocks, C blocks, batch)): one pass over the key
+blocks accumulates Σ_j w̃ B v, Σ_j w̃ B and the row sum r_i (online max m_i and l_i for gaussian, as
+in FlashAttention), then writes out and the row statistic (r_i, or log r_i for gaussian). ``sym``
+first runs the same kernel with ``WITH_VALUES=False`` on (key, query) swapped: the row sums of the
+swapped problem are the column sums c_j (every kernel is symmetric in its two arguments).
+
+Backward, with G = ∂L/∂out, S_i = G_i·out_i (= Σ_j dâ_ij â_ij) and gu_i = G_i·u_i
+(:func:`preprocess_kernel`):
+    dâ_ij = G_i·v_j − gu_i,  dv_j = Σ_i â_ij G_i,  T_j = Σ_i dâ_ij â_ij,  du_i = −(Σ_j â_ij) G_i
+    H_ij = ∂L/∂w̃_ij (times w̃_ij for gaussian):
+        none/count: A_i dâ_ij · row: A_i (dâ_ij − S_i) · sym: A_i B_j dâ_ij − ½S_i A_i² − ½T_j B_j²
+    C_ij = H_ij g1_ij (and C'_ij = H_ij g2_ij for the swapped pair of ``symmetric``)
+    dot family:      dq_i = Σ_j C_ij k_j,                dk_j = Σ_i C_ij q_i
+    distance family: dq_i = 2(q_i Σ_j C_ij − Σ_j C_ij k_j), dk_j = 2(k_j Σ_i C_ij − Σ_i C_ij q_i)
+:func:`column_kernel` (grid over key blocks) owns every column-indexed result: dv, T, dk and, with
+``symmetric``, the q_j part of C'; :func:`row_kernel` (grid over query blocks) owns dq, du and the
+k_i part of C'. Each program reduces over the other index in a fixed order and stores once: no
+atomics, so the backward is deterministic. ``sym`` runs the column kernel twice: T first (every
+H_ij needs the whole T_j), then dk. Every pass recomputes its tiles; nothing N×M is stored.
+
+Wide D and C are tiled: the second grid axis enumerates feature blocks, and a program accumulates
+only its block of the outputs (recomputing the tile's GEMMs over all of D and C).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import NORM_COUNT, NORM_ROW, NORM_SYM, load_rows, store_rows, value_dot, weight_tile
+
+
+@triton.jit
+def _row_factor(row_sums, M, NORMALIZE: tl.constexpr, LOG_DOMAIN: tl.constexpr):
+    """A_i from r_i (log A_i from log r_i for log-domain kernels), a zero sum giving 0."""
+    if LOG_DOMAIN:
+        if NORMALIZE == NORM_COUNT:
+            return -tl.log(row_sums * 0 + M)
+        elif NORMALIZE == NORM_ROW:
+            return -row_sums
+        elif NORMALIZE == NORM_SYM:
+            return -0.5 * row_sums
+        else:
+            return row_sums * 0
+    else:
+        if NORMALIZE == NORM_COUNT:
+            return 1.0 / (row_sums * 0 + M)
+        elif NORMALIZE == NORM_ROW:
+            return tl.where(row_sums == 0, 0.0, 1.0 / tl.where(row_sums == 0, 1.0, row_sums))
+        elif NORMALIZE == NORM_SYM:
+            return tl.where(row_sums == 0, 0.0, 1.0 / tl.sqrt(tl.where(row_sums == 0, 1.0, row_sums)))
+        else:
+            return row_sums * 0 + 1.0
+
+
+@triton.jit
+def forward_kernel(
+        q_ptr, k_ptr, v_ptr, u_ptr, q_sq_ptr, k_sq_ptr, col_factor_ptr, params_ptr, out_ptr, row_stats_ptr,
+        N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
+        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
+        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        WITH_VALUES: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
+        QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[I, c-block] and row_stats[I] (r_i, or log r_i for log-domain kernels)."""
+    pid_i = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_ptr += batch * N * D
+    k_ptr += batch * M * D
+    v_ptr += batch * M * C
+    u_ptr += batch * N * C
+    out_ptr += batch * N * C
+    q_sq_ptr += batch * N
+    k_sq_ptr += batch * M
+    col_factor_ptr += batch * M
+    row_stats_ptr += batch * N
+    scale = tl.load(params_ptr + 0)
+    power = tl.load(params_ptr + 1)
+    gamma = tl.load(params_ptr + 2)
+    eps = tl.load(params_ptr + 3)
+
+    rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_mask = rows < N
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+
+    acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=ACC_DTYPE)   # Σ_j w̃ B v   (× e^(−m) for log domain)
+    weighted_sums = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)  # Σ_j w̃ B     (same scaling)
+    row_sums = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)       # r_i = Σ_j w̃ (same scaling)
+    row_max = tl.full([BLOCK_I], float("-inf"), dtype=ACC_DTYPE)
+    for j0 in tl.range(0, M, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        col_mask = cols < M
+        z, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
+                              scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                              SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+        if LOG_DOMAIN:
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(z, 1))
+            rescale = tl.exp(row_max - new_max)
+            p = tl.exp(z - new_max[:, None])
+            row_sums = row_sums * rescale + tl.sum(p, 1)
+            if NORMALIZE == NORM_SYM and WITH_VALUES:  # (the column-sum pass has no column factor yet)
+                log_b = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
+                p = tl.exp(z - new_max[:, None] + log_b[None, :])
+            weighted_sums = weighted_sums * rescale + tl.sum(p, 1)
+            if WITH_VALUES:
+                v = load_rows(v_ptr, cols, col_mask, offs_c, C, EVEN_C)
+                acc = value_dot(p, v, acc * rescale[:, None], LOW_PRECISION_VALUES, VALUE_PRECISION)
+            row_max = new_max
+        else:
+            w = tl.where(col_mask[None, :], z, 0.0)
+            row_sums += tl.sum(w, 1)
+            if NORMALIZE == NORM_SYM and WITH_VALUES:
+                w = w * tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)[None, :]
+            weighted_sums += tl.sum(w, 1)
+            if WITH_VALUES:
+                v = load_rows(v_ptr, cols, col_mask, offs_c, C, EVEN_C)
+                acc = value_dot(w, v, acc, LOW_PRECISION_VALUES, VALUE_PRECISION)
+
+    if LOG_DOMAIN:
+        row_stat = row_max + tl.log(row_sums)  # log r_i
+        factor = tl.exp(row_max + _row_factor(row_stat, M, NORMALIZE, LOG_DOMAIN))
+    else:
+        row_stat = row_sums
+        factor = _row_factor(row_stat, M, NORMALIZE, LOG_DOMAIN)
+    if pid_c == 0:
+        tl.store(row_stats_ptr + rows, row_stat.to(row_stats_ptr.dtype.element_ty), mask=row_mask)
+    if WITH_VALUES:
+        if DIFFUSION:
+            u = load_rows(u_ptr, rows, row_mask, offs_c, C, EVEN_C).to(ACC_DTYPE)
+            acc = acc - weighted_sums[:, None] * u
+        store_rows(out_ptr, rows, row_mask, offs_c, C, acc * factor[:, None])
+
+
+@triton.jit
+def preprocess_kernel(g_ptr, out_ptr, u_ptr, s_ptr, gu_ptr, N, C, n_bucket, m_bucket, d_bucket, c_bucket,
+                      DIFFUSION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                      BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+    """S_i = G_i·out_i and, for diffusion, gu_i = G_i·u_i (rows of G, out, u are C wide)."""
+    pid_i = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    g_ptr += batch * N * C
+    out_ptr += batch * N * C
+    u_ptr += batch * N * C
+    rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_mask = rows < N
+    s = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)
+    gu = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)
+    for c0 in tl.range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        g = load_rows(g_ptr, rows, row_mask, offs_c, C, False).to(ACC_DTYPE)
+        s += tl.sum(g * load_rows(out_ptr, rows, row_mask, offs_c, C, False).to(ACC_DTYPE), 1)
+        if DIFFUSION:
+            gu += tl.sum(g * load_rows(u_ptr, rows, row_mask, offs_c, C, False).to(ACC_DTYPE), 1)
+    tl.store(s_ptr + batch * N + rows, s, mask=row_mask)
+    if DIFFUSION:
+        tl.store(gu_ptr + batch * N + rows, gu, mask=row_mask)
+
+
+@triton.jit
+def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr,
+                   s_ptr, gu_ptr, t_ptr, rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
+                   KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
+                   LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr,
+                   DIFFUSION: tl.constexpr, WITH_H: tl.constexpr,
+                   QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Recompute one tile: ``(â, dâ, C = H·g1, C' = H·g2)``, all zero outside the valid rows and columns.
+
+    ``WITH_H=False`` skips H (the first ``sym`` column pass, before T is known); C and C' are then 0.
+    """
+    z, g1, g2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
+                            scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                            SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+    valid = row_mask[:, None] & col_mask[None, :]
+    row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
+    col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
+    if LOG_DOMAIN:
+        a_hat = tl.where(valid, tl.exp(z + row_factor[:, None] + col_factor[None, :]), 0.0)
+    else:
+        a_hat = tl.where(valid, row_factor[:, None] * z * col_factor[None, :], 0.0)
+
+    d_a_hat = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
+    for c0 in tl.range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        g = load_rows(g_ptr, rows, row_mask, offs_c, C, EVEN_C)
+        v = load_rows(v_ptr, cols, col_mask, offs_c, C, EVEN_C)
+        d_a_hat = tl.dot(g, tl.trans(v), d_a_hat, input_precision=QK_PRECISION)
+    if DIFFUSION:
+        d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
+
+    if WITH_H:
+        s_rows = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+        if NORMALIZE == NORM_SYM:
+            t_cols = tl.load(t_ptr + cols, mask=col_mask, other=0.0)
+            if LOG_DOMAIN:  # â = e^(z + la + lb), w̃/r = e^(z + 2la), w̃/c = e^(z + 2lb)
+                h = (d_a_hat * a_hat
+                     - 0.5 * s_rows[:, None] * tl.exp(z + 2.0 * row_factor[:, None])
+                     - 0.5 * t_cols[None, :] * tl.exp(z + 2.0 * col_factor[None, :]))
+            else:
+                h = (d_a_hat * (row_factor[:, None] * col_factor[None, :])
+                     - 0.5 * s_rows[:, None] * (row_factor * row_factor)[:, None]
+                     - 0.5 * t_cols[None, :] * (col_factor * col_factor)[None, :])
+        else:
+            if NORMALIZE == NORM_ROW:
+                d_a_hat_centered = d_a_hat - s_rows[:, None]
+            else:
+                d_a_hat_centered = d_a_hat
+            if LOG_DOMAIN:
+                h = d_a_hat_centered * a_hat
+            else:
+                h = d_a_hat_centered * row_factor[:, None]
+        h = tl.where(valid, h, 0.0)
+        c1 = h * g1
+        c2 = h * g2
+    else:
+        c1 = a_hat * 0
+        c2 = a_hat * 0
+    return a_hat, d_a_hat, c1, c2
+
+
+@triton.jit
+def column_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
+        params_ptr, dv_ptr, dk_ptr, dq_swap_ptr,
+        N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
+        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
+        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        WITH_DV_T: tl.constexpr, WITH_DK: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
+        QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column pass over key block J and feature block f: dv[J, f] and T[J] (``WITH_DV_T``);
+    dk[J, f] and, with ``symmetric``, the swapped pair's dq[J, f] (``WITH_DK``)."""
+    pid_j = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_ptr += batch * N * D
+    k_ptr += batch * M * D
+    v_ptr += batch * M * C
+    g_ptr += batch * N * C
+    dv_ptr += batch * M * C
+    dk_ptr += batch * M * D
+    dq_swap_ptr += batch * M * D
+    q_sq_ptr += batch * N
+    k_sq_ptr += batch * M
+    row_factor_ptr += batch * N
+    s_ptr += batch * N
+    gu_ptr += batch * N
+    col_factor_ptr += batch * M
+    t_ptr += batch * M
+    scale = tl.load(params_ptr + 0)
+    power = tl.load(params_ptr + 1)
+    gamma = tl.load(params_ptr + 2)
+    eps = tl.load(params_ptr + 3)
+
+    cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_mask = cols < M
+    offs_c = pid_f * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = pid_f * BLOCK_D + tl.arange(0, BLOCK_D)
+
+    dv = tl.zeros([BLOCK_J, BLOCK_C], dtype=ACC_DTYPE)
+    t_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
+    dk = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC_DTYPE)      # Σ_i C_ij q_i
+    c_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)           # Σ_i C_ij
+    dq_swap = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC_DTYPE)  # Σ_i C'_ij k_i
+    c_swap_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)      # Σ_i C'_ij
+    for i0 in tl.range(0, N, BLOCK_I):
+        rows = i0 + tl.arange(0, BLOCK_I)
+        row_mask = rows < N
+        a_hat, d_a_hat, c1, c2 = _backward_tile(
+            q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
+            rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
+            KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
+        if WITH_DV_T:
+            g = load_rows(g_ptr, rows, row_mask, offs_c, C, False)
+            dv = value_dot(tl.trans(a_hat), g, dv, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            if NORMALIZE == NORM_SYM:
+                t_cols += tl.sum(a_hat * d_a_hat, 0)
+        if WITH_DK:
+            q = load_rows(q_ptr, rows, row_mask, offs_d, D, False)
+            dk = value_dot(tl.trans(c1), q, dk, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            c_cols += tl.sum(c1, 0)
+            if SYMMETRIC:
+                k = load_rows(k_ptr, rows, row_mask, offs_d, D, False)
+                dq_swap = value_dot(tl.trans(c2), k, dq_swap, LOW_PRECISION_VALUES, VALUE_PRECISION)
+                c_swap_cols += tl.sum(c2, 0)
+
+    if WITH_DV_T:
+        store_rows(dv_ptr, cols, col_mask, offs_c, C, dv)
+        if NORMALIZE == NORM_SYM:
+            if pid_f == 0:
+                tl.store(t_ptr + cols, t_cols.to(t_ptr.dtype.element_ty), mask=col_mask)
+    if WITH_DK:
+        if IS_DISTANCE:
+            k_own = load_rows(k_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
+            dk = 2.0 * (k_own * c_cols[:, None] - dk)
+        store_rows(dk_ptr, cols, col_mask, offs_d, D, dk)
+        if SYMMETRIC:
+            if IS_DISTANCE:
+                q_own = load_rows(q_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
+                dq_swap = 2.0 * (q_own * c_swap_cols[:, None] - dq_swap)
+            store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, dq_swap)
+
+
+@triton.jit
+def row_kernel(
+        q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
+        params_ptr, dq_ptr, dk_swap_ptr, du_ptr,
+        N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
+        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
+        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        LOW_PRECISION_VALUES: tl.constexpr,
+        QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row pass over query block I and feature block f: dq[I, f], du[I, f] (diffusion) and, with
+    ``symmetric``, the swapped pair's dk[I, f]."""
+    pid_i = tl.program_id(0)
+    pid_f = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    q_ptr += batch * N * D
+    k_ptr += batch * M * D
+    v_ptr += batch * M * C
+    g_ptr += batch * N * C
+    dq_ptr += batch * N * D
+    dk_swap_ptr += batch * N * D
+    du_ptr += batch * N * C
+    q_sq_ptr += batch * N
+    k_sq_ptr += batch * M
+    row_factor_ptr += batch * N
+    s_ptr += batch * N
+    gu_ptr += batch * N
+    col_factor_ptr += batch * M
+    t_ptr += batch * M
+    scale = tl.load(params_ptr + 0)
+    power = tl.load(params_ptr + 1)
+    gamma = tl.load(params_ptr + 2)
+    eps = tl.load(params_ptr + 3)
+
+    rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    row_mask = rows < N
+    offs_c = pid_f * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = pid_f * BLOCK_D + tl.arange(0, BLOCK_D)
+
+    dq = tl.zeros([BLOCK_I, BLOCK_D], dtype=ACC_DTYPE)       # Σ_j C_ij k_j
+    c_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)            # Σ_j C_ij
+    dk_swap = tl.zeros([BLOCK_I, BLOCK_D], dtype=ACC_DTYPE)  # Σ_j C'_ij q_j
+    c_swap_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)       # Σ_j C'_ij
+    a_hat_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)        # Σ_j â_ij
+    for j0 in tl.range(0, M, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        col_mask = cols < M
+        a_hat, d_a_hat, c1, c2 = _backward_tile(
+            q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
+            rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
+            KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN, SYMMETRIC, NORMALIZE, DIFFUSION, True,
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
+        k = load_rows(k_ptr, cols, col_mask, offs_d, D, False)
+        dq = value_dot(c1, k, dq, LOW_PRECISION_VALUES, VALUE_PRECISION)
+        c_rows += tl.sum(c1, 1)
+        if SYMMETRIC:
+            q = load_rows(q_ptr, cols, col_mask, offs_d, D, False)
+            dk_swap = value_dot(c2, q, dk_swap, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            c_swap_rows += tl.sum(c2, 1)
+        if DIFFUSION:
+            a_hat_rows += tl.sum(a_hat, 1)
+
+    if IS_DISTANCE:
+        q_own = load_rows(q_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
+        dq = 2.0 * (q_own * c_rows[:, None] - dq)
+    store_rows(dq_ptr, rows, row_mask, offs_d, D, dq)
+    if SYMMETRIC:
+        if IS_DISTANCE:
+            k_own = load_rows(k_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
+            dk_swap = 2.0 * (k_own * c_swap_rows[:, None] - dk_swap)
+        store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, dk_swap)
+    if DIFFUSION:
+        g = load_rows(g_ptr, rows, row_mask, offs_c, C, False).to(ACC_DTYPE)
+        store_rows(du_ptr, rows, row_mask, offs_c, C, -a_hat_rows[:, None] * g)

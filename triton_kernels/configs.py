@@ -1,0 +1,119 @@
+"""Tile configurations: the autotune lists for sm_80 / sm_90, the interpreter's, and the AOT defaults.
+
+Autotune keys are bucketed (next power of two of N, M, D, C, at least 16) plus the constexprs that
+select the variant, so a new N within a bucket does not retune. ``EVEN_D`` / ``EVEN_C`` are
+``triton.heuristics``: feature tiles that divide D (C) load without a column mask.
+
+The first configuration of each list is the default the AOT report (``python -m nonlocal_ext.aot``)
+compiles: it must fit the register file of sm_80 and sm_90 with no spills at every variant.
+The backward kernels hold up to three accumulators of BLOCK × BLOCK_D/C plus the recomputed tile (two
+GEMMs with ``symmetric``), hence smaller tiles than the forward. Measured with the AOT report (sm_80,
+gaussian + sym + diffusion + symmetric, fp16, the heaviest variant): backward 64×32 tiles spill
+160–336 bytes at 8 warps, 32×32 tiles at 4 warps with 64-wide feature tiles spill 456; 32×32 at 8 warps
+and the forward's 64×32 at 8 warps spill nothing. The full AOT set then showed 8–16 byte spills on
+sm_90 in the combined (dv + dk) column pass of symmetric half variants: 32-wide feature tiles fix them.
+"""
+
+from __future__ import annotations
+
+import triton
+
+
+def _config(block_i, block_j, block_d, block_c, warps, stages):
+    return triton.Config({"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c},
+                         num_warps=warps, num_stages=stages)
+
+
+FORWARD_CONFIGS = [
+    _config(64, 32, 64, 64, 8, 1),
+    _config(64, 64, 64, 64, 8, 2),
+    _config(128, 64, 64, 64, 8, 2),
+    _config(128, 32, 64, 64, 4, 3),
+    _config(64, 32, 32, 64, 4, 3),
+    _config(32, 32, 32, 32, 4, 2),
+    _config(64, 64, 32, 128, 8, 2),
+]
+
+COLUMN_CONFIGS = [
+    _config(32, 32, 32, 32, 8, 1),
+    _config(32, 32, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(64, 32, 64, 64, 8, 1),
+    _config(32, 64, 64, 64, 8, 1),
+]
+
+ROW_CONFIGS = [
+    _config(32, 32, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(64, 32, 64, 64, 8, 1),
+    _config(64, 64, 64, 64, 8, 1),
+]
+
+# float32 inputs: every tl.dot is tf32x3 (three tensor-core products on split operands), and the
+# register use grows accordingly. Measured (sm_80, log + count + symmetric, fp32): backward 32×32 tiles
+# with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
+# (255 and 222 registers). Forward 32×32×32×32 spills 40 bytes at 4 warps; 64×32 at 8 warps none on sm_90.
+# The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
+FORWARD_CONFIGS_FP32 = [
+    _config(32, 32, 32, 32, 8, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(64, 32, 32, 32, 8, 1),
+    _config(64, 32, 64, 64, 8, 1),
+]
+
+COLUMN_CONFIGS_FP32 = [
+    _config(16, 16, 32, 32, 8, 1),
+    _config(16, 16, 32, 32, 4, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(32, 32, 32, 32, 8, 1),
+    _config(32, 32, 64, 64, 8, 1),
+]
+
+ROW_CONFIGS_FP32 = [
+    _config(16, 16, 32, 32, 8, 1),
+    _config(16, 16, 32, 32, 4, 1),
+    _config(32, 32, 32, 32, 4, 1),
+    _config(32, 32, 32, 32, 8, 1),
+    _config(32, 32, 64, 64, 8, 1),
+]
+
+PREPROCESS_CONFIGS = [
+    triton.Config({"BLOCK_I": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_I": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+]
+
+#: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles.
+INTERPRETER_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_D": 64, "BLOCK_C": 64}
+
+#: Keys of the bucketed autotune cache (besides the variant's constexprs).
+BUCKET_KEYS = ["n_bucket", "m_bucket", "d_bucket", "c_bucket"]
+VARIANT_KEYS = ["KERNEL", "LOG_DOMAIN", "SYMMETRIC", "NORMALIZE", "DIFFUSION", "ACC_DTYPE"]
+
+
+def bucket(size: int) -> int:
+    """The autotune bucket of a size: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(max(1, size)))
+
+
+def even_heuristics():
+    """Tail-tile heuristics: a feature dimension that the tile divides needs no mask."""
+    return {
+        "EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0,
+        "EVEN_C": lambda args: args["C"] % args["BLOCK_C"] == 0,
+    }
+
+
+_CONFIGS = {
+    ("forward", False): FORWARD_CONFIGS, ("forward", True): FORWARD_CONFIGS_FP32,
+    ("column", False): COLUMN_CONFIGS, ("column", True): COLUMN_CONFIGS_FP32,
+    ("row", False): ROW_CONFIGS, ("row", True): ROW_CONFIGS_FP32,
+    ("preprocess", False): PREPROCESS_CONFIGS, ("preprocess", True): PREPROCESS_CONFIGS,
+}
+
+
+def configs_for(family: str, fp32: bool) -> list:
+    """The autotune list of a kernel family (forward, column, row, preprocess); the first is the default.
+
+    ``fp32``: float32 (or float64) inputs, whose tf32x3 products need smaller tiles than half inputs.
+    """
+    return _CONFIGS[(family, fp32)]

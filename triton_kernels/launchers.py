@@ -1,0 +1,257 @@
+"""Host launchers of the fused kernels: checks, layouts, statistics, grids; no autograd here.
+
+:func:`forward` and :func:`backward` take inputs flattened to one batch dim, ``(B, N, D)``,
+``(B, M, D)``, ``(B, M, C)``, ``(B, N, C)`` or None, plus the validated
+:class:`~nonlocal_ext.spec.AggregateSpec`. Everything they allocate is O((N + M)(D + C)) per batch
+element: the inputs made contiguous once, squared norms, per-row and per-column statistics,
+outputs and gradients. The kernels are in :mod:`.aggregate`; the grid's first axis runs over row
+(or column) tiles, the second over feature tiles, the third over the batch.
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the kernels run with the fixed
+:data:`~.configs.INTERPRETER_BLOCKS`; on CUDA they are autotuned over :mod:`.configs`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import aggregate as kernels
+from .configs import BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics
+from .tiles import KERNEL_IDS, NORMALIZE_IDS
+
+#: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
+INTERPRETED = not isinstance(kernels.forward_kernel, triton.runtime.JITFunction)
+
+#: Tests set this: every output buffer is filled with NaN before the kernels write it, so that an
+#: element a kernel forgot to write shows up.
+POISON_OUTPUTS = False
+
+#: Tests set this to a list: each launch appends ``(kernel name, [shapes of its tensor arguments])``.
+LAUNCH_LOG: list | None = None
+
+_TUNED = {}
+
+
+def _tuned(kernel, configs, with_even=True):
+    """The autotuned (and tail-heuristic) wrapper of a kernel, built once."""
+    cache_key = (kernel, id(configs))
+    if cache_key not in _TUNED:
+        fn = triton.heuristics(even_heuristics())(kernel) if with_even else kernel
+        _TUNED[cache_key] = triton.autotune(configs=configs, key=BUCKET_KEYS + VARIANT_KEYS
+                                            + ["WITH_VALUES", "WITH_DV_T", "WITH_DK"])(fn)
+    return _TUNED[cache_key]
+
+
+def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
+    """Run ``kernel`` with ``args`` (tensors and sizes) and ``constexprs``.
+
+    ``grid_of(blocks)`` maps the tile sizes to the grid. ``sizes`` = (N, M, D, C) for the buckets.
+    """
+    if LAUNCH_LOG is not None:
+        LAUNCH_LOG.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                           [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]))
+    n, m, d, c = sizes
+    buckets = dict(zip(BUCKET_KEYS, (bucket(n), bucket(m), bucket(d), bucket(c))))
+    if INTERPRETED:
+        blocks = {name: INTERPRETER_BLOCKS[name] for name in _block_names(configs)}
+        even = {}
+        if with_even:
+            even = {"EVEN_D": d % blocks["BLOCK_D"] == 0, "EVEN_C": c % blocks["BLOCK_C"] == 0}
+        kernel[grid_of(blocks)](*args, **buckets, **constexprs, **even, **blocks)
+        return
+    _tuned(kernel, configs, with_even)[lambda meta: grid_of(meta)](*args, **buckets, **constexprs)
+
+
+def _block_names(configs):
+    return list(configs[0].kwargs)
+
+
+def _new(shape, dtype, device):
+    if POISON_OUTPUTS:
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half inputs accumulate in float32; float32 and float64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def variant_constexprs(spec, dtype: torch.dtype) -> dict:
+    """The ``tl.constexpr`` arguments that select the compiled variant for ``spec`` and ``dtype``.
+
+    Precision of the ``tl.dot`` products: float32 inputs use tf32x3 (near-fp32 accuracy on tensor
+    cores; DESIGN §3), float64 IEEE (interpreter only), half inputs multiply in their own type with
+    float32 accumulation. Products of a float32 tile (Â, C) by an input tile keep the tile in
+    float32 (tf32 for half inputs, so no half overflow of unnormalized weights), except the
+    softmax-like case gaussian + row/sym with half inputs, where Â ≤ 1 and the tile is cast to the
+    input's half type as FlashAttention does.
+    """
+    kernel = spec.kernel
+    half = dtype in (torch.float16, torch.bfloat16)
+    precision = {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
+    return dict(
+        KERNEL=KERNEL_IDS[kernel.name],
+        IS_DISTANCE=kernel.family == "distance",
+        MASKS_COINCIDENT=kernel.masks_coincident,
+        LOG_DOMAIN=kernel.log_domain,
+        SYMMETRIC=spec.symmetric,
+        NORMALIZE=NORMALIZE_IDS[spec.normalize],
+        DIFFUSION=spec.diffusion,
+        LOW_PRECISION_VALUES=half and kernel.log_domain and spec.normalize in ("row", "sym"),
+        QK_PRECISION=precision,
+        VALUE_PRECISION=precision,
+        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+
+
+def _params(spec, dtype, device):
+    p = spec.params
+    return torch.tensor([p.scale, 0.0 if p.power is None else p.power, p.gamma, p.eps], dtype=dtype, device=device)
+
+
+def _sqnorms(spec, x, dtype):
+    if spec.kernel.family != "distance":
+        return x.new_zeros(1, dtype=dtype)
+    return x.to(dtype).square().sum(-1)
+
+
+def _safe_inverse_power(sums, exponent):
+    zero = sums == 0
+    return torch.where(zero, torch.zeros_like(sums), torch.where(zero, torch.ones_like(sums), sums).pow(-exponent))
+
+
+def row_factor(spec, row_stats, m):
+    """A_i (log A_i for log-domain kernels) from the saved row statistics (r_i or log r_i)."""
+    if spec.kernel.log_domain:
+        return {"none": 0.0 * row_stats, "count": torch.full_like(row_stats, -math.log(m)),
+                "row": -row_stats, "sym": -0.5 * row_stats}[spec.normalize]
+    return {"none": torch.ones_like(row_stats), "count": torch.full_like(row_stats, 1.0 / m),
+            "row": _safe_inverse_power(row_stats, 1.0), "sym": _safe_inverse_power(row_stats, 0.5)}[spec.normalize]
+
+
+def col_factor(spec, col_stats):
+    """B_j (log B_j) from the column statistics of ``sym``; 1 (0) for the other normalizations."""
+    if spec.normalize != "sym":
+        return torch.zeros_like(col_stats) if spec.kernel.log_domain else torch.ones_like(col_stats)
+    return -0.5 * col_stats if spec.kernel.log_domain else _safe_inverse_power(col_stats, 0.5)
+
+
+class _Prepared:
+    """Contiguous inputs, squared norms and kernel parameters of one call."""
+
+    def __init__(self, spec, query, key, value, self_value):
+        self.spec = spec
+        self.dtype = query.dtype
+        self.acc = compute_dtype(query.dtype)
+        self.fp32 = query.dtype in (torch.float32, torch.float64)
+        self.q, self.k, self.v = (t.contiguous() for t in (query, key, value))
+        self.u = None
+        if spec.diffusion:
+            self.u = self.v if self_value is None else self_value.contiguous()
+        self.b, self.n, self.d = self.q.shape
+        self.m, self.c = self.k.shape[1], self.v.shape[2]
+        self.q_sq = _sqnorms(spec, self.q, self.acc)
+        self.k_sq = _sqnorms(spec, self.k, self.acc)
+        self.params = _params(spec, self.acc, self.q.device)
+        self.constexprs = variant_constexprs(spec, self.dtype)
+        self.dummy = self.q.new_zeros(1, dtype=self.acc)
+
+    def new(self, *shape, dtype=None):
+        return _new(shape, self.acc if dtype is None else dtype, self.q.device)
+
+
+def _row_sums(p: _Prepared, swapped: bool):
+    """r_i (log r_i) of the problem, or with ``swapped`` its column sums c_j (log c_j)."""
+    a, b_, a_sq, b_sq, rows, cols = (p.k, p.q, p.k_sq, p.q_sq, p.m, p.n) if swapped else \
+        (p.q, p.k, p.q_sq, p.k_sq, p.n, p.m)
+    stats = p.new(p.b, rows)
+    constexprs = dict(p.constexprs, WITH_VALUES=False, DIFFUSION=False)
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
+            lambda blk: (triton.cdiv(rows, blk["BLOCK_I"]), 1, p.b),
+            (a, b_, p.dummy, p.dummy, a_sq, b_sq, p.dummy, p.params, p.dummy, stats, rows, cols, p.d, 0),
+            constexprs, (rows, cols, p.d, 0))
+    return stats
+
+
+def forward(query, key, value, self_value, spec):
+    """Returns ``(out, row_stats, col_stats)``: ``out (B, N, C)`` in the compute dtype, ``row_stats (B, N)``
+    (r_i, or log r_i for gaussian), ``col_stats (B, M)`` (c_j or log c_j for ``sym``, else empty)."""
+    p = _Prepared(spec, query, key, value, self_value)
+    if spec.normalize == "sym" and p.b * p.n * p.m:
+        col_stats = _row_sums(p, swapped=True)
+    else:
+        col_stats = p.new(p.b, p.m if spec.normalize == "sym" else 0)
+        col_stats.zero_()
+    if p.b * p.n * p.m * p.c == 0:  # nothing to sum: out = 0 (M = 0 is only allowed with normalize="none")
+        out = torch.zeros(p.b, p.n, p.c, dtype=p.acc, device=p.q.device)
+        return out, torch.zeros(p.b, p.n, dtype=p.acc, device=p.q.device), col_stats
+    out = p.new(p.b, p.n, p.c)
+    row_stats = p.new(p.b, p.n)
+    factor = col_factor(spec, col_stats) if spec.normalize == "sym" else p.dummy
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
+            lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), triton.cdiv(p.c, blk["BLOCK_C"]), p.b),
+            (p.q, p.k, p.v, p.u if p.u is not None else p.dummy, p.q_sq, p.k_sq, factor, p.params, out, row_stats,
+             p.n, p.m, p.d, p.c),
+            dict(p.constexprs, WITH_VALUES=True), (p.n, p.m, p.d, p.c))
+    return out, row_stats, col_stats
+
+
+def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, spec):
+    """Returns ``(grad_query, grad_key, grad_value, grad_self_value)`` in the inputs' dtype
+    (``grad_self_value`` None without ``self_value``); ``out`` is the forward's compute-dtype output."""
+    p = _Prepared(spec, query, key, value, self_value)
+    if p.b * p.n * p.m * p.c == 0:  # out has no elements or does not depend on the inputs
+        zeros = [torch.zeros_like(t) for t in (query, key, value)]
+        return (*zeros, None if self_value is None else torch.zeros_like(self_value))
+    g = grad_out.to(p.dtype).contiguous()
+    out = out.contiguous()
+    u_or_dummy = p.u if p.u is not None else p.dummy
+    nd_chunks = lambda blk: max(triton.cdiv(p.c, blk["BLOCK_C"]), triton.cdiv(p.d, blk["BLOCK_D"]), 1)  # noqa: E731
+
+    # δ preprocess: S_i = G_i·out_i, gu_i = G_i·u_i
+    s_rows = p.new(p.b, p.n)
+    gu_rows = p.new(p.b, p.n) if spec.diffusion else p.dummy
+    _launch(kernels.preprocess_kernel, configs_for("preprocess", p.fp32),
+            lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), p.b),
+            (g, out, u_or_dummy, s_rows, gu_rows, p.n, p.c),
+            dict(DIFFUSION=spec.diffusion, ACC_DTYPE=p.constexprs["ACC_DTYPE"]), (p.n, p.m, p.d, p.c),
+            with_even=False)
+
+    rows_f = row_factor(spec, row_stats, p.m).contiguous()
+    cols_f = col_factor(spec, col_stats if spec.normalize == "sym" else p.new(p.b, p.m)).contiguous()
+    sym = spec.normalize == "sym"
+    dv = p.new(p.b, p.m, p.c)
+    dk = p.new(p.b, p.m, p.d)
+    dq_swap = p.new(p.b, p.m, p.d) if spec.symmetric else p.dummy
+    t_cols = p.new(p.b, p.m) if sym else p.dummy
+    column_args = lambda: (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols,  # noqa: E731
+                           p.params, dv, dk, dq_swap, p.n, p.m, p.d, p.c)
+    column_grid = lambda blk: (triton.cdiv(p.m, blk["BLOCK_J"]), nd_chunks(blk), p.b)  # noqa: E731
+    for with_dv_t, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
+        _launch(kernels.column_kernel, configs_for("column", p.fp32), column_grid, column_args(),
+                dict(p.constexprs, WITH_DV_T=with_dv_t, WITH_DK=with_dk), (p.n, p.m, p.d, p.c))
+
+    dq = p.new(p.b, p.n, p.d)
+    dk_swap = p.new(p.b, p.n, p.d) if spec.symmetric else p.dummy
+    du = p.new(p.b, p.n, p.c) if spec.diffusion else p.dummy
+    _launch(kernels.row_kernel, configs_for("row", p.fp32),
+            lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), nd_chunks(blk), p.b),
+            (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols, p.params,
+             dq, dk_swap, du, p.n, p.m, p.d, p.c),
+            p.constexprs, (p.n, p.m, p.d, p.c))
+
+    if spec.symmetric:  # the swapped pair's gradients, in a fixed order
+        dq = dq + dq_swap
+        dk = dk + dk_swap
+    grad_u = None
+    if spec.diffusion:
+        if self_value is None:  # u is v
+            dv = dv + du
+        else:
+            grad_u = du.to(p.dtype)
+    return dq.to(p.dtype), dk.to(p.dtype), dv.to(p.dtype), grad_u

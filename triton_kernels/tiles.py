@@ -1,0 +1,169 @@
+"""Per-tile maths shared by the forward and backward kernels (``@triton.jit`` helpers).
+
+A tile is a block I of query rows against a block J of key columns. For it the kernels need
+
+* the pair variable ``x_ij`` (:func:`pair_tile`): ``q_i·k_j`` for the dot family, or
+  ``ρ_ij = ‖q_i‖² + ‖k_j‖² − 2 q_i·k_j`` (clamped at 0) for the distance family, one GEMM over
+  D in blocks of ``BLOCK_D`` plus the squared norms computed once on the host;
+* the symmetrized weight and its slopes (:func:`weight_tile`):
+  ``w̃_ij = f(x_ij)`` or, with ``symmetric``, ``½[f(x_ij) + f(x'_ij)]`` where ``x'_ij`` pairs
+  (k_i, q_j); ``g1 = ∂w̃/∂x_ij`` and ``g2 = ∂w̃/∂x'_ij``.
+
+Log-domain kernels (gaussian) return ``z = log w̃`` instead of ``w̃``, and their slopes are
+``∂ log w̃ / ∂x``: ``scale`` without symmetry, ``scale·σ(z − z')`` and ``scale·σ(z' − z)`` with it.
+
+Coincident pairs (``ρ ≤ eps·(‖q‖² + ‖k‖²)``, kernels that mask them) get weight 0 and slope 0.
+The kernel itself is a ``tl.constexpr`` id taken from :data:`nonlocal_ext.kernels.KERNELS`
+(see :data:`KERNEL_IDS`), so there is one definition of each affinity.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from nonlocal_ext.kernels import KERNELS
+
+#: ``tl.constexpr`` id of each affinity kernel, in the order of the registry.
+KERNEL_IDS = {name: i for i, name in enumerate(KERNELS)}
+
+DOT_KERNEL = tl.constexpr(KERNEL_IDS["dot"])
+GAUSSIAN_KERNEL = tl.constexpr(KERNEL_IDS["gaussian"])
+RBF_KERNEL = tl.constexpr(KERNEL_IDS["rbf"])
+FRACTIONAL_KERNEL = tl.constexpr(KERNEL_IDS["fractional"])
+LOG_KERNEL = tl.constexpr(KERNEL_IDS["log"])
+
+#: ``tl.constexpr`` ids of the normalizations (``NORMALIZE``).
+NORMALIZE_IDS = {"none": 0, "count": 1, "row": 2, "sym": 3}
+NORM_NONE = tl.constexpr(0)
+NORM_COUNT = tl.constexpr(1)
+NORM_ROW = tl.constexpr(2)
+NORM_SYM = tl.constexpr(3)
+
+
+@triton.jit
+def affinity(x, KERNEL: tl.constexpr, scale, power, gamma):
+    """``(w, f′(x))`` of the linear-domain kernels (the table in ``nonlocal_ext/kernels.py``).
+
+    dot: scale·x, scale · rbf: e^(−scale·x), −scale·w · fractional: scale·x^(−power/2),
+    −(power/2)·w/x · log: −scale·log x − gamma, −scale/x.
+    """
+    if KERNEL == DOT_KERNEL:
+        w = scale * x
+        slope = w * 0 + scale
+    elif KERNEL == RBF_KERNEL:
+        w = tl.exp(-scale * x)
+        slope = -scale * w
+    elif KERNEL == FRACTIONAL_KERNEL:
+        w = scale * tl.exp((-0.5 * power) * tl.log(x))
+        slope = (-0.5 * power) * w / x
+    else:
+        tl.static_assert(KERNEL == LOG_KERNEL, "affinity(): unknown linear-domain kernel id")
+        w = -scale * tl.log(x) - gamma
+        slope = -scale / x
+    return w, slope
+
+
+@triton.jit
+def load_rows(ptr, rows, row_mask, offs, width, EVEN: tl.constexpr):
+    """``ptr[rows, offs]`` of a contiguous (rows, width) matrix; 0 outside. int64 offsets."""
+    index = rows.to(tl.int64)[:, None] * width + offs[None, :]
+    if EVEN:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & (offs < width)[None, :]
+    return tl.load(ptr + index, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, rows, row_mask, offs, width, value):
+    index = rows.to(tl.int64)[:, None] * width + offs[None, :]
+    tl.store(ptr + index, value.to(ptr.dtype.element_ty), mask=row_mask[:, None] & (offs < width)[None, :])
+
+
+@triton.jit
+def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+              IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr, EVEN_D: tl.constexpr,
+              QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(x, coincident)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖²."""
+    s = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
+    for d0 in tl.range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        a = load_rows(a_ptr, rows, row_mask, offs_d, D, EVEN_D)
+        b = load_rows(b_ptr, cols, col_mask, offs_d, D, EVEN_D)
+        s = tl.dot(a, tl.trans(b), s, input_precision=QK_PRECISION)
+    if IS_DISTANCE:
+        a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
+        b_sq = tl.load(b_sq_ptr + cols, mask=col_mask, other=0.0)
+        norms = a_sq[:, None] + b_sq[None, :]
+        x = tl.maximum(norms - 2.0 * s, 0.0)
+        if MASKS_COINCIDENT:
+            coincident = x <= eps * norms
+            x = tl.where(coincident, 1.0, x)
+        else:
+            coincident = s != s  # no coincident pairs (all False for finite data)
+    else:
+        x = s
+        coincident = s != s
+    return x, coincident
+
+
+@triton.jit
+def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
+                scale, power, gamma, eps,
+                KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
+                LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
+                QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(w̃ or log w̃, g1, g2)`` of one tile; ``g2`` is 0 without ``symmetric``."""
+    x1, coincident1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+                                IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
+                                BLOCK_I, BLOCK_J, BLOCK_D)
+    if LOG_DOMAIN:
+        z1 = scale * x1
+        if SYMMETRIC:
+            x2, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+                              IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
+                              BLOCK_I, BLOCK_J, BLOCK_D)
+            z2 = scale * x2
+            # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2)
+            high = tl.maximum(z1, z2)
+            low = tl.minimum(z1, z2)
+            ratio = tl.exp(low - high)  # ≤ 1: no overflow
+            z = high + tl.log(0.5 + 0.5 * ratio)
+            share1 = tl.where(z1 >= z2, 1.0, ratio) / (1.0 + ratio)
+            g1 = scale * share1
+            g2 = scale * (1.0 - share1)
+        else:
+            z = z1
+            g1 = z1 * 0 + scale
+            g2 = z1 * 0
+        return z, g1, g2
+    else:
+        w1, d1 = affinity(x1, KERNEL, scale, power, gamma)
+        w1 = tl.where(coincident1, 0.0, w1)
+        d1 = tl.where(coincident1, 0.0, d1)
+        if SYMMETRIC:
+            x2, coincident2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+                                        IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
+                                        BLOCK_I, BLOCK_J, BLOCK_D)
+            w2, d2 = affinity(x2, KERNEL, scale, power, gamma)
+            w2 = tl.where(coincident2, 0.0, w2)
+            d2 = tl.where(coincident2, 0.0, d2)
+            return 0.5 * (w1 + w2), 0.5 * d1, 0.5 * d2
+        return w1, d1, d1 * 0
+
+
+@triton.jit
+def value_dot(a, b, acc, LOW_PRECISION_OPERANDS: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with ``a`` in the compute dtype and ``b`` in the input dtype.
+
+    ``LOW_PRECISION_OPERANDS``: cast ``a`` to ``b``'s half dtype (tensor cores at full rate; only
+    used where ``a`` is bounded, e.g. Â of ``row``/``sym`` softmax-like tiles); otherwise ``b`` is
+    promoted and the product uses ``PRECISION`` (tf32x3 for float32, tf32 for half inputs).
+    """
+    if LOW_PRECISION_OPERANDS:
+        return tl.dot(a.to(b.dtype), b, acc)
+    else:
+        return tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
