@@ -123,7 +123,7 @@ def compile_variant(row, arch: str) -> dict:
         pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
     else:
         fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
-        config = configs.configs_for(family, dtype == "fp32")[0]
+        config = configs.configs_for(family, dtype == "fp32", symmetric)[0]
         torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":

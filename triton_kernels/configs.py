@@ -11,7 +11,8 @@ GEMMs with ``symmetric``), hence smaller tiles than the forward. Measured with t
 gaussian + sym + diffusion + symmetric, fp16, the heaviest variant): backward 64×32 tiles spill
 160–336 bytes at 8 warps, 32×32 tiles at 4 warps with 64-wide feature tiles spill 456; 32×32 at 8 warps
 and the forward's 64×32 at 8 warps spill nothing. The full AOT set then showed 8–16 byte spills on
-sm_90 in the combined (dv + dk) column pass of symmetric half variants: 32-wide feature tiles fix them.
+sm_90 in the combined (dv + dk) column pass of symmetric half variants: 32-wide feature tiles fix them;
+the remaining four (half `sym` column passes without `symmetric`) take 4 warps (COLUMN_CONFIGS_NONSYMMETRIC).
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ FORWARD_CONFIGS_FP32 = [
     _config(32, 32, 32, 32, 4, 1),
     _config(64, 32, 32, 32, 8, 1),
     _config(64, 32, 64, 64, 8, 1),
+]
+
+# Half column passes without `symmetric` (one recomputed product per tile): at 8 warps ptxas caps
+# four `sym` variants on sm_90 at 128 registers and they spill 8–16 bytes; at 4 warps all 40 such
+# variants compile spill-free on sm_80 and sm_90 (while 4 warps make 21 symmetric ones spill up to
+# 216 bytes, hence a separate default).
+COLUMN_CONFIGS_NONSYMMETRIC = [
+    _config(32, 32, 32, 32, 4, 1),
+    _config(32, 32, 32, 32, 8, 1),
+    _config(32, 32, 64, 64, 8, 1),
+    _config(64, 32, 64, 64, 8, 1),
+    _config(32, 64, 64, 64, 8, 1),
 ]
 
 COLUMN_CONFIGS_FP32 = [
@@ -111,9 +124,12 @@ _CONFIGS = {
 }
 
 
-def configs_for(family: str, fp32: bool) -> list:
+def configs_for(family: str, fp32: bool, symmetric: bool = True) -> list:
     """The autotune list of a kernel family (forward, column, row, preprocess); the first is the default.
 
     ``fp32``: float32 (or float64) inputs, whose tf32x3 products need smaller tiles than half inputs.
+    ``symmetric``: the variant's ``symmetric`` flag (half column passes without it default to 4 warps).
     """
+    if family == "column" and not fp32 and not symmetric:
+        return COLUMN_CONFIGS_NONSYMMETRIC
     return _CONFIGS[(family, fp32)]

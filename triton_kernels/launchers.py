@@ -233,7 +233,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
                            p.params, dv, dk, dq_swap, p.n, p.m, p.d, p.c)
     column_grid = lambda blk: (triton.cdiv(p.m, blk["BLOCK_J"]), nd_chunks(blk), p.b)  # noqa: E731
     for with_dv_t, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-        _launch(kernels.column_kernel, configs_for("column", p.fp32), column_grid, column_args(),
+        _launch(kernels.column_kernel, configs_for("column", p.fp32, spec.symmetric), column_grid, column_args(),
                 dict(p.constexprs, WITH_DV_T=with_dv_t, WITH_DK=with_dk), (p.n, p.m, p.d, p.c))
 
     dq = p.new(p.b, p.n, p.d)

@@ -23,7 +23,7 @@ def available(spec, query) -> list[str]:
 
 
 #: ``auto`` uses the dense reference up to this many affinities B·N·M: below it the dense
-#: computation is faster than ``chunked`` on CPU (bench/bench_backends.py: chunked at 0.49–0.96× of it at
+#: computation is faster than ``chunked`` on CPU (bench/NOTES.md: chunked at 0.49–0.96× of it at
 #: N = M = 1024, mixed at 2048, ``chunked`` ahead from 4096) and its N×M temporaries are small.
 DENSE_MAX_ELEMENTS = 1 << 21
 
