@@ -31,7 +31,8 @@ DENSE_MAX_ELEMENTS = 1 << 21
 #: ``auto`` keeps ``gaussian`` on the dense reference below this many affinities B·N·M even when
 #: the fused ``cpu`` kernels are available: there one softmax of MKL GEMMs beats the fused
 #: kernel's fixed cost per call (bench/NOTES.md: cpu at 0.64–0.94× of dense for N = M ≤ 512,
-#: ahead from 1024 on). The other kernels are faster fused at every size measured (N ≥ 8).
+#: ahead from 1024 on). The other kernels always take ``cpu``: their forward is faster fused at every
+#: size measured (N ≥ 8); forward+backward trails dense by 5–20% below N ≈ 1024 (README, Backends).
 SMALL_GAUSSIAN_DENSE_MAX = 1 << 19
 
 
