@@ -543,13 +543,15 @@ const T* ptr_or_null(const at::Tensor& t, int64_t bt) {
   return t.defined() ? t[bt].data_ptr<T>() : nullptr;
 }
 
-// Per-row statistics of rows_in against all of cols_in (r, or log r for gaussian), for every
-// batch element: the column pass of `sym` (with the roles of query and key swapped).
-template <typename T>
-at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
-                           const at::Tensor& cols_sqnorm, const Options& o) {
+// row_pass for every (batch element, block of rows) of rows_in against all of cols_in, in
+// parallel; finish(bt, i0, bi, state) then reads each block's running state. `value` and
+// `col_factor` may be undefined (statistics only; b = 1).
+template <typename T, typename Finish>
+void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
+                        const at::Tensor& cols_sqnorm, const at::Tensor& value, const at::Tensor& col_factor,
+                        const Options& o, const Finish& finish) {
   const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
-  auto stats = at::full({batch, rows}, std::numeric_limits<double>::quiet_NaN(), rows_in.options());
+  const int64_t c = value.defined() ? value.size(2) : 0;
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -557,16 +559,28 @@ at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, rows - i0);
       const Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
-                                  ptr_or_null<T>(rows_sqnorm, bt),
-                                  ptr_or_null<T>(cols_sqnorm, bt), d);
-      RowState<T> st(bi, 0);
-      row_pass_entry(o.kernel, o.symmetric, r, p, cols, static_cast<const T*>(nullptr), 0,
-                     static_cast<const T*>(nullptr), i0, bi, st, s1.data(), s2.data());
-      T* out = stats[bt].data_ptr<T>() + i0;
-      for (int64_t i = 0; i < bi; ++i)
-        out[i] = o.kernel == Kernel::Gaussian ? st.m2[i] + std::log(st.h[i]) : st.r[i];
+                                  ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt), d);
+      RowState<T> st(bi, c);
+      row_pass_entry(o.kernel, o.symmetric, r, p, cols, ptr_or_null<T>(value, bt), c,
+                     ptr_or_null<T>(col_factor, bt), i0, bi, st, s1.data(), s2.data());
+      finish(bt, i0, bi, st);
     }
   });
+}
+
+// Per-row statistics of rows_in against all of cols_in (r, or log r for gaussian), for every
+// batch element: the column pass of `sym` (with the roles of query and key swapped).
+template <typename T>
+at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
+                           const at::Tensor& cols_sqnorm, const Options& o) {
+  auto stats = at::full({rows_in.size(0), rows_in.size(1)}, std::numeric_limits<double>::quiet_NaN(),
+                        rows_in.options());
+  for_each_row_block<T>(rows_in, cols_in, rows_sqnorm, cols_sqnorm, at::Tensor(), at::Tensor(), o,
+                        [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
+                          T* out = stats[bt].data_ptr<T>() + i0;
+                          for (int64_t i = 0; i < bi; ++i)
+                            out[i] = o.kernel == Kernel::Gaussian ? st.m2[i] + std::log(st.h[i]) : st.r[i];
+                        });
   return stats;
 }
 
@@ -574,7 +588,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& u,
                                                             const Options& o) {
-  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
+  const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), c = v.size(2);
   const bool log_domain = o.kernel == Kernel::Gaussian;
   // Poisoned with NaN so that an element the passes below fail to write cannot go unnoticed.
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -593,48 +607,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
     col_stats.copy_(normalizer_pass<T>(k, q, kn, qn, o));
     colf = column_factor(col_stats, o);
   }
-  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
-  const KernelArgs<T> p = kernel_args<T>(o);
-  at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s1(kRowBlock * kColBlock), s2(kRowBlock * kColBlock);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, n - i0);
-      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
-                                  ptr_or_null<T>(qn, bt),
-                                  ptr_or_null<T>(kn, bt), d);
-      const T* cf = ptr_or_null<T>(colf, bt);
-      RowState<T> st(bi, c);
-      row_pass_entry(o.kernel, o.symmetric, r, p, m, v[bt].data_ptr<T>(), c, cf, i0, bi, st, s1.data(), s2.data());
-      T* out_rows = out[bt].data_ptr<T>() + i0 * c;
-      T* stat = row_stats[bt].data_ptr<T>() + i0;
-      const T* u_rows = u.defined() ? u[bt].data_ptr<T>() + i0 * c : nullptr;
-      for (int64_t i = 0; i < bi; ++i) {
-        T factor, rowsum;  // out_i = factor·acc_i − [diffusion] rowsum·u_i
-        if (log_domain) {
-          const T log_r = cf ? st.m[i] + std::log(st.l[i]) : st.m2[i] + std::log(st.h[i]);
-          stat[i] = log_r;
-          T log_a = T(0);
-          if (o.normalize == Normalize::Count) log_a = -std::log(static_cast<T>(m));
-          if (o.normalize == Normalize::Row) log_a = -log_r;
-          if (o.normalize == Normalize::Sym) log_a = T(-0.5) * log_r;
-          factor = std::exp(st.m2[i] + log_a);
-          rowsum = factor * st.h[i];
-        } else {
-          const T ri = st.r[i];
-          stat[i] = ri;
-          T a = T(1);
-          if (o.normalize == Normalize::Count) a = T(1) / static_cast<T>(m);
-          if (o.normalize == Normalize::Row) a = ri == T(0) ? T(0) : T(1) / ri;
-          if (o.normalize == Normalize::Sym) a = ri == T(0) ? T(0) : T(1) / std::sqrt(ri);
-          factor = a;
-          rowsum = a * (cf ? st.h[i] : ri);
-        }
-        const T* acc = st.acc.data() + i * c;
-        T* dst = out_rows + i * c;
-        for (int64_t e = 0; e < c; ++e) dst[e] = factor * acc[e];
-        if (u_rows)
-          for (int64_t e = 0; e < c; ++e) dst[e] -= rowsum * u_rows[i * c + e];
+  const bool with_b = colf.defined();
+  for_each_row_block<T>(q, k, qn, kn, v, colf, o, [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
+    T* out_rows = out[bt].data_ptr<T>() + i0 * c;
+    T* stat = row_stats[bt].data_ptr<T>() + i0;
+    const T* u_rows = u.defined() ? u[bt].data_ptr<T>() + i0 * c : nullptr;
+    for (int64_t i = 0; i < bi; ++i) {
+      T factor, rowsum;  // out_i = factor·acc_i − [diffusion] rowsum·u_i
+      if (log_domain) {
+        const T log_r = with_b ? st.m[i] + std::log(st.l[i]) : st.m2[i] + std::log(st.h[i]);
+        stat[i] = log_r;
+        T log_a = T(0);
+        if (o.normalize == Normalize::Count) log_a = -std::log(static_cast<T>(m));
+        if (o.normalize == Normalize::Row) log_a = -log_r;
+        if (o.normalize == Normalize::Sym) log_a = T(-0.5) * log_r;
+        factor = std::exp(st.m2[i] + log_a);
+        rowsum = factor * st.h[i];
+      } else {
+        const T ri = st.r[i];
+        stat[i] = ri;
+        T a = T(1);
+        if (o.normalize == Normalize::Count) a = T(1) / static_cast<T>(m);
+        if (o.normalize == Normalize::Row) a = ri == T(0) ? T(0) : T(1) / ri;
+        if (o.normalize == Normalize::Sym) a = ri == T(0) ? T(0) : T(1) / std::sqrt(ri);
+        factor = a;
+        rowsum = a * (with_b ? st.h[i] : ri);
       }
+      const T* acc = st.acc.data() + i * c;
+      T* dst = out_rows + i * c;
+      for (int64_t e = 0; e < c; ++e) dst[e] = factor * acc[e];
+      if (u_rows)
+        for (int64_t e = 0; e < c; ++e) dst[e] -= rowsum * u_rows[i * c + e];
     }
   });
   return {out, row_stats, col_stats};
@@ -710,6 +713,12 @@ struct GradientParts {
 // Vectors of the tile formulas: normalization factors, row/column terms, G·u.
 struct BackwardVectors {
   at::Tensor qn, kn, a, b, R, X, Y, gu;
+
+  template <typename T>
+  BackwardRows<T> rows_of(int64_t bt) const {  // the pointers of batch element bt
+    return {a[bt].data_ptr<T>(), b[bt].data_ptr<T>(), R[bt].data_ptr<T>(),
+            X[bt].data_ptr<T>(), Y[bt].data_ptr<T>(), gu[bt].data_ptr<T>()};
+  }
 };
 
 // Where one tile's gradient contributions go: base pointers of row-indexed (rows of q) and
@@ -782,8 +791,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
-      const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
-                                bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
+      const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* none = nullptr;
       const TileSinks<T> sinks{
           parts.dv[bt].data_ptr<T>(), dq_part[bt][grp].data_ptr<T>(), parts.dk_cols[bt].data_ptr<T>(),
@@ -857,8 +865,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
-      const BackwardRows<T> vec{bv.a[bt].data_ptr<T>(), bv.b[bt].data_ptr<T>(), bv.R[bt].data_ptr<T>(),
-                                bv.X[bt].data_ptr<T>(), bv.Y[bt].data_ptr<T>(), bv.gu[bt].data_ptr<T>()};
+      const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* Sb = S[bt].data_ptr<T>();
       T* none = nullptr;
       const TileSinks<T> sinks{
