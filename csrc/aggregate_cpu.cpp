@@ -505,33 +505,36 @@ KernelArgs<T> kernel_args(const Options& o) {
   return {static_cast<T>(o.scale), static_cast<T>(0.5 * o.power), static_cast<T>(o.gamma), static_cast<T>(o.eps)};
 }
 
-// Normalization factors from the statistics (log factors for gaussian):
-// row: a = 1/r (log: −log r);  sym: a = r^−½, b = c^−½ (log: −½ log r, −½ log c);
-// count: a = 1/M; none: 1. A zero sum gives a zero factor (safe divide).
-at::Tensor safe_inverse_power(const at::Tensor& sums, double exponent) {
-  auto zero = sums == 0;
-  return at::where(zero, at::zeros_like(sums), at::where(zero, at::ones_like(sums), sums).pow(-exponent));
-}
-
-at::Tensor row_factor(const at::Tensor& row_stats, const Options& o, int64_t m) {
+// Normalization factor from a statistic (log factor for gaussian), Â = diag(a) W diag(b):
+// none a = 1 · count a = 1/M · row a = 1/r · sym a = r^−½, and b = c^−½ (the same formula on the
+// column sums). A zero sum gives a zero factor (safe divide); a negative one under sym, NaN.
+// The forward's output scaling and the backward's factors both take it from here.
+template <typename T>
+T row_factor(T stat, const Options& o, int64_t m) {
   const bool log_domain = o.kernel == Kernel::Gaussian;
   switch (o.normalize) {
     case Normalize::None:
-      return log_domain ? at::zeros_like(row_stats) : at::ones_like(row_stats);
+      return log_domain ? T(0) : T(1);
     case Normalize::Count:
-      return log_domain ? at::full_like(row_stats, -std::log(static_cast<double>(m)))
-                        : at::full_like(row_stats, 1.0 / static_cast<double>(m));
+      return log_domain ? -std::log(static_cast<T>(m)) : T(1) / static_cast<T>(m);
     case Normalize::Row:
-      return log_domain ? -row_stats : safe_inverse_power(row_stats, 1.0);
+      return log_domain ? -stat : (stat == T(0) ? T(0) : T(1) / stat);
     case Normalize::Sym:
-      return log_domain ? -0.5 * row_stats : safe_inverse_power(row_stats, 0.5);
+      return log_domain ? T(-0.5) * stat : (stat == T(0) ? T(0) : T(1) / std::sqrt(stat));
   }
-  return row_stats;
+  return stat;
 }
 
-at::Tensor column_factor(const at::Tensor& col_stats, const Options& o) {
-  return o.kernel == Kernel::Gaussian ? -0.5 * col_stats : safe_inverse_power(col_stats, 0.5);
+template <typename T>
+at::Tensor row_factors(const at::Tensor& row_stats, const Options& o, int64_t m) {
+  const at::Tensor stats = row_stats.contiguous();
+  auto factors = at::empty_like(stats);
+  const T* src = stats.data_ptr<T>();
+  T* dst = factors.data_ptr<T>();
+  for (int64_t i = 0; i < stats.numel(); ++i) dst[i] = row_factor(src[i], o, m);
+  return factors;
 }
+
 
 at::Tensor squared_norms(const at::Tensor& x, const Options& o) {
   return is_distance(o.kernel) ? x.square().sum(-1) : at::Tensor();
@@ -605,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   at::Tensor colf;  // b_j (log b_j) of sym, else undefined (b = 1)
   if (o.normalize == Normalize::Sym) {
     col_stats.copy_(normalizer_pass<T>(k, q, kn, qn, o));
-    colf = column_factor(col_stats, o);
+    colf = row_factors<T>(col_stats, o, m);
   }
   const bool with_b = colf.defined();
   for_each_row_block<T>(q, k, qn, kn, v, colf, o, [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
@@ -617,21 +620,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
       if (log_domain) {
         const T log_r = with_b ? st.m[i] + std::log(st.l[i]) : st.m2[i] + std::log(st.h[i]);
         stat[i] = log_r;
-        T log_a = T(0);
-        if (o.normalize == Normalize::Count) log_a = -std::log(static_cast<T>(m));
-        if (o.normalize == Normalize::Row) log_a = -log_r;
-        if (o.normalize == Normalize::Sym) log_a = T(-0.5) * log_r;
-        factor = std::exp(st.m2[i] + log_a);
+        factor = std::exp(st.m2[i] + row_factor(log_r, o, m));
         rowsum = factor * st.h[i];
       } else {
         const T ri = st.r[i];
         stat[i] = ri;
-        T a = T(1);
-        if (o.normalize == Normalize::Count) a = T(1) / static_cast<T>(m);
-        if (o.normalize == Normalize::Row) a = ri == T(0) ? T(0) : T(1) / ri;
-        if (o.normalize == Normalize::Sym) a = ri == T(0) ? T(0) : T(1) / std::sqrt(ri);
-        factor = a;
-        rowsum = a * (with_b ? st.h[i] : ri);
+        factor = row_factor(ri, o, m);
+        rowsum = factor * (with_b ? st.h[i] : ri);
       }
       const T* acc = st.acc.data() + i * c;
       T* dst = out_rows + i * c;
@@ -948,8 +943,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.qn = squared_norms(q, o);
   bv.kn = squared_norms(k, o);
   bv.gu = o.diffusion ? (g * u).sum(-1) : at::zeros({batch, n}, q.options());
-  bv.a = row_factor(row_stats, o, m);
-  bv.b = symnorm ? column_factor(col_stats, o)
+  bv.a = row_factors<T>(row_stats, o, m);
+  bv.b = symnorm ? row_factors<T>(col_stats, o, m)
                  : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
   bv.R = bv.X = at::zeros_like(bv.gu);
   bv.Y = at::zeros({batch, m}, q.options());
