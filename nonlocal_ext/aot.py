@@ -17,9 +17,9 @@ the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` 
     mma_instructions  HMMA + HGMMA instructions in the SASS (tensor cores)
 
 The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
-normalization × {aggregate, diffusion} × symmetric, in float16 and float32 for the forward, column and
-row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·2 = 128 combinations, about 450
-compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
+normalization × {aggregate, diffusion} × symmetric, in float16, bfloat16 and float32 for the forward,
+column and row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·3 = 192 combinations, about
+675 compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
 diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
 and dtype at least once.
 """
@@ -38,7 +38,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 AFFINITIES = ("gaussian", "rbf", "fractional", "log")
 NORMALIZATIONS = ("none", "count", "row", "sym")
-DTYPES = ("fp16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32")
 
 #: (kernel, normalize, diffusion, symmetric, dtype) of the quick set.
 QUICK = [
@@ -46,6 +46,7 @@ QUICK = [
     ("rbf", "sym", True, True, "fp32"),
     ("fractional", "none", True, False, "fp16"),
     ("log", "count", False, True, "fp32"),
+    ("gaussian", "sym", True, False, "bf16"),
 ]
 
 
@@ -115,7 +116,7 @@ def compile_variant(row, arch: str) -> dict:
 
     family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even = row
     cap = int(arch.split("_")[1])
-    input_type = {"fp16": "fp16", "fp32": "fp32"}[dtype]
+    input_type = dtype  # the Triton pointer type: fp16, bf16 or fp32
     if family == "preprocess":
         fn = aggregate.preprocess_kernel
         config = configs.configs_for("preprocess", True)[0]
@@ -124,7 +125,7 @@ def compile_variant(row, arch: str) -> dict:
     else:
         fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
         config = configs.configs_for(family, dtype == "fp32", symmetric)[0]
-        torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+        torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":
             constexprs["WITH_VALUES"] = phase != "column_sums"
@@ -201,7 +202,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the rows to this file")
     parser.add_argument("--set", dest="which", choices=["full", "heavy", "quick"], default="full",
                         help="full: every shipped variant; heavy: the symmetric+sym+diffusion variant of each "
-                             "affinity and dtype; quick: a covering subset of 4 (CI)")
+                             "affinity and dtype; quick: a covering subset of 5 (CI)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]

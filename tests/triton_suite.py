@@ -7,14 +7,22 @@ make the other test files' CPU tensors eligible for ``backend="triton"``). Run a
     TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_triton.py
 
 Every output buffer is pre-filled with NaN (``launchers.POISON_OUTPUTS``), so an element that a
-kernel does not write fails every comparison below. bfloat16 is not run: the interpreter's bfloat16
-``tl.dot`` gives wrong products (backend="triton" refuses bfloat16 on CPU tensors and says why).
+kernel does not write fails every comparison below.
+
+bfloat16: Triton 3.9's interpreter multiplies the uint16 bit patterns in a bfloat16 ``tl.dot``
+(triton-lang/triton#11584; its loads, casts and stores are right), so ``backend="triton"`` refuses
+bfloat16 on CPU tensors there. The bfloat16 tests install :func:`exact_bfloat16_dot`, which converts
+bfloat16 operands of the interpreter's dot to float32 first: what a tensor core computes (bfloat16
+products are exact in float32, accumulated in float32). The kernels run unchanged.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import triton.language as tl
+from triton.runtime import interpreter
 
 import nonlocal_ext
 from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs, run
@@ -26,6 +34,26 @@ assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 se
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(launchers, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def exact_bfloat16_dot(monkeypatch):
+    """The interpreter's ``tl.dot`` with bfloat16 operands converted to float32 (see the module docstring)."""
+    unpatched = interpreter.InterpreterBuilder.create_dot
+
+    def as_float32(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle(interpreter._convert_float(handle.data, tl.bfloat16, tl.float32, None)
+                                        .view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        return unpatched(self, as_float32(a), as_float32(b), acc, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(launchers, "_BFLOAT16_DOT_EXACT", None)  # probe again, patched
+    yield
+    launchers._BFLOAT16_DOT_EXACT = None  # and again once unpatched
 
 
 def square_only(combo):
@@ -98,6 +126,19 @@ def test_float16_inputs(combo):
     """float16 inputs accumulate in float32: within 2× plain PyTorch's float16 error plus the table's atol."""
     n, m = (67, 67) if square_only(combo) else (67, 33)
     check_against_reference(combo, ((2,), n, m, 5, 3), torch.float16)
+
+
+@pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
+                                   ("gaussian", "sym", "diffusion", True, True),
+                                   ("rbf", "sym", "diffusion", False, True),
+                                   ("fractional", "row", "diffusion", False, False),
+                                   ("log", "none", "diffusion", True, False)], ids=combo_id)
+def test_bfloat16_inputs(combo, exact_bfloat16_dot):
+    """bfloat16 inputs through the kernels' half path (bfloat16 loads, casts to bfloat16 dot operands,
+    float32 accumulation; gaussian + row/sym casts Â to bfloat16): within 2× plain PyTorch's bfloat16
+    error plus the table's atol, values and all gradients. D = 200, C = 130 mask the feature tails."""
+    n, m = (67, 67) if square_only(combo) else (67, 33)
+    check_against_reference(combo, ((2,), n, m, 200, 130), torch.bfloat16, noncontiguous=True)
 
 
 GRADCHECK_COMBOS = [
@@ -198,10 +239,17 @@ def test_auto_on_cpu_does_not_take_triton():
     assert backends.select("auto", spec, q, q).NAME != "triton"
 
 
-def test_bfloat16_is_refused_under_the_interpreter():
+def test_bfloat16_is_refused_by_an_interpreter_whose_dot_is_wrong():
+    """The pinned triton (3.9.0) has triton-lang/triton#11584: the probe sees it, the backend says why."""
+    launchers._BFLOAT16_DOT_EXACT = None
+    assert launchers.interpreter_takes_bfloat16() is False
     q = torch.randn(1, 8, 3, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="bfloat16 tl.dot"):
+    with pytest.raises(ValueError, match="bfloat16 tl.dot multiplies bit patterns"):
         nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf", backend="triton")
+
+
+def test_bfloat16_probe_accepts_an_exact_dot(exact_bfloat16_dot):
+    assert launchers.interpreter_takes_bfloat16() is True
 
 
 def test_custom_op_opcheck():

@@ -36,7 +36,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import NORM_COUNT, NORM_ROW, NORM_SYM, load_rows, store_rows, value_dot, weight_tile
+from .tiles import NORM_COUNT, NORM_ROW, NORM_SYM, load_rows, store_rows, tile_dot, value_dot, weight_tile
+
+
+@triton.jit
+def _kernel_params(params_ptr):
+    """``(scale, power, gamma, eps)``, stored by the launcher as one 4-vector."""
+    return tl.load(params_ptr + 0), tl.load(params_ptr + 1), tl.load(params_ptr + 2), tl.load(params_ptr + 3)
 
 
 @triton.jit
@@ -85,10 +91,7 @@ def forward_kernel(
     k_sq_ptr += batch * M
     col_factor_ptr += batch * M
     row_stats_ptr += batch * N
-    scale = tl.load(params_ptr + 0)
-    power = tl.load(params_ptr + 1)
-    gamma = tl.load(params_ptr + 2)
-    eps = tl.load(params_ptr + 3)
+    scale, power, gamma, eps = _kernel_params(params_ptr)
 
     rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < N
@@ -169,6 +172,15 @@ def preprocess_kernel(g_ptr, out_ptr, u_ptr, s_ptr, gu_ptr, N, C, n_bucket, m_bu
 
 
 @triton.jit
+def _backward_inputs(batch, N, M, D, C, q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, s_ptr, gu_ptr,
+                     col_factor_ptr, t_ptr):
+    """The inputs of both backward passes, moved to batch element ``batch`` (an int64)."""
+    return (q_ptr + batch * N * D, k_ptr + batch * M * D, v_ptr + batch * M * C, g_ptr + batch * N * C,
+            q_sq_ptr + batch * N, k_sq_ptr + batch * M, row_factor_ptr + batch * N, s_ptr + batch * N,
+            gu_ptr + batch * N, col_factor_ptr + batch * M, t_ptr + batch * M)
+
+
+@triton.jit
 def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr,
                    s_ptr, gu_ptr, t_ptr, rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
                    KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
@@ -191,12 +203,8 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
     else:
         a_hat = tl.where(valid, row_factor[:, None] * z * col_factor[None, :], 0.0)
 
-    d_a_hat = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
-    for c0 in tl.range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        g = load_rows(g_ptr, rows, row_mask, offs_c, C, EVEN_C)
-        v = load_rows(v_ptr, cols, col_mask, offs_c, C, EVEN_C)
-        d_a_hat = tl.dot(g, tl.trans(v), d_a_hat, input_precision=QK_PRECISION)
+    d_a_hat = tile_dot(g_ptr, v_ptr, rows, cols, row_mask, col_mask, C, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
+                       EVEN_C, QK_PRECISION, BLOCK_C)
     if DIFFUSION:
         d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
 
@@ -246,24 +254,13 @@ def column_kernel(
     pid_j = tl.program_id(0)
     pid_f = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    q_ptr += batch * N * D
-    k_ptr += batch * M * D
-    v_ptr += batch * M * C
-    g_ptr += batch * N * C
+    q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, s_ptr, gu_ptr, col_factor_ptr, t_ptr = \
+        _backward_inputs(batch, N, M, D, C, q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, s_ptr,
+                         gu_ptr, col_factor_ptr, t_ptr)
     dv_ptr += batch * M * C
     dk_ptr += batch * M * D
     dq_swap_ptr += batch * M * D
-    q_sq_ptr += batch * N
-    k_sq_ptr += batch * M
-    row_factor_ptr += batch * N
-    s_ptr += batch * N
-    gu_ptr += batch * N
-    col_factor_ptr += batch * M
-    t_ptr += batch * M
-    scale = tl.load(params_ptr + 0)
-    power = tl.load(params_ptr + 1)
-    gamma = tl.load(params_ptr + 2)
-    eps = tl.load(params_ptr + 3)
+    scale, power, gamma, eps = _kernel_params(params_ptr)
 
     cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < M
@@ -331,24 +328,13 @@ def row_kernel(
     pid_i = tl.program_id(0)
     pid_f = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-    q_ptr += batch * N * D
-    k_ptr += batch * M * D
-    v_ptr += batch * M * C
-    g_ptr += batch * N * C
+    q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, s_ptr, gu_ptr, col_factor_ptr, t_ptr = \
+        _backward_inputs(batch, N, M, D, C, q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, s_ptr,
+                         gu_ptr, col_factor_ptr, t_ptr)
     dq_ptr += batch * N * D
     dk_swap_ptr += batch * N * D
     du_ptr += batch * N * C
-    q_sq_ptr += batch * N
-    k_sq_ptr += batch * M
-    row_factor_ptr += batch * N
-    s_ptr += batch * N
-    gu_ptr += batch * N
-    col_factor_ptr += batch * M
-    t_ptr += batch * M
-    scale = tl.load(params_ptr + 0)
-    power = tl.load(params_ptr + 1)
-    gamma = tl.load(params_ptr + 2)
-    eps = tl.load(params_ptr + 3)
+    scale, power, gamma, eps = _kernel_params(params_ptr)
 
     rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < N

@@ -66,6 +66,33 @@ def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
     _tuned(kernel, configs, with_even)[lambda meta: grid_of(meta)](*args, **buckets, **constexprs)
 
 
+@triton.jit
+def _dot_probe_kernel(a_ptr, b_ptr, c_ptr, SIZE: tl.constexpr):
+    rows = tl.arange(0, SIZE)
+    tile = rows[:, None] * SIZE + rows[None, :]
+    tl.store(c_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
+
+
+_BFLOAT16_DOT_EXACT: bool | None = None
+
+
+def interpreter_takes_bfloat16() -> bool:
+    """Whether this process's Triton interpreter computes a bfloat16 ``tl.dot`` correctly.
+
+    Triton 3.9's interpreter stores bfloat16 as uint16 and multiplies the bit patterns in ``tl.dot``
+    (triton-lang/triton#11584); bfloat16 loads, casts and stores are right. One 16 × 16 product of
+    small integers (exact in bfloat16 and float32) decides, once per process.
+    """
+    global _BFLOAT16_DOT_EXACT
+    if _BFLOAT16_DOT_EXACT is None:
+        ints = torch.arange(16 * 16).reshape(16, 16)
+        a, b = (ints % 5 - 2).to(torch.bfloat16), (ints % 3 - 1).to(torch.bfloat16).T.contiguous()
+        c = torch.full((16, 16), math.nan)
+        _dot_probe_kernel[(1,)](a, b, c, SIZE=16)
+        _BFLOAT16_DOT_EXACT = torch.equal(c, a.float() @ b.float())
+    return _BFLOAT16_DOT_EXACT
+
+
 def _block_names(configs):
     return list(configs[0].kwargs)
 

@@ -82,17 +82,25 @@ def store_rows(ptr, rows, row_mask, offs, width, value):
 
 
 @triton.jit
+def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.constexpr, PRECISION: tl.constexpr,
+             BLOCK: tl.constexpr):
+    """``acc + a[rows] @ b[cols]ᵀ`` for contiguous (·, width) matrices a and b, in slices of ``BLOCK``."""
+    for w0 in tl.range(0, width, BLOCK):
+        offs = w0 + tl.arange(0, BLOCK)
+        a = load_rows(a_ptr, rows, row_mask, offs, width, EVEN)
+        b = load_rows(b_ptr, cols, col_mask, offs, width, EVEN)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
               IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr, EVEN_D: tl.constexpr,
               QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(x, coincident)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖²."""
-    s = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
-    for d0 in tl.range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = load_rows(a_ptr, rows, row_mask, offs_d, D, EVEN_D)
-        b = load_rows(b_ptr, cols, col_mask, offs_d, D, EVEN_D)
-        s = tl.dot(a, tl.trans(b), s, input_precision=QK_PRECISION)
+    s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
+                 EVEN_D, QK_PRECISION, BLOCK_D)
     if IS_DISTANCE:
         a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
         b_sq = tl.load(b_sq_ptr + cols, mask=col_mask, other=0.0)

@@ -47,9 +47,9 @@ def unsupported_reason(spec, query) -> str | None:
             return "backend='triton' does not run float64 on CUDA (float64 is verified under the interpreter only)"
         return None
     if device == "cpu" and launchers.INTERPRETED:
-        if query.dtype == torch.bfloat16:
-            return ("backend='triton' under the Triton interpreter does not take bfloat16: the interpreter's "
-                    "bfloat16 tl.dot gives wrong products")
+        if query.dtype == torch.bfloat16 and not launchers.interpreter_takes_bfloat16():
+            return ("backend='triton' under the Triton interpreter does not take bfloat16: this interpreter's "
+                    "bfloat16 tl.dot multiplies bit patterns (triton-lang/triton#11584)")
         return None
     return (f"backend='triton' runs on CUDA tensors (on CPU tensors only with TRITON_INTERPRET=1 set before "
             f"first use); got a {device} tensor")
