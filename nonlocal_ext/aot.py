@@ -15,6 +15,7 @@ the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` 
     shared_bytes      static shared memory (SHARED in the resource usage; the launch adds Triton's
                       dynamic shared memory, reported as shared_dynamic_bytes)
     mma_instructions  HMMA + HGMMA instructions in the SASS (tensor cores)
+    mma_operand_types their operand types (F16, BF16, TF32)
 
 The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
 normalization × {aggregate, diffusion} × symmetric, in float16, bfloat16 and float32 for the forward,
@@ -161,9 +162,12 @@ def _resource_usage(cubin: bytes, arch: str) -> dict:
         match = re.search(rf"\b{key}:(\d+)", usage)
         return int(match.group(1)) if match else 0
 
-    mma = len(re.findall(r"\b(?:HMMA|HGMMA)\b", sass))
+    # HMMA.16816.F32 (float16 operands), HMMA.16816.F32.BF16, HMMA.1688.F32.TF32, HGMMA.64x32x16.F32.BF16:
+    # shape, accumulator type, then the operand type unless it is float16
+    mma = re.findall(r"\bH(?:G)?MMA((?:\.\w+)*)", sass)
+    operands = {fields.split(".")[-1] if fields.split(".")[-1] in ("BF16", "TF32") else "F16" for fields in mma}
     return dict(registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), shared_bytes=field("SHARED"),
-                mma_instructions=mma)
+                mma_instructions=len(mma), mma_operand_types=sorted(operands))
 
 
 def _job(args):
@@ -196,6 +200,26 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def summary(results) -> str:
+    """One line per (kernel family, dtype, arch): variant count and the ranges over its variants."""
+    groups = {}
+    for r in results:
+        if "error" in r:
+            continue
+        dtype = next(part for part in r["variant"].split("-") if part in DTYPES)
+        groups.setdefault((r["kernel"], dtype, r["arch"]), []).append(r)
+    header = (f"{'kernel':<10} {'dtype':<5} {'arch':<6} {'variants':>8} {'registers':>9} {'max spill':>9} "
+              f"{'max smem+dyn':>12} {'mma':>7}")
+    lines = [header, "-" * len(header)]
+    for (kernel, dtype, arch), rows in sorted(groups.items()):
+        regs = [r["registers"] for r in rows]
+        mma = [r["mma_instructions"] for r in rows]
+        smem = max(r["shared_bytes"] + r["shared_dynamic_bytes"] for r in rows)
+        lines.append(f"{kernel:<10} {dtype:<5} {arch:<6} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
+                     f"{max(r['spill_bytes'] for r in rows):>9} {smem:>12} {min(mma):>3}–{max(mma):<3}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nonlocal_ext.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
@@ -211,6 +235,8 @@ def main(argv=None):
             parser.error(f"--arch takes targets like sm_80, got {arch!r}")
     results = run(archs, which=args.which, jobs=args.jobs)
     print(table(results))
+    print()
+    print(summary(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,8 +1,9 @@
 """`python -m nonlocal_ext.aot` compiles the Triton kernels for sm_80 and sm_90 with no GPU (DESIGN §3).
 
-CI compiles the quick set (every affinity, normalization, update, symmetric flag and dtype at least
-once; about 40 compilations): every variant compiles on both targets, spills nothing (STACK + LOCAL = 0),
-and every fused kernel family uses tensor-core instructions (HMMA / HGMMA). The full set is
+CI compiles the quick set (every affinity, normalization, update, symmetric flag and dtype (fp16, bf16,
+fp32) at least once; about 60 compilations): every variant compiles on both targets, spills nothing
+(STACK + LOCAL = 0), every fused kernel family uses tensor-core instructions (HMMA / HGMMA), and their
+operand type follows the input dtype. The full set is
 `python -m nonlocal_ext.aot --arch sm_80,sm_90 --json FILE` (see bench/NOTES_triton.md).
 
 Run alone: .venv/bin/python -m pytest -q tests/test_aot.py
@@ -17,7 +18,8 @@ import sys
 
 import pytest
 
-KEYS = {"kernel", "variant", "arch", "registers", "spill_bytes", "shared_bytes", "mma_instructions"}
+KEYS = {"kernel", "variant", "arch", "registers", "spill_bytes", "shared_bytes", "mma_instructions",
+        "mma_operand_types"}
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,19 @@ def test_fused_kernels_use_tensor_cores(report):
             assert family_rows
             without = [r["variant"] for r in family_rows if r["mma_instructions"] == 0]
             assert not without, f"{family} on {arch} without HMMA/HGMMA: {without}"
+
+
+def test_tensor_core_operands_follow_the_input_dtype(report):
+    """Half variants multiply q·kᵀ in their own type (F16 / BF16 operands); float32 variants only in tf32 (tf32x3)."""
+    _, rows = report
+    expected = {"fp16": "F16", "bf16": "BF16", "fp32": "TF32"}
+    checked = set()
+    for r in rows:
+        if r["kernel"] == "preprocess":
+            continue
+        dtype = next(part for part in r["variant"].split("-") if part in expected)
+        assert expected[dtype] in r["mma_operand_types"], (r["variant"], r["arch"], r["mma_operand_types"])
+        if dtype == "fp32":
+            assert r["mma_operand_types"] == ["TF32"], (r["variant"], r["arch"], r["mma_operand_types"])
+        checked.add(dtype)
+    assert checked == set(expected)
