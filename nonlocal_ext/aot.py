@@ -1,11 +1,11 @@
 """Compile the shipped Triton kernel variants for real GPU targets without a GPU, and report their resources.
 
-    python -m nonlocal_ext.aot --arch sm_80,sm_90 --json FILE [--all]
+    python -m nonlocal_ext.aot --arch sm_80,sm_90 --json FILE [--set full|heavy|quick|targets] [--configs all]
 
 Each variant is compiled with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda",
 cap, 32))`` at the default (first) configuration of its autotune list (:mod:`nonlocal_ext.triton_kernels.configs`);
 the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` that the triton wheel ships
-(DESIGN §3). One JSON row per (kernel, variant, arch):
+(DESIGN §3). One JSON row per (kernel, variant, arch, config):
 
     kernel            forward | column | row | preprocess (the kernel family)
     variant           affinity-normalize-update[-symmetric]-dtype (plus the column pass phase)
@@ -16,13 +16,16 @@ the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` 
                       dynamic shared memory, reported as shared_dynamic_bytes)
     mma_instructions  HMMA + HGMMA instructions in the SASS (tensor cores)
     mma_operand_types their operand types (F16, BF16, TF32)
+    config            index in the autotune list (0: the default), with its tiles, num_warps, num_stages
 
 The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
 normalization × {aggregate, diffusion} × symmetric, in float16, bfloat16 and float32 for the forward,
 column and row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·3 = 192 combinations, about
-675 compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry one of each affinity and dtype (sym +
-diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
-and dtype at least once.
+675 compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry
+one of each affinity and dtype (sym + diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
+and dtype at least once; ``--set targets`` the variants of the README's GPU targets. ``--configs all``
+compiles every configuration of each autotune list that is listed for the target instead of the
+default one (the ``config`` field is the index in the list).
 """
 
 from __future__ import annotations
@@ -51,6 +54,15 @@ QUICK = [
 ]
 
 
+#: The variants behind the GPU targets of the README: gaussian + row (half inputs), fractional + row.
+TARGETS = [
+    ("gaussian", "row", False, False, "fp16"),
+    ("gaussian", "row", False, False, "bf16"),
+    ("fractional", "row", False, False, "fp16"),
+    ("fractional", "row", False, False, "fp32"),
+]
+
+
 def _tools():
     import triton
     base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -75,7 +87,9 @@ def variants(which: str = "full"):
         combos = QUICK
     elif which == "heavy":  # the most register-hungry variant of each affinity, in each dtype
         combos = [(k, "sym", True, True, dt) for k in AFFINITIES for dt in DTYPES]
-    tails = [] if which == "full" else combos[:2]  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
+    elif which == "targets":  # the variants of the README's GPU targets
+        combos = TARGETS
+    tails = combos[:2] if which in ("quick", "heavy") else []  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
     for (kernel, normalize, diffusion, symmetric, dtype), even in [(c, True) for c in combos] + [(c, False) for c in tails]:
         name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
                         + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
@@ -104,8 +118,9 @@ def _signature(fn, constexprs, pointer_dtypes, int_type="i32"):
     return sig
 
 
-def compile_variant(row, arch: str) -> dict:
-    """Compile one variant for ``arch`` (``sm_80``) and return its JSON row."""
+def compile_variant(row, arch: str, config_index: int = 0) -> dict:
+    """Compile one variant for ``arch`` (``sm_80``) at entry ``config_index`` of its autotune list (0: the
+    default) and return its JSON row."""
     import torch
     import triton
     import triton.language as tl
@@ -120,12 +135,12 @@ def compile_variant(row, arch: str) -> dict:
     input_type = dtype  # the Triton pointer type: fp16, bf16 or fp32
     if family == "preprocess":
         fn = aggregate.preprocess_kernel
-        config = configs.configs_for("preprocess", True)[0]
+        config = configs.configs_for("preprocess", True)[config_index]
         constexprs = dict(DIFFUSION=diffusion, ACC_DTYPE=tl.float32, **config.kwargs)
         pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
     else:
         fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
-        config = configs.configs_for(family, dtype == "fp32", symmetric)[0]
+        config = configs.configs_for(family, dtype == "fp32", symmetric)[config_index]
         torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":
@@ -144,7 +159,7 @@ def compile_variant(row, arch: str) -> dict:
     usage = _resource_usage(compiled.asm["cubin"], arch)
     usage.update(kernel=family, variant=name, arch=arch,
                  shared_dynamic_bytes=int(compiled.metadata.shared),
-                 num_warps=config.num_warps, num_stages=config.num_stages,
+                 config=config_index, num_warps=config.num_warps, num_stages=config.num_stages,
                  blocks={k: v for k, v in config.kwargs.items()})
     return usage
 
@@ -171,16 +186,29 @@ def _resource_usage(cubin: bytes, arch: str) -> dict:
 
 
 def _job(args):
-    row, arch = args
+    row, arch, config_index = args
     try:
-        return compile_variant(row, arch)
+        return compile_variant(row, arch, config_index)
     except Exception as error:  # reported as a failed row, the test asserts there are none
         family, name = row[0], row[1]
-        return dict(kernel=family, variant=name, arch=arch, error=f"{type(error).__name__}: {error}"[:2000])
+        return dict(kernel=family, variant=name, arch=arch, config=config_index,
+                    error=f"{type(error).__name__}: {error}"[:2000])
 
 
-def run(archs, which="full", jobs=None):
-    rows = [(row, arch) for row in variants(which) for arch in archs]
+def config_indices(row, arch: str) -> list[int]:
+    """Indices of the autotune list of ``row`` that are verified for ``arch`` (its target)."""
+    from .triton_kernels import configs
+    family, dtype, symmetric = row[0], row[6], row[5]
+    cap = int(arch.split("_")[1])
+    target = configs.target_of((cap // 10, cap % 10))
+    return [i for i, c in enumerate(configs.configs_for(family, dtype == "fp32", symmetric)) if target in c.archs]
+
+
+def run(archs, which="full", jobs=None, all_configs=False):
+    """Compile the set ``which`` for ``archs``: each variant at its default configuration, or at every
+    configuration of its autotune list verified for the arch with ``all_configs``."""
+    rows = [(row, arch, index) for row in variants(which) for arch in archs
+            for index in (config_indices(row, arch) if all_configs else [0])]
     jobs = jobs or max(1, min(len(rows), os.cpu_count() or 1))
     if jobs == 1:
         return [_job(r) for r in rows]
@@ -189,33 +217,38 @@ def run(archs, which="full", jobs=None):
 
 
 def table(results) -> str:
-    header = f"{'kernel':<10} {'variant':<56} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}"
+    header = (f"{'kernel':<10} {'variant':<56} {'arch':<6} {'cfg':>3} {'tiles (I×J×D×C/warps/stages)':<28} "
+              f"{'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}")
     lines = [header, "-" * len(header)]
     for r in results:
+        head = f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} {r.get('config', 0):>3}"
         if "error" in r:
-            lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} ERROR {r['error'][:120]}")
+            lines.append(f"{head} ERROR {r['error'][:120]}")
             continue
-        lines.append(f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} {r['registers']:>4} {r['spill_bytes']:>5} "
+        b = r["blocks"]
+        tiles = "×".join(str(b[k]) for k in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_C") if k in b)
+        tiles += f"/{r['num_warps']}/{r['num_stages']}"
+        lines.append(f"{head} {tiles:<28} {r['registers']:>4} {r['spill_bytes']:>5} "
                      f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5}")
     return "\n".join(lines)
 
 
 def summary(results) -> str:
-    """One line per (kernel family, dtype, arch): variant count and the ranges over its variants."""
+    """One line per (kernel family, dtype, arch, configuration): variant count and ranges over the variants."""
     groups = {}
     for r in results:
         if "error" in r:
             continue
         dtype = next(part for part in r["variant"].split("-") if part in DTYPES)
-        groups.setdefault((r["kernel"], dtype, r["arch"]), []).append(r)
-    header = (f"{'kernel':<10} {'dtype':<5} {'arch':<6} {'variants':>8} {'registers':>9} {'max spill':>9} "
+        groups.setdefault((r["kernel"], dtype, r["arch"], r.get("config", 0)), []).append(r)
+    header = (f"{'kernel':<10} {'dtype':<5} {'arch':<6} {'cfg':>3} {'variants':>8} {'registers':>9} {'max spill':>9} "
               f"{'max smem+dyn':>12} {'mma':>7}")
     lines = [header, "-" * len(header)]
-    for (kernel, dtype, arch), rows in sorted(groups.items()):
+    for (kernel, dtype, arch, config), rows in sorted(groups.items()):
         regs = [r["registers"] for r in rows]
         mma = [r["mma_instructions"] for r in rows]
         smem = max(r["shared_bytes"] + r["shared_dynamic_bytes"] for r in rows)
-        lines.append(f"{kernel:<10} {dtype:<5} {arch:<6} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
+        lines.append(f"{kernel:<10} {dtype:<5} {arch:<6} {config:>3} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
                      f"{max(r['spill_bytes'] for r in rows):>9} {smem:>12} {min(mma):>3}–{max(mma):<3}")
     return "\n".join(lines)
 
@@ -224,16 +257,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nonlocal_ext.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
     parser.add_argument("--json", help="write the rows to this file")
-    parser.add_argument("--set", dest="which", choices=["full", "heavy", "quick"], default="full",
+    parser.add_argument("--set", dest="which", choices=["full", "heavy", "quick", "targets"], default="full",
                         help="full: every shipped variant; heavy: the symmetric+sym+diffusion variant of each "
-                             "affinity and dtype; quick: a covering subset of 5 (CI)")
+                             "affinity and dtype; quick: a covering subset of 5 (CI); targets: the variants of "
+                             "the README's GPU targets")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
+    parser.add_argument("--configs", choices=["default", "all"], default="default",
+                        help="default: each variant at the first configuration of its autotune list; all: at every one")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for arch in archs:
         if not re.fullmatch(r"sm_\d+", arch):
             parser.error(f"--arch takes targets like sm_80, got {arch!r}")
-    results = run(archs, which=args.which, jobs=args.jobs)
+    results = run(archs, which=args.which, jobs=args.jobs, all_configs=args.configs == "all")
     print(table(results))
     print()
     print(summary(results))

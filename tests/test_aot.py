@@ -78,3 +78,50 @@ def test_tensor_core_operands_follow_the_input_dtype(report):
             assert r["mma_operand_types"] == ["TF32"], (r["variant"], r["arch"], r["mma_operand_types"])
         checked.add(dtype)
     assert checked == set(expected)
+
+
+def _list_of(row):
+    """The autotune list a report row was compiled from."""
+    from nonlocal_ext.triton_kernels import configs
+    parts = row["variant"].split("-")
+    return configs.configs_for(row["kernel"], "fp32" in parts, "symmetric" in parts or row["kernel"] == "preprocess")
+
+
+def _same(config, row):
+    return (dict(config.kwargs) == row["blocks"] and config.num_warps == row["num_warps"]
+            and config.num_stages == row["num_stages"])
+
+
+def test_autotune_entries_compiled_without_spills_on_their_targets():
+    """bench/results/aot_configs.json (`--set heavy --configs all` + `--set targets --configs all`):
+    every entry of every autotune list compiled on each target it is listed for, with no spills."""
+    from nonlocal_ext.triton_kernels import configs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
+        rows = json.load(f)
+    assert not [r for r in rows if "error" in r]
+    lists = {id(lst): lst for lst in (configs.configs_for(family, fp32, symmetric)
+                                      for family in ("forward", "column", "row", "preprocess")
+                                      for fp32 in (False, True) for symmetric in (False, True))}
+    for lst in lists.values():
+        assert set(lst[0].archs) == {configs.SM80, configs.SM90}, "the default must be verified on both targets"
+        for config in lst:
+            for target in config.archs:
+                compiled = [r for r in rows if r["arch"] == target and _list_of(r) is lst and _same(config, r)]
+                assert compiled, f"{config} was not compiled for {target}: rerun the --configs all report"
+                assert all(r["spill_bytes"] == 0 for r in compiled), \
+                    [(r["variant"], r["arch"], r["spill_bytes"]) for r in compiled if r["spill_bytes"]]
+
+
+def test_each_gpu_autotunes_over_its_targets_list():
+    from nonlocal_ext.triton_kernels import configs
+    assert [configs.target_of(c) for c in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]] == \
+        ["sm_80", "sm_80", "sm_80", "sm_90", "sm_90", "sm_90"]
+    for target in ("sm_80", "sm_90"):
+        for lst in (configs.FORWARD_CONFIGS, configs.ROW_CONFIGS, configs.COLUMN_CONFIGS_NONSYMMETRIC):
+            kept = configs.for_target(lst, target)
+            assert kept is configs.for_target(lst, target)  # one object: the autotuner cache is keyed by it
+            assert kept[0] is lst[0] and all(target in c.archs for c in kept)
+            assert len(kept) == sum(target in c.archs for c in lst)
+    assert len(configs.for_target(configs.FORWARD_CONFIGS, "sm_80")) < len(configs.FORWARD_CONFIGS)
+    assert len(configs.for_target(configs.ROW_CONFIGS, "sm_90")) < len(configs.ROW_CONFIGS)

@@ -20,16 +20,32 @@ from __future__ import annotations
 import triton
 
 
-def _config(block_i, block_j, block_d, block_c, warps, stages):
-    return triton.Config({"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c},
-                         num_warps=warps, num_stages=stages)
+#: The two targets every configuration is compiled for by ``python -m nonlocal_ext.aot``.
+SM80, SM90 = "sm_80", "sm_90"
 
+
+def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90)):
+    """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
+    compiled without spills (see below)."""
+    blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c}
+    config = triton.Config({name: size for name, size in blocks.items() if size is not None},
+                           num_warps=warps, num_stages=stages)
+    config.archs = archs
+    return config
+
+
+# Every entry below compiled without spills on the targets in its `archs` in the heaviest variant
+# of each affinity and dtype and in the variants of the README's GPU targets
+# (`python -m nonlocal_ext.aot --set heavy --configs all` and `--set targets --configs all`,
+# bench/results/aot_configs.json; tests/test_aot.py checks the lists against that file). Dropped
+# after that run (maximum spill bytes on sm_80 / sm_90): forward half 128×64×64×64/8 warps (816/768)
+# and 128×32/4 warps/3 stages (2432/1784); forward float32 32×32/4 warps (56/96) and 64×32×64×64
+# (576/408); column half 64×32×64×64 (240/96) and 32×64×64×64 (504/456); float32 backward 32×32 tiles
+# (264–800); row half 64×32 and 64×64 (480–1352).
 
 FORWARD_CONFIGS = [
     _config(64, 32, 64, 64, 8, 1),
-    _config(64, 64, 64, 64, 8, 2),
-    _config(128, 64, 64, 64, 8, 2),
-    _config(128, 32, 64, 64, 4, 3),
+    _config(64, 64, 64, 64, 8, 2, archs=(SM90,)),  # 120 spill bytes on sm_80
     _config(64, 32, 32, 64, 4, 3),
     _config(32, 32, 32, 32, 4, 2),
     _config(64, 64, 32, 128, 8, 2),
@@ -38,49 +54,44 @@ FORWARD_CONFIGS = [
 COLUMN_CONFIGS = [
     _config(32, 32, 32, 32, 8, 1),
     _config(32, 32, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 1),
-    _config(64, 32, 64, 64, 8, 1),
-    _config(32, 64, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1, archs=(SM90,)),  # 8 spill bytes on sm_80
 ]
 
 ROW_CONFIGS = [
     _config(32, 32, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 1),
-    _config(64, 32, 64, 64, 8, 1),
-    _config(64, 64, 64, 64, 8, 1),
+    _config(32, 32, 32, 32, 4, 1, archs=(SM80,)),  # 120 spill bytes on sm_90
 ]
 
-# float32 inputs (both backward passes): every tl.dot is tf32x3 (three tensor-core products on split operands), and the
+# float32 inputs: every tl.dot is tf32x3 (three tensor-core products on split operands), and the
 # register use grows accordingly. Measured (sm_80, log + count + symmetric, fp32): backward 32×32 tiles
 # with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
 # (255 and 222 registers). Forward 32×32×32×32 spills 40 bytes at 4 warps; 64×32 at 8 warps none on sm_90.
 # The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
 FORWARD_CONFIGS_FP32 = [
     _config(32, 32, 32, 32, 8, 1),
-    _config(32, 32, 32, 32, 4, 1),
     _config(64, 32, 32, 32, 8, 1),
-    _config(64, 32, 64, 64, 8, 1),
 ]
 
 # Half column passes without `symmetric` (one recomputed product per tile): at 8 warps ptxas caps
 # four `sym` variants on sm_90 at 128 registers and they spill 8–16 bytes; at 4 warps all 40 such
 # variants compile spill-free on sm_80 and sm_90 (while 4 warps make 21 symmetric ones spill up to
 # 216 bytes, hence a separate default).
-COLUMN_CONFIGS_NONSYMMETRIC = [COLUMN_CONFIGS[2]] + [c for c in COLUMN_CONFIGS if c is not COLUMN_CONFIGS[2]]
-
-COLUMN_CONFIGS_FP32 = [
-    _config(16, 16, 32, 32, 8, 1),
-    _config(16, 16, 32, 32, 4, 1),
+COLUMN_CONFIGS_NONSYMMETRIC = [
     _config(32, 32, 32, 32, 4, 1),
     _config(32, 32, 32, 32, 8, 1),
     _config(32, 32, 64, 64, 8, 1),
+    _config(64, 32, 64, 64, 8, 1, archs=(SM90,)),  # 72 spill bytes on sm_80
 ]
 
-ROW_CONFIGS_FP32 = COLUMN_CONFIGS_FP32  # the same register budget: one recomputed tile, two accumulators
+# Both float32 backward passes: the same register budget (one recomputed tile, two accumulators).
+BACKWARD_CONFIGS_FP32 = [
+    _config(16, 16, 32, 32, 8, 1),
+    _config(16, 16, 32, 32, 4, 1),
+]
 
 PREPROCESS_CONFIGS = [
-    triton.Config({"BLOCK_I": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_I": 64, "BLOCK_C": 64}, num_warps=8, num_stages=1),
+    _config(32, None, None, 64, 4, 1),
+    _config(64, None, None, 64, 8, 1),
 ]
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles.
@@ -106,10 +117,12 @@ def even_heuristics():
 
 _CONFIGS = {
     ("forward", False): FORWARD_CONFIGS, ("forward", True): FORWARD_CONFIGS_FP32,
-    ("column", False): COLUMN_CONFIGS, ("column", True): COLUMN_CONFIGS_FP32,
-    ("row", False): ROW_CONFIGS, ("row", True): ROW_CONFIGS_FP32,
+    ("column", False): COLUMN_CONFIGS, ("column", True): BACKWARD_CONFIGS_FP32,
+    ("row", False): ROW_CONFIGS, ("row", True): BACKWARD_CONFIGS_FP32,
     ("preprocess", False): PREPROCESS_CONFIGS, ("preprocess", True): PREPROCESS_CONFIGS,
 }
+
+_BY_TARGET = {}
 
 
 def configs_for(family: str, fp32: bool, symmetric: bool = True) -> list:
@@ -121,3 +134,18 @@ def configs_for(family: str, fp32: bool, symmetric: bool = True) -> list:
     if family == "column" and not fp32 and not symmetric:
         return COLUMN_CONFIGS_NONSYMMETRIC
     return _CONFIGS[(family, fp32)]
+
+
+def for_target(configs: list, target: str) -> list:
+    """The entries of ``configs`` verified for ``target`` (``sm_80`` or ``sm_90``), the default first;
+    the same list object for the same arguments (the autotuner cache is keyed by it)."""
+    key = (id(configs), target)
+    if key not in _BY_TARGET:
+        _BY_TARGET[key] = [c for c in configs if target in c.archs]
+    return _BY_TARGET[key]
+
+
+def target_of(capability: tuple[int, int]) -> str:
+    """The verified target whose configurations a GPU of compute ``capability`` autotunes over:
+    sm_90 for Hopper and later, sm_80 below."""
+    return SM90 if capability[0] >= 9 else SM80

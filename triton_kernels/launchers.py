@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from . import aggregate as kernels
-from .configs import BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics
+from .configs import (BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics, for_target,
+                      target_of)
 from .tiles import KERNEL_IDS, NORMALIZE_IDS
 
 #: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
@@ -63,6 +64,8 @@ def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
             even = {"EVEN_D": d % blocks["BLOCK_D"] == 0, "EVEN_C": c % blocks["BLOCK_C"] == 0}
         kernel[grid_of(blocks)](*args, **buckets, **constexprs, **even, **blocks)
         return
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    configs = for_target(configs, target_of(torch.cuda.get_device_capability(device)))
     _tuned(kernel, configs, with_even)[lambda meta: grid_of(meta)](*args, **buckets, **constexprs)
 
 
