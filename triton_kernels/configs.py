@@ -67,9 +67,14 @@ ROW_CONFIGS = [
 # with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
 # (255 and 222 registers). Forward 32×32×32×32 spills 40 bytes at 4 warps; 64×32 at 8 warps none on sm_90.
 # The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
+# Wider value tiles (BLOCK_C 64, 128) let one program cover C = 64…128, so the pair tile is computed
+# once per row block instead of once per 32 output columns (bench/NOTES_triton.md).
 FORWARD_CONFIGS_FP32 = [
     _config(32, 32, 32, 32, 8, 1),
     _config(64, 32, 32, 32, 8, 1),
+    _config(32, 32, 32, 64, 8, 1),
+    _config(32, 32, 32, 128, 8, 1),
+    _config(64, 32, 32, 64, 8, 1, archs=(SM90,)),  # 24 spill bytes on sm_80
 ]
 
 # Half column passes without `symmetric` (one recomputed product per tile): at 8 warps ptxas caps
