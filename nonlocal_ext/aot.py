@@ -218,7 +218,7 @@ def run(archs, which="full", jobs=None, all_configs=False):
 
 def table(results) -> str:
     header = (f"{'kernel':<10} {'variant':<56} {'arch':<6} {'cfg':>3} {'tiles (I×J×D×C/warps/stages)':<28} "
-              f"{'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5}")
+              f"{'regs':>4} {'spill':>5} {'smem':>6} {'dyn smem':>8} {'mma':>5} operands")
     lines = [header, "-" * len(header)]
     for r in results:
         head = f"{r['kernel']:<10} {r['variant']:<56} {r['arch']:<6} {r.get('config', 0):>3}"
@@ -229,7 +229,8 @@ def table(results) -> str:
         tiles = "×".join(str(b[k]) for k in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_C") if k in b)
         tiles += f"/{r['num_warps']}/{r['num_stages']}"
         lines.append(f"{head} {tiles:<28} {r['registers']:>4} {r['spill_bytes']:>5} "
-                     f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5}")
+                     f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5} "
+                     f"{'+'.join(r['mma_operand_types']) or '-'}")
     return "\n".join(lines)
 
 

@@ -125,3 +125,24 @@ def test_each_gpu_autotunes_over_its_targets_list():
             assert len(kept) == sum(target in c.archs for c in lst)
     assert len(configs.for_target(configs.FORWARD_CONFIGS, "sm_80")) < len(configs.FORWARD_CONFIGS)
     assert len(configs.for_target(configs.ROW_CONFIGS, "sm_90")) < len(configs.ROW_CONFIGS)
+
+
+@pytest.mark.parametrize("capability,target", [((8, 0), "sm_80"), ((9, 0), "sm_90")])
+def test_a_cuda_launch_autotunes_over_its_targets_list(monkeypatch, capability, target):
+    """The CUDA branch of the launcher (no GPU here: the device query and the autotuner are stubbed)."""
+    import torch
+    from nonlocal_ext.triton_kernels import configs, launchers
+    tuned = []
+
+    class Launch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: tuned.append((grid, kwargs))
+
+    monkeypatch.setattr(launchers, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(launchers, "_tuned", lambda kernel, lst, with_even=True: tuned.append(lst) or Launch())
+    x = torch.zeros(2, 3)
+    launchers._launch(launchers.kernels.forward_kernel, configs.FORWARD_CONFIGS, lambda blk: (1, 1, 1), (x, x, 5),
+                      {"KERNEL": 1}, (100, 30, 3, 300))
+    assert tuned[0] is configs.for_target(configs.FORWARD_CONFIGS, target)
+    assert tuned[1][1] == {"n_bucket": 128, "m_bucket": 32, "d_bucket": 16, "c_bucket": 512, "KERNEL": 1}
