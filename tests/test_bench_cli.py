@@ -116,6 +116,7 @@ def test_check_catches_a_wrong_output_and_a_wrong_gradient(tmp_path, monkeypatch
     assert result["wrong_grad", "fwd+bwd"]["error"].startswith("check: d ")
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager on purpose
 def test_flex_log_space_scores_match_the_reference(tmp_path, monkeypatch):
     """FlexAttention's score functions (eager, on CPU) for every kernel it expresses."""
     pytest.importorskip("torch.nn.attention.flex_attention")
