@@ -79,8 +79,8 @@ def _spec(kernel, normalize, diffusion, symmetric):
 def variants(which: str = "full"):
     """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even)`` to compile.
 
-    ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick and heavy
-    sets add the masked ("tail") build of their first two combinations."""
+    ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick set adds
+    the masked ("tail") build of its first two combinations, the heavy set that of each dtype's first."""
     rows = []
     combos = list(itertools.product(AFFINITIES, NORMALIZATIONS, (False, True), (False, True), DTYPES))
     if which == "quick":  # CI: every affinity, normalization, flag and dtype at least once
@@ -89,7 +89,10 @@ def variants(which: str = "full"):
         combos = [(k, "sym", True, True, dt) for k in AFFINITIES for dt in DTYPES]
     elif which == "targets":  # the variants of the README's GPU targets
         combos = TARGETS
-    tails = combos[:2] if which in ("quick", "heavy") else []  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
+    if which == "heavy":  # a masked build of each dtype's first combination
+        tails = [next(c for c in combos if c[4] == dtype) for dtype in DTYPES]
+    else:
+        tails = combos[:2] if which == "quick" else []  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
     for (kernel, normalize, diffusion, symmetric, dtype), even in [(c, True) for c in combos] + [(c, False) for c in tails]:
         name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
                         + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
@@ -164,6 +167,16 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
     return usage
 
 
+def _operand_type(fields: str) -> str:
+    """F16, BF16 or TF32 from the suffix of an HMMA/HGMMA instruction (``.16816.F32.BF16``)."""
+    parts = fields.strip(".").split(".")
+    if len(parts) == 2 and parts[1] in ("F32", "F16"):  # shape and accumulator: float16 operands
+        return "F16"
+    if len(parts) == 3 and parts[2] in ("BF16", "TF32"):
+        return parts[2]
+    return fields.strip(".") or "?"
+
+
 def _resource_usage(cubin: bytes, arch: str) -> dict:
     cuobjdump, nvdisasm = _tools()
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -178,9 +191,9 @@ def _resource_usage(cubin: bytes, arch: str) -> dict:
         return int(match.group(1)) if match else 0
 
     # HMMA.16816.F32 (float16 operands), HMMA.16816.F32.BF16, HMMA.1688.F32.TF32, HGMMA.64x32x16.F32.BF16:
-    # shape, accumulator type, then the operand type unless it is float16
+    # shape, accumulator type, then the operand type unless it is float16; another form is kept as it is
     mma = re.findall(r"\bH(?:G)?MMA((?:\.\w+)*)", sass)
-    operands = {fields.split(".")[-1] if fields.split(".")[-1] in ("BF16", "TF32") else "F16" for fields in mma}
+    operands = {_operand_type(fields) for fields in mma}
     return dict(registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), shared_bytes=field("SHARED"),
                 mma_instructions=len(mma), mma_operand_types=sorted(operands))
 
@@ -201,7 +214,8 @@ def config_indices(row, arch: str) -> list[int]:
     family, dtype, symmetric = row[0], row[6], row[5]
     cap = int(arch.split("_")[1])
     target = configs.target_of((cap // 10, cap % 10))
-    return [i for i, c in enumerate(configs.configs_for(family, dtype == "fp32", symmetric)) if target in c.archs]
+    return [i for i, c in enumerate(configs.configs_for(family, dtype == "fp32", symmetric))
+            if target in configs.archs_of(c)]
 
 
 def run(archs, which="full", jobs=None, all_configs=False):
@@ -264,7 +278,8 @@ def main(argv=None):
                              "the README's GPU targets")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
     parser.add_argument("--configs", choices=["default", "all"], default="default",
-                        help="default: each variant at the first configuration of its autotune list; all: at every one")
+                        help="default: each variant at the first configuration of its autotune list; all: at "
+                             "every configuration listed for the target")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for arch in archs:

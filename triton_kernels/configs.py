@@ -24,14 +24,25 @@ import triton
 SM80, SM90 = "sm_80", "sm_90"
 
 
+#: id(config) -> the targets on which that configuration compiled without spills. Kept beside the
+#: triton.Config objects, not on them: the autotuner's disk cache rebuilds configs as
+#: ``Config(**config.__dict__)``, which an extra attribute would break.
+_ARCHS: dict[int, tuple[str, ...]] = {}
+
+
 def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90)):
     """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
     compiled without spills (see below)."""
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c}
     config = triton.Config({name: size for name, size in blocks.items() if size is not None},
                            num_warps=warps, num_stages=stages)
-    config.archs = archs
+    _ARCHS[id(config)] = archs
     return config
+
+
+def archs_of(config) -> tuple[str, ...]:
+    """The targets a configuration of these lists is verified for."""
+    return _ARCHS[id(config)]
 
 
 # Every entry below compiled without spills on the targets in its `archs` in the heaviest variant
@@ -65,7 +76,8 @@ ROW_CONFIGS = [
 # float32 inputs: every tl.dot is tf32x3 (three tensor-core products on split operands), and the
 # register use grows accordingly. Measured (sm_80, log + count + symmetric, fp32): backward 32×32 tiles
 # with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
-# (255 and 222 registers). Forward 32×32×32×32 spills 40 bytes at 4 warps; 64×32 at 8 warps none on sm_90.
+# (255 and 222 registers). Forward 32×32×32×32 spills at 4 warps (56 / 96 bytes on sm_80 / sm_90 in
+# the heavy variants); 64×32 at 8 warps none.
 # The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
 # Wider value tiles (BLOCK_C 64, 128) let one program cover C = 64…128, so the pair tile is computed
 # once per row block instead of once per 32 output columns (bench/NOTES_triton.md).
@@ -146,7 +158,7 @@ def for_target(configs: list, target: str) -> list:
     the same list object for the same arguments (the autotuner cache is keyed by it)."""
     key = (id(configs), target)
     if key not in _BY_TARGET:
-        _BY_TARGET[key] = [c for c in configs if target in c.archs]
+        _BY_TARGET[key] = [c for c in configs if target in archs_of(c)]
     return _BY_TARGET[key]
 
 
