@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nonlocal_ext.backends._common import compute_dtype, safe_inverse_power
+
 from . import aggregate as kernels
 from .configs import (BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics, for_target,
                       target_of)
@@ -106,11 +108,6 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half inputs accumulate in float32; float32 and float64 in themselves."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def variant_constexprs(spec, dtype: torch.dtype) -> dict:
     """The ``tl.constexpr`` arguments that select the compiled variant for ``spec`` and ``dtype``.
 
@@ -150,25 +147,20 @@ def _sqnorms(spec, x, dtype):
     return x.to(dtype).square().sum(-1)
 
 
-def _safe_inverse_power(sums, exponent):
-    zero = sums == 0
-    return torch.where(zero, torch.zeros_like(sums), torch.where(zero, torch.ones_like(sums), sums).pow(-exponent))
-
-
 def row_factor(spec, row_stats, m):
     """A_i (log A_i for log-domain kernels) from the saved row statistics (r_i or log r_i)."""
     if spec.kernel.log_domain:
         return {"none": 0.0 * row_stats, "count": torch.full_like(row_stats, -math.log(m)),
                 "row": -row_stats, "sym": -0.5 * row_stats}[spec.normalize]
     return {"none": torch.ones_like(row_stats), "count": torch.full_like(row_stats, 1.0 / m),
-            "row": _safe_inverse_power(row_stats, 1.0), "sym": _safe_inverse_power(row_stats, 0.5)}[spec.normalize]
+            "row": safe_inverse_power(row_stats, 1.0), "sym": safe_inverse_power(row_stats, 0.5)}[spec.normalize]
 
 
 def col_factor(spec, col_stats):
     """B_j (log B_j) from the column statistics of ``sym``; 1 (0) for the other normalizations."""
     if spec.normalize != "sym":
         return torch.zeros_like(col_stats) if spec.kernel.log_domain else torch.ones_like(col_stats)
-    return -0.5 * col_stats if spec.kernel.log_domain else _safe_inverse_power(col_stats, 0.5)
+    return -0.5 * col_stats if spec.kernel.log_domain else safe_inverse_power(col_stats, 0.5)
 
 
 class _Prepared:

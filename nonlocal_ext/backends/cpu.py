@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension_available, require_extension
-from ._common import compute_dtype
+from ._common import compute_dtype, forward_fake, save_for_backward
 
 NAME = "cpu"
 
@@ -54,27 +54,10 @@ def aggregate(query, key, value, self_value, spec):
 # --- torch.library registrations: fake kernels and autograd ------------------------------------
 
 
-def _forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update,
-                  symmetric):
-    batch, n, m, c = query.shape[0], query.shape[1], key.shape[1], value.shape[2]
-    out = query.new_empty((batch, n, c))
-    row_stats = query.new_empty((batch, n))
-    col_stats = query.new_empty((batch, m if normalize == "sym" else 0))
-    return out, row_stats, col_stats
-
-
 def _backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *args):
     # The kernels return contiguous gradients whatever the inputs' strides.
     grad_self_value = None if self_value is None else self_value.new_empty(self_value.shape)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
-
-
-def _setup_context(ctx, inputs, output):
-    query, key, value, self_value, *scalars = inputs
-    out, row_stats, col_stats = output
-    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats)
-    ctx.scalars = scalars
-    ctx.mark_non_differentiable(row_stats, col_stats)
 
 
 def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
@@ -86,9 +69,9 @@ def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
 
 def _register():
     forward = f"{OP_NAMESPACE}::aggregate_forward"
-    torch.library.register_fake(forward)(_forward_fake)
+    torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(f"{OP_NAMESPACE}::aggregate_backward")(_backward_fake)
-    torch.library.register_autograd(forward, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(forward, _backward, setup_context=save_for_backward)
 
 
 if extension_available():

@@ -24,6 +24,7 @@ import torch
 
 from ..kernels import KERNELS, KernelParams
 from ..spec import AggregateSpec
+from ._common import forward_fake, save_for_backward
 
 NAME = "triton"
 
@@ -59,10 +60,6 @@ def _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric) -> Agg
     return AggregateSpec(KERNELS[kernel], KernelParams(scale, power, gamma, eps), normalize, update, symmetric)
 
 
-def _stats_dtype(dtype):
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @torch.library.custom_op("nonlocal_ext::triton_aggregate_forward", mutates_args=())
 def aggregate_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, self_value: Optional[torch.Tensor],
                       kernel: str, scale: float, power: Optional[float], gamma: float, eps: float, normalize: str,
@@ -72,12 +69,7 @@ def aggregate_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return out.to(query.dtype), row_stats, col_stats
 
 
-@aggregate_forward.register_fake
-def _(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update, symmetric):
-    b, n, m, c = query.shape[0], query.shape[1], key.shape[1], value.shape[2]
-    stats = _stats_dtype(query.dtype)
-    return (query.new_empty((b, n, c)), query.new_empty((b, n), dtype=stats),
-            query.new_empty((b, m if normalize == "sym" else 0), dtype=stats))
+aggregate_forward.register_fake(forward_fake)
 
 
 @torch.library.custom_op("nonlocal_ext::triton_aggregate_backward", mutates_args=())
@@ -102,13 +94,6 @@ def _(grad_out, query, key, value, self_value, out, row_stats, col_stats, kernel
 _SCALARS = ("kernel", "scale", "power", "gamma", "eps", "normalize", "update", "symmetric")
 
 
-def _setup_context(ctx, inputs, output):
-    query, key, value, self_value, *scalars = inputs
-    out, row_stats, col_stats = output
-    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats)
-    ctx.scalars = scalars
-
-
 def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
     query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
     dq, dk, dv, du = aggregate_backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
@@ -116,7 +101,7 @@ def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
     return dq, dk, dv, (du if self_value is not None else None), *([None] * len(_SCALARS))
 
 
-aggregate_forward.register_autograd(_backward, setup_context=_setup_context)
+aggregate_forward.register_autograd(_backward, setup_context=save_for_backward)
 
 
 def aggregate(query, key, value, self_value, spec):
