@@ -510,3 +510,19 @@ def test_hamiltonian_network_with_and_without_nonlocal_blocks():
     z = z1 + 0.3 * F.conv_transpose2d(F.relu(F.conv2d(y1, block.k2, block.b2, padding=1)), block.k2, padding=1)
     y = y1 - 0.3 * F.conv_transpose2d(F.relu(F.conv2d(z, block.k1, block.b1, padding=1)), block.k1, padding=1)
     torch.testing.assert_close(torch.cat([y, z], 1), x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["NonLocal2d", "NonLocalStage", "SpectralNonLocal", "PIDENonLocal"])
+@pytest.mark.parametrize("argument,value", [("in_channels", 0), ("in_channels", 2.0), ("in_channels", True),
+                                            ("inter_channels", 0), ("inter_channels", "4")])
+def test_bad_channel_counts_name_the_argument(layer, argument, value):
+    kwargs = {"in_channels": 4, argument: value}
+    with pytest.raises(ValueError, match=argument):
+        getattr(nl, layer)(**kwargs)
+
+
+@pytest.mark.parametrize("layer,argument", [("NonLocalStage", "units"), ("PIDENonLocal", "stages")])
+@pytest.mark.parametrize("value", [0, 1.5, False])
+def test_bad_repeat_counts_name_the_argument(layer, argument, value):
+    with pytest.raises(ValueError, match=argument):
+        getattr(nl, layer)(4, **{argument: value})

@@ -77,15 +77,16 @@ def zero_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm
     return bn
 
 
-def default_inter_channels(in_channels: int, inter_channels) -> int:
+def positive_int(value, name: str) -> int:
+    """``value`` if it is a positive int (not a bool), else a ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def channel_counts(in_channels, inter_channels) -> tuple[int, int]:
+    """``(C, inter)`` of a layer: ``inter_channels`` defaults to C // 2 (at least 1)."""
+    c = positive_int(in_channels, "in_channels")
     if inter_channels is None:
-        return max(in_channels // 2, 1)
-    if not isinstance(inter_channels, int) or inter_channels < 1:
-        raise ValueError(f"inter_channels must be a positive int or None, got {inter_channels!r}")
-    return inter_channels
-
-
-def check_in_channels(in_channels) -> int:
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-    return in_channels
+        return c, max(c // 2, 1)
+    return c, positive_int(inter_channels, "inter_channels (or None)")

@@ -31,8 +31,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import (aggregate, channels_first, check_in_channels, check_input, default_inter_channels,
-                      positions)
+from ._common import aggregate, channel_counts, channels_first, check_input, positions
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 #: Other spellings of the modes in common implementations.
@@ -103,8 +102,7 @@ class _NonLocalNd(nn.Module):
         mode = _MODE_ALIASES.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"unknown mode={mode!r}; expected one of {', '.join(map(repr, MODES))}")
-        self.in_channels = check_in_channels(in_channels)
-        self.inter_channels = default_inter_channels(in_channels, inter_channels)
+        self.in_channels, self.inter_channels = channel_counts(in_channels, inter_channels)
         self.mode, self.sub_sample, self.use_scale, self.backend = mode, bool(sub_sample), bool(use_scale), backend
         conv, d = _CONV[self.dimension], self.dimension
 

@@ -41,8 +41,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import (aggregate, check_in_channels, check_input, default_inter_channels, max_pool,
-                      positions)
+from ._common import aggregate, channel_counts, check_input, max_pool, positions, positive_int
 
 OPERATORS = ("diffusion", "fractional_laplacian", "inverse_fractional_laplacian")
 EULER_GAMMA = 0.5772156649015329
@@ -96,8 +95,7 @@ class PIDENonLocal(nn.Module):
                  scale: float = 0.1, h: float = 0.05, stages: int = 2, pool=None,
                  inter_channels: int | None = None, backend: str = "auto"):
         super().__init__()
-        c = check_in_channels(in_channels)
-        ci = default_inter_channels(c, inter_channels)
+        c, ci = channel_counts(in_channels, inter_channels)
         if operator not in OPERATORS:
             raise ValueError(f"unknown operator={operator!r}; expected one of {', '.join(map(repr, OPERATORS))}")
         if not (isinstance(n, (int, float)) and n > 0):
@@ -106,8 +104,7 @@ class PIDENonLocal(nn.Module):
             raise ValueError(f"the fractional Laplacian needs 0 < s < 1, got s={s!r}")
         if operator == "inverse_fractional_laplacian" and not (0 < s < n / 2 or math.isclose(s, n / 2)):
             raise ValueError(f"the inverse fractional Laplacian needs 0 < s <= n/2 = {n / 2:g}, got s={s!r}")
-        if not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"stages must be a positive int, got {stages!r}")
+        positive_int(stages, "stages")
         if pool is not None and not (isinstance(pool, int) or isinstance(pool, tuple)):
             raise TypeError(f"pool must be None, an int or a tuple of ints, got {pool!r}")
         self.in_channels, self.inter_channels = c, ci

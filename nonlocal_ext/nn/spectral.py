@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import (aggregate, check_in_channels, check_input, default_inter_channels, positions,
-                      zero_batch_norm)
+from ._common import aggregate, channel_counts, check_input, positions, zero_batch_norm
 
 
 class SpectralNonLocal(nn.Module):
@@ -45,8 +44,7 @@ class SpectralNonLocal(nn.Module):
                  kernel: str = "gaussian", normalize: str = "sym", scale: float | None = None,
                  backend: str = "auto"):
         super().__init__()
-        c = check_in_channels(in_channels)
-        ci = default_inter_channels(c, inter_channels)
+        c, ci = channel_counts(in_channels, inter_channels)
         if normalize not in ("sym", "row"):
             raise ValueError(f"normalize must be 'sym' or 'row', got {normalize!r}")
         self.in_channels, self.inter_channels = c, ci

@@ -26,8 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import (aggregate, check_in_channels, check_input, default_inter_channels, positions,
-                      zero_batch_norm)
+from ._common import aggregate, channel_counts, check_input, positions, positive_int, zero_batch_norm
 
 
 class NonLocalStage(nn.Module):
@@ -45,10 +44,8 @@ class NonLocalStage(nn.Module):
     def __init__(self, in_channels: int, inter_channels: int | None = None, units: int = 2,
                  kernel: str = "gaussian", scale: float | None = None, backend: str = "auto"):
         super().__init__()
-        c = check_in_channels(in_channels)
-        ci = default_inter_channels(c, inter_channels)
-        if not isinstance(units, int) or units < 1:
-            raise ValueError(f"units must be a positive int, got {units!r}")
+        c, ci = channel_counts(in_channels, inter_channels)
+        positive_int(units, "units")
         self.in_channels, self.inter_channels, self.kernel, self.backend = c, ci, kernel, backend
         self.scale = 1.0 / math.sqrt(ci) if scale is None else float(scale)
         self.theta = nn.Conv1d(c, ci, kernel_size=1)
