@@ -1,4 +1,4 @@
-"""Shared test helpers: the combinations, the input generator, and the one tolerance table."""
+"""Shared test helpers: the combinations, the input generator, and the tolerance rule."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 import nonlocal_ext
 from nonlocal_ext import KERNELS
+from nonlocal_ext.benchmark.measure import error_and_bound
 
 NORMALIZATIONS = ("none", "count", "row", "sym")
 
@@ -25,13 +26,9 @@ def combo_id(combo):
 
 
 # err(ours) <= 2 · err(plain PyTorch in the same dtype) + TOLERANCE[dtype] · max(max|truth|, floor),
-# the errors measured against the float64 reference (flash-attention's test rule).
-TOLERANCE = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    torch.bfloat16: 1e-2,
-    torch.float16: 2e-3,
-}
+# the errors measured against the float64 reference (flash-attention's test rule). The table and the
+# rule are nonlocal_ext/benchmark/measure.py's (TOLERANCE, error_and_bound): `nonlocal-bench --check`
+# judges by the same ones.
 
 
 def kernel_kwargs(kernel: str) -> dict:
@@ -95,11 +92,5 @@ def assert_close_to_truth(ours, plain, truth, dtype, what, floor=0.0):
     """The rule above. ``floor`` raises max|truth| for tensors that are ~0 by cancellation:
     callers pass the scale of the computation (the inputs of :func:`make_inputs` and the
     upstream gradients are unit scale, so at least 1, or max|output| when that is larger)."""
-    truth = truth.double()
-    scale = max(max_abs(truth), floor)
-    err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
-    err_plain = (plain.double() - truth).abs().max().item() if truth.numel() else 0.0
-    if err_plain != err_plain:  # the plain computation overflowed: judge against the table alone
-        err_plain = 0.0
-    bound = 2 * err_plain + TOLERANCE[dtype] * scale
+    err, bound, err_plain, scale = error_and_bound(ours, plain, truth, dtype, floor)
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (plain {err_plain:.3e}, max|truth| {scale:.3e})"

@@ -34,8 +34,23 @@ import torch
 from .cases import Case, make_inputs
 from .runners import Runner, our_runners
 
-#: err(runner) ≤ 2·err(reference in the same dtype) + TOLERANCE[dtype]·scale, errors against float64.
+#: err(runner) ≤ 2·err(reference in the same dtype) + TOLERANCE[dtype]·scale, errors against float64
+#: (flash-attention's test rule). The one table: the test suite (tests/common.py) uses it too.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def error_and_bound(ours, plain, truth, dtype, floor=0.0) -> tuple[float, float, float, float]:
+    """``(err, bound, err_plain, scale)`` of the rule above for one tensor: ``err`` of ``ours`` and
+    ``err_plain`` of the plain computation in ``dtype``, both against the float64 ``truth``;
+    ``scale = max(max|truth|, floor)``. A plain computation that overflowed (NaN error) counts as 0:
+    ``ours`` is then judged against the table alone."""
+    truth = truth.double()
+    err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
+    err_plain = (plain.double() - truth).abs().max().item() if truth.numel() else 0.0
+    if err_plain != err_plain:
+        err_plain = 0.0
+    scale = max(truth.abs().max().item() if truth.numel() else 0.0, floor)
+    return err, 2 * err_plain + TOLERANCE[dtype] * scale, err_plain, scale
 
 #: ``--check`` runs the float64 dense reference on at most this many affinities B·N·M (a few
 #: hundred MB); larger row-local cases are checked on their first rows, forward only.
@@ -196,12 +211,7 @@ def check(case: Case, runner: Runner, inputs) -> tuple[str | None, str]:
     for name, a, p, t in zip(names, ours, plain, truth):
         if a.shape != t.shape:
             return f"check: {name} has shape {tuple(a.shape)}, expected {tuple(t.shape)}", "failed"
-        err = (a.double() - t).abs().max().item() if t.numel() else 0.0
-        err_plain = (p.double() - t).abs().max().item() if t.numel() else 0.0
-        if err_plain != err_plain:  # the plain computation overflowed: judge against the table alone
-            err_plain = 0.0
-        scale = max(t.abs().max().item() if t.numel() else 0.0, 1.0)
-        bound = 2 * err_plain + TOLERANCE[case.torch_dtype] * scale
+        err, bound, err_plain, _ = error_and_bound(a, p, t, case.torch_dtype, floor=1.0)
         if not err <= bound:
             return (f"check: {name} differs from the float64 reference by {err:.2e} "
                     f"(bound {bound:.2e}, reference in {case.dtype} {err_plain:.2e})"), "failed"
