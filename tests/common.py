@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_ext
 from nonlocal_ext import KERNELS
+from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
 from nonlocal_ext.benchmark.measure import error_and_bound
 
 NORMALIZATIONS = ("none", "count", "row", "sym")
@@ -32,15 +34,8 @@ def combo_id(combo):
 
 
 def kernel_kwargs(kernel: str) -> dict:
-    """Parameters that keep each kernel well conditioned on unit-scale data."""
-    return {
-        "dot": {},
-        "gaussian": {},
-        "rbf": {"scale": 0.5},
-        "fractional": {"power": 1.5},
-        # gamma < 0 keeps log weights positive (ρ < e³), so row and column sums stay away from 0
-        "log": {"gamma": -3.0},
-    }[kernel]
+    """Parameters that keep each kernel well conditioned on unit-scale data (the benchmark's too)."""
+    return dict(KERNEL_PARAMS[kernel])
 
 
 def make_inputs(kernel, normalize, batch, n, m, d, c, *, with_self_value, dtype=torch.float64, seed=0,
@@ -94,3 +89,18 @@ def assert_close_to_truth(ours, plain, truth, dtype, what, floor=0.0):
     upstream gradients are unit scale, so at least 1, or max|output| when that is larger)."""
     err, bound, err_plain, scale = error_and_bound(ours, plain, truth, dtype, floor)
     assert err <= bound, f"{what}: max error {err:.3e} > bound {bound:.3e} (plain {err_plain:.3e}, max|truth| {scale:.3e})"
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces (``.largest``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

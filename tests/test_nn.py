@@ -17,11 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_ext
 from nonlocal_ext import nn as nl
 from nonlocal_ext.nn import _common
+
+from common import LargestTensor
 
 SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (2, 6, 3, 5, 7)}  # odd spatial sizes
 WANG = {1: nl.NonLocal1d, 2: nl.NonLocal2d, 3: nl.NonLocal3d}
@@ -180,21 +181,6 @@ def test_concat_relu_aggregate_equals_the_dense_formula_with_gradients(ties):
         assert torch.autograd.gradcheck(nl.concat_relu_aggregate, leaves)
 
 
-class MaxNumel(TorchDispatchMode):
-    """Records the largest tensor any op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("make", [
     lambda: nl.NonLocal2d(4, mode="concatenation", sub_sample=False),
     lambda: nl.NonLocal2d(4, mode="dot_product", sub_sample=False),
@@ -203,7 +189,7 @@ class MaxNumel(TorchDispatchMode):
 def test_layers_without_a_dense_path_never_form_an_n_by_m_tensor(make):
     layer = make()
     x = torch.randn(1, 4, 48, 48, requires_grad=True)  # N = M = 2304: N·M = 5.3M, the largest map is N·C
-    with MaxNumel() as mode:
+    with LargestTensor() as mode:
         layer(x).sum().backward()
     assert mode.largest < 48 * 48 * 48
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_ext
-from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs, run
+from common import (COMBOS, LargestTensor, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs,
+                    run)
 from nonlocal_ext import backends
 from nonlocal_ext.backends import chunked, linear, reference
 from nonlocal_ext.spec import validate
@@ -120,21 +120,6 @@ def test_two_batch_dims_match_a_loop_over_them():
             one = nonlocal_ext.nonlocal_aggregate(q[i, j], k[i, j], v[i, j], "rbf", normalize="sym",
                                                   update="diffusion", self_value=u[i, j])
             torch.testing.assert_close(out[i, j], one, rtol=1e-12, atol=1e-12)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("combo", [c for c in COMBOS if c[0] != "dot" and c[3]], ids=combo_id)

@@ -25,7 +25,8 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 import nonlocal_ext
-from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs, run
+from common import (COMBOS, LargestTensor, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs,
+                    run)
 from nonlocal_ext.triton_kernels import launchers
 
 assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 set before nonlocal_ext.triton_kernels is imported"
@@ -197,26 +198,14 @@ def test_no_n_by_m_tensor_reaches_a_launcher(monkeypatch, kernel):
 
 def test_no_n_by_m_allocation():
     """No torch op produces an N×M tensor during a forward and backward (TorchDispatchMode probe)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestTensor(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    LargestTensor.largest = max(LargestTensor.largest, t.numel())
-            return out
-
     n = 70
     q, k, v, u = make_inputs("log", "sym", (), n, n, 5, 3, with_self_value=False)
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    with LargestTensor():
+    with LargestTensor() as probe:
         out = nonlocal_ext.nonlocal_aggregate(*leaves, "log", normalize="sym", update="diffusion", symmetric=True,
                                               backend="triton", gamma=-3.0)
         out.sum().backward()
-    assert LargestTensor.largest < n * n / 4
+    assert probe.largest < n * n / 4
 
 
 def test_empty_inputs():
