@@ -10,20 +10,20 @@ float32, N = M, D = 64, C = 128, batch 1, the machine's threads. Times are the b
    reference; forward of gaussian+row vs torch's scaled_dot_product_attention.
 2. N = 16384 forward: GFLOP/s counting 2·N·M·(D+C) FLOPs, as a fraction of the SGEMM rate
    (torch.mm of two 4096² float32 matrices) measured at the start of this run.
-3. N = 32768 forward+backward: peak RSS growth in a fresh process (bench/bench_memory.py).
+3. N = 32768 forward+backward: peak RSS growth in a fresh process (nonlocal-bench's measurement).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import time
 
 import torch
 import torch.nn.functional as F
 
 import nonlocal_ext
-from bench_memory import measure as measure_memory  # fresh process per case, peak RSS growth
+from nonlocal_ext.benchmark import fresh_process
+from nonlocal_ext.benchmark.cases import Case
+from nonlocal_ext.benchmark.measure import time_step
 
 CASES = {  # kernel -> keyword arguments (gaussian: 1/√D, the attention scale)
     "gaussian": {"scale": 0.125},
@@ -32,13 +32,8 @@ CASES = {  # kernel -> keyword arguments (gaussian: 1/√D, the attention scale)
 
 
 def best_time(fn, repeat):
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    """Seconds of the fastest of ``repeat`` calls after one warm-up (nonlocal-bench's timer)."""
+    return min(time_step(fn, "cpu", repeat, warmup=1))
 
 
 def sgemm_rate(repeat):
@@ -98,9 +93,13 @@ def main(argv=None):
 
     if not args.skip_memory:
         print("\n3. N = 32768 forward+backward, fresh process: peak RSS growth")
-        for kernel in CASES:
-            row = measure_memory("cpu", kernel, "row", 32768, d, c, CASES["fractional"]["power"])
-            print(f"{kernel:<11} {row['peak_growth_mb']:8.1f} MB in {row['seconds']:.1f} s")
+        for kernel in CASES:  # the kernel's parameters are nonlocal-bench's; they do not change the memory
+            case = Case(kernel, "row", "aggregate", 32768, 32768, d, c, 1, "float32", "cpu", "fwd+bwd")
+            result = fresh_process.measure(case, "cpu")
+            if "error" in result:
+                print(f"{kernel:<11} {result['error']}")
+            else:
+                print(f"{kernel:<11} {result['peak_mb']:8.1f} MB in {result['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
