@@ -131,7 +131,7 @@ NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const Ke
   } else {
     T norms = a_sqnorm + b_sqnorm;
     T rho = norms - T(2) * s;
-    rho = rho > T(0) ? rho : T(0);
+    rho = rho < T(0) ? T(0) : rho;  // clamps rounding below 0; NaN stays NaN (a max would drop it)
     if constexpr (K == Kernel::Rbf) {
       T w = Math<T>::exp(-p.scale * rho);
       return {w, -p.scale * w};
