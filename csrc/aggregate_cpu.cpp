@@ -1,6 +1,6 @@
 // CPU kernels of nonlocal_ext::aggregate_forward / aggregate_backward (DESIGN.md §2).
 //
-// Everything is tiled: a tile of the affinity matrix, rows I (kRowBlock) × columns J
+// Everything is tiled: a tile of the affinity matrix, rows I (row_block_for) × columns J
 // (kColBlock), is formed from one GEMM s = a_I b_Jᵀ (two with `symmetric`), turned into weights
 // in cache by the elementwise code of tile_math.h, and consumed at once by the next GEMM. No
 // N×M buffer exists; memory is O((N+M)(D+C)) plus per-row statistics.
@@ -29,11 +29,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "tile_math.h"
@@ -59,8 +62,17 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace nonlocal_ext {
 namespace cpu {
 
-constexpr int64_t kRowBlock = 64;
 constexpr int64_t kColBlock = 256;
+
+// Rows per tile. Each tile GEMM packs its key (value) tile of kColBlock × D (× C) floats; more rows
+// amortize that packing over more work, which matters when D + C is large (bench/NOTES.md,
+// "Row blocks by feature width"). The backward of `row` caches 3 × rows × M products per thread,
+// so wide blocks are used only while that cache stays small.
+inline int64_t row_block_for(int64_t m, int64_t d, int64_t c) {
+  if (const char* forced = std::getenv("NLX_ROW_BLOCK")) return std::atoll(forced);
+  constexpr int64_t kWide = 256, kCacheBytes = int64_t(32) << 20;
+  return d + c >= 384 && 3 * kWide * m * int64_t(sizeof(double)) <= kCacheBytes ? kWide : 64;
+}
 
 enum class Normalize : int { None, Count, Row, Sym };
 
@@ -79,6 +91,32 @@ inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n
   dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
+// ATen's batch-reduce GEMM (oneDNN's micro-kernel, generated once per tile shape and cached) for
+// float32 tiles with row-major, untransposed operands: it packs nothing per call, where sgemm_
+// packs both operands every time (bench/NOTES.md, "Tile GEMMs through brgemm"). Probed once: a
+// torch built without oneDNN's micro-kernels raises, and the BLAS path is used instead.
+bool brgemm_available() {
+  static const bool available = [] {
+    try {
+      const float a[1] = {2.0f}, b[1] = {3.0f};
+      float c[1] = {0.0f};
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 6.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return available;
+}
+
+// Releases brgemm's per-thread hardware state at the end of a parallel task range.
+struct BrgemmScope {
+  ~BrgemmScope() {
+    if (brgemm_available()) at::native::cpublas::brgemm_release(false);
+  }
+};
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner, T alpha,
           const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
@@ -87,6 +125,12 @@ void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner,
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
     return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (!trans_a && !trans_b && alpha == T(1) && (beta == T(0) || beta == T(1)) && brgemm_available()) {
+      at::native::cpublas::brgemm(rows, cols, inner, lda, ldb, ldc, beta == T(1), a, b, c, false);
+      return;
+    }
   }
   const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
   const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(inner);
@@ -98,17 +142,21 @@ void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner,
 // Which input plays the rows and which the columns of a tile. The row pass uses (a, b) =
 // (query, key); the column passes use (key, query). `symmetric` adds f(a2_i, b2_j) with
 // (a2, b2) = (b, a) of the same rows and columns: ½[f(q_i, k_j) + f(k_i, q_j)].
+// The column operands are also given transposed (d × cols, leading dimension `ld_t`), so that
+// every tile product is an untransposed GEMM (see gemm).
 template <typename T>
 struct Roles {
   const T *a, *b, *a_sqnorm, *b_sqnorm;     // a: rows × d, b: cols × d, squared norms or null
   const T *a2, *b2, *a2_sqnorm, *b2_sqnorm;  // symmetric partners (rows of b, cols of a)
-  int64_t d;
+  const T *b_t, *b2_t;                      // bᵀ, b2ᵀ: d × cols (b2_t null unless symmetric)
+  int64_t d, ld_t;
 };
 
 template <typename T>
 Roles<T> roles(const T* rows_in, const T* cols_in, const T* rows_sqnorm, const T* cols_sqnorm,
-               int64_t d) {
-  return {rows_in, cols_in, rows_sqnorm, cols_sqnorm, cols_in, rows_in, cols_sqnorm, rows_sqnorm, d};
+               const T* rows_t, const T* cols_t, int64_t d, int64_t cols) {
+  return {rows_in, cols_in, rows_sqnorm, cols_sqnorm, cols_in, rows_in, cols_sqnorm, rows_sqnorm,
+          cols_t, rows_t, d, cols};
 }
 
 template <typename T>
@@ -145,8 +193,8 @@ template <typename T, Kernel K, bool SYMM>
 NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
                              int64_t j0, int64_t bj, T* s1, T* s2) {
   const int64_t d = r.d;
-  gemm<T>(false, true, bi, bj, d, T(1), r.a + i0 * d, d, r.b + j0 * d, d, T(0), s1, bj);
-  if constexpr (SYMM) gemm<T>(false, true, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2 + j0 * d, d, T(0), s2, bj);
+  gemm<T>(false, false, bi, bj, d, T(1), r.a + i0 * d, d, r.b_t + j0, r.ld_t, T(0), s1, bj);
+  if constexpr (SYMM) gemm<T>(false, false, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2_t + j0, r.ld_t, T(0), s2, bj);
   weights_from_products<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
 }
 
@@ -448,6 +496,7 @@ struct Options {
   Normalize normalize;
   bool diffusion, symmetric;
   double scale, power, gamma, eps;
+  int64_t row_block = 64;  // rows per tile, set from the shapes by row_block_for
 };
 
 Kernel parse_kernel(c10::string_view name) {
@@ -540,6 +589,11 @@ at::Tensor squared_norms(const at::Tensor& x, const Options& o) {
   return is_distance(o.kernel) ? x.square().sum(-1) : at::Tensor();
 }
 
+// x (B, L, d) as a contiguous (B, d, L): the transposed column operand of the tile GEMMs.
+at::Tensor transposed(const at::Tensor& x) {
+  return x.transpose(1, 2).contiguous();
+}
+
 // Data of batch element bt of an optional per-batch tensor (undefined: null).
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t, int64_t bt) {
@@ -555,14 +609,17 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
                         const Options& o, const Finish& finish) {
   const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
   const int64_t c = value.defined() ? value.size(2) : 0;
-  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  const int64_t rb = o.row_block, blocks = (rows + rb - 1) / rb;
   const KernelArgs<T> p = kernel_args<T>(o);
+  const at::Tensor cols_t = transposed(cols_in), rows_t = o.symmetric ? transposed(rows_in) : at::Tensor();
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s1(kRowBlock * kColBlock), s2(kRowBlock * kColBlock);
+    BrgemmScope brgemm_scope;
+    std::vector<T> s1(rb * kColBlock), s2(rb * kColBlock);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bt = task / blocks, i0 = (task % blocks) * kRowBlock, bi = std::min(kRowBlock, rows - i0);
+      const int64_t bt = task / blocks, i0 = (task % blocks) * rb, bi = std::min(rb, rows - i0);
       const Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
-                                  ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt), d);
+                                  ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
+                                  ptr_or_null<T>(rows_t, bt), cols_t[bt].data_ptr<T>(), d, cols);
       RowState<T> st(bi, c);
       row_pass_entry(o.kernel, o.symmetric, r, p, cols, ptr_or_null<T>(value, bt), c,
                      ptr_or_null<T>(col_factor, bt), i0, bi, st, s1.data(), s2.data());
@@ -643,11 +700,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
 // blocks and keeps partial sums for rows, added in group order afterwards.
 struct GroupSplit {
   int64_t col_blocks, groups, blocks_per_group, row_blocks;
-  GroupSplit(int64_t batch, int64_t n, int64_t m)
+  GroupSplit(int64_t batch, int64_t n, int64_t m, int64_t rows)
       : col_blocks((m + kColBlock - 1) / kColBlock),
         groups(std::max<int64_t>(1, std::min<int64_t>(col_blocks, (8 + batch - 1) / batch))),
         blocks_per_group((col_blocks + groups - 1) / groups),
-        row_blocks((n + kRowBlock - 1) / kRowBlock) {}
+        row_blocks((n + rows - 1) / rows) {}
   int64_t first(int64_t group) const { return group * blocks_per_group; }
   int64_t last(int64_t group) const { return std::min(col_blocks, (group + 1) * blocks_per_group); }
 };
@@ -663,28 +720,29 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
                                                       const at::Tensor& gu, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool log_domain = o.kernel == Kernel::Gaussian;
-  const GroupSplit split(batch, n, m);
+  const GroupSplit split(batch, n, m, o.row_block);
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
   const KernelArgs<T> p = kernel_args<T>(o);
+  const at::Tensor q_t = o.symmetric ? transposed(q) : at::Tensor(), k_t = transposed(k), v_t = transposed(v);
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile = kRowBlock * kColBlock;
+    BrgemmScope brgemm_scope;
+    const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / split.groups, grp = task % split.groups;
-      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(),
-                                  ptr_or_null<T>(qn, bt),
-                                  ptr_or_null<T>(kn, bt), d);
+      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt),
+                                  ptr_or_null<T>(kn, bt), ptr_or_null<T>(q_t, bt), k_t[bt].data_ptr<T>(), d, m);
       const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
-      const T *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const T *vtb = v_t[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       T* rows = row_part[bt][grp].data_ptr<T>();
       T* cols = col_terms[bt].data_ptr<T>();
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
-          const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
+          const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
           tile_weights_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, s1.data(), s2.data());
-          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
+          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv.data(), bj);
           terms_tile_entry(log_domain, bi, bj, s1.data(), gv.data(), av + i0, bv + j0, guv + i0, s2.data(),
                            rows + i0, cols + j0);
         }
@@ -705,9 +763,11 @@ struct GradientParts {
   at::Tensor dv;                    // Âᵀ G (B, M, C)
 };
 
-// Vectors of the tile formulas: normalization factors, row/column terms, G·u.
+// Vectors of the tile formulas: normalization factors, row/column terms, G·u; and the transposed
+// operands of the tile GEMMs (qᵀ only when symmetric).
 struct BackwardVectors {
   at::Tensor qn, kn, a, b, R, X, Y, gu;
+  at::Tensor q_t, k_t, v_t;
 
   template <typename T>
   BackwardRows<T> rows_of(int64_t bt) const {  // the pointers of batch element bt
@@ -726,9 +786,20 @@ struct TileSinks {
 
 template <typename T>
 struct TileScratch {
-  std::vector<T> ahat, c1, c2;
-  TileScratch() : ahat(kRowBlock * kColBlock), c1(kRowBlock * kColBlock), c2(kRowBlock * kColBlock) {}
+  std::vector<T> ahat, c1, c2, flipped;  // flipped: a transposed tile, the left operand of Xᵀ·Y products
+  explicit TileScratch(int64_t rows)
+      : ahat(rows * kColBlock), c1(rows * kColBlock), c2(rows * kColBlock), flipped(rows * kColBlock) {}
 };
+
+// dst (cols × rows) = srcᵀ for a row-major rows × cols tile.
+template <typename T>
+void transpose_tile(int64_t rows, int64_t cols, const T* src, T* dst) {
+  constexpr int64_t kStep = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kStep)
+    for (int64_t j0 = 0; j0 < cols; j0 += kStep)
+      for (int64_t i = i0; i < std::min(rows, i0 + kStep); ++i)
+        for (int64_t j = j0; j < std::min(cols, j0 + kStep); ++j) dst[j * rows + i] = src[i * cols + j];
+}
 
 // One backward tile, rows i0..+bi × columns j0..+bj, from its products s1 (s2) and gv = G_I v_Jᵀ:
 // Â and C (backward_tile_entry), then dv_J += Âᵀ G_I, dq_I += C1 k_J, dk_J += C1ᵀ q_I (and
@@ -741,13 +812,17 @@ void backward_tile_gradients(const Options& o, bool symnorm, const Roles<T>& r, 
   const int64_t d = r.d;
   const T *qb = r.a, *kb = r.b;
   T *ahat = t.ahat.data(), *c1 = t.c1.data(), *c2 = t.c2.data();
+  T* flipped = t.flipped.data();
   backward_tile_entry(o.kernel, o.symmetric, symnorm, r, p, vec, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
-  gemm<T>(true, false, bj, c, bi, T(1), ahat, bj, gb + i0 * c, c, T(1), out.dv + j0 * c, c);
+  transpose_tile(bi, bj, ahat, flipped);
+  gemm<T>(false, false, bj, c, bi, T(1), flipped, bi, gb + i0 * c, c, T(1), out.dv + j0 * c, c);
   gemm<T>(false, false, bi, d, bj, T(1), c1, bj, kb + j0 * d, d, T(1), out.dq_rows + i0 * d, d);
-  gemm<T>(true, false, bj, d, bi, T(1), c1, bj, qb + i0 * d, d, T(1), out.dk_cols + j0 * d, d);
+  transpose_tile(bi, bj, c1, flipped);
+  gemm<T>(false, false, bj, d, bi, T(1), flipped, bi, qb + i0 * d, d, T(1), out.dk_cols + j0 * d, d);
   if (o.symmetric) {
     gemm<T>(false, false, bi, d, bj, T(1), c2, bj, qb + j0 * d, d, T(1), out.dk_rows + i0 * d, d);
-    gemm<T>(true, false, bj, d, bi, T(1), c2, bj, kb + i0 * d, d, T(1), out.dq_cols + j0 * d, d);
+    transpose_tile(bi, bj, c2, flipped);
+    gemm<T>(false, false, bj, d, bi, T(1), flipped, bi, kb + i0 * d, d, T(1), out.dq_cols + j0 * d, d);
   }
   tile_sums_entry(bi, bj, ahat, c1, o.symmetric ? c2 : nullptr, out.ahat_rowsum + i0, out.dq_rows_sum + i0,
                   out.dk_cols_sum + j0, o.symmetric ? out.dk_rows_sum + i0 : nullptr,
@@ -761,7 +836,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
                                         const at::Tensor& v, const BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool symnorm = o.normalize == Normalize::Sym;
-  const GroupSplit split(batch, n, m);
+  const GroupSplit split(batch, n, m, o.row_block);
   const int64_t groups = split.groups;
   auto opts = q.options();
   auto dq_part = at::zeros({batch, groups, n, d}, opts), dq_sum_part = at::zeros({batch, groups, n}, opts);
@@ -779,13 +854,15 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
   }
   const KernelArgs<T> p = kernel_args<T>(o);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile = kRowBlock * kColBlock;
+    BrgemmScope brgemm_scope;
+    const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
-    TileScratch<T> scratch;
+    TileScratch<T> scratch(o.row_block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
-      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
-      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
+      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = bv.k_t[bt].data_ptr<T>(), *vtb = bv.v_t[bt].data_ptr<T>();
+      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* none = nullptr;
       const TileSinks<T> sinks{
@@ -797,11 +874,11 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
-          const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
-          gemm<T>(false, true, bi, bj, d, T(1), qb + i0 * d, d, kb + j0 * d, d, T(0), s1.data(), bj);
+          const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
+          gemm<T>(false, false, bi, bj, d, T(1), qb + i0 * d, d, ktb + j0, m, T(0), s1.data(), bj);
           if (o.symmetric)
-            gemm<T>(false, true, bi, bj, d, T(1), kb + i0 * d, d, qb + j0 * d, d, T(0), s2.data(), bj);
-          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv.data(), bj);
+            gemm<T>(false, false, bi, bj, d, T(1), kb + i0 * d, d, qtb + j0, m, T(0), s2.data(), bj);
+          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv.data(), bj);
           backward_tile_gradients(o, symnorm, r, p, vec, gb, c, i0, bi, j0, bj, s1.data(), s2.data(), gv.data(),
                                   scratch, sinks);
         }
@@ -820,14 +897,14 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
 
 // Row-block schedule for `row`: C_ij needs S_i = Σ_j dâ_ij â_ij of its whole row. Each row block
 // sweeps its columns twice, keeping the products q_I kᵀ (k_I qᵀ) and G_I vᵀ of the first sweep in
-// a row-block cache (kRowBlock × M each) for the second: GEMM work 3D + 2C per pair instead of
+// a row-block cache (rows × M each) for the second: GEMM work 3D + 2C per pair instead of
 // 4D + 3C with a separate statistics pass. Row groups (a count fixed by the shapes) keep
 // partial columns of dv and dk, summed in group order.
 template <typename T>
 GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k,
                                      const at::Tensor& v, BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
-  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
+  const int64_t rb = o.row_block, row_blocks = (n + rb - 1) / rb;
   // Up to 8 tasks per call, fewer when the column partials would pass 256 MB.
   const int64_t group_bytes = m * (c + 2 * d + 2) * static_cast<int64_t>(sizeof(T));
   int64_t groups = std::min<int64_t>(row_blocks, (8 + batch - 1) / batch);
@@ -852,14 +929,16 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
   const KernelArgs<T> p = kernel_args<T>(o);
   const bool log_domain = o.kernel == Kernel::Gaussian;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tile = kRowBlock * kColBlock, cache = kRowBlock * m;
+    const int64_t tile = rb * kColBlock, cache = rb * m;
     std::vector<T> s1c(cache), s2c(o.symmetric ? cache : 0), gvc(cache);
     std::vector<T> w(tile), e(tile), unused_cols(kColBlock);
-    TileScratch<T> scratch;
+    BrgemmScope brgemm_scope;
+    TileScratch<T> scratch(rb);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
-      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *vb = v[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
-      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), d);
+      const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = bv.k_t[bt].data_ptr<T>(), *vtb = bv.v_t[bt].data_ptr<T>();
+      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* Sb = S[bt].data_ptr<T>();
       T* none = nullptr;
@@ -871,13 +950,13 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
           o.symmetric ? dq2_sum_part[bt][grp].data_ptr<T>() : none};
       const int64_t first = grp * blocks_per_group, last = std::min(row_blocks, first + blocks_per_group);
       for (int64_t ib = first; ib < last; ++ib) {
-        const int64_t i0 = ib * kRowBlock, bi = std::min(kRowBlock, n - i0);
+        const int64_t i0 = ib * rb, bi = std::min(rb, n - i0);
         for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 1: products, S_i
           const int64_t bj = std::min(kColBlock, m - j0);
           T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
-          gemm<T>(false, true, bi, bj, d, T(1), qb + i0 * d, d, kb + j0 * d, d, T(0), s1, bj);
-          if (o.symmetric) gemm<T>(false, true, bi, bj, d, T(1), kb + i0 * d, d, qb + j0 * d, d, T(0), s2, bj);
-          gemm<T>(false, true, bi, bj, c, T(1), gb + i0 * c, c, vb + j0 * c, c, T(0), gv, bj);
+          gemm<T>(false, false, bi, bj, d, T(1), qb + i0 * d, d, ktb + j0, m, T(0), s1, bj);
+          if (o.symmetric) gemm<T>(false, false, bi, bj, d, T(1), kb + i0 * d, d, qtb + j0, m, T(0), s2, bj);
+          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv, bj);
           std::copy(s1, s1 + bi * bj, w.begin());
           weights_from_products_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, w.data(), s2);
           terms_tile_entry(log_domain, bi, bj, w.data(), gv, vec.a + i0, vec.b + j0, vec.gu + i0, e.data(),
@@ -946,6 +1025,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.a = row_factors<T>(row_stats, o, m);
   bv.b = symnorm ? row_factors<T>(col_stats, o, m)
                  : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
+  bv.q_t = o.symmetric ? transposed(q) : at::Tensor();
+  bv.k_t = transposed(k);
+  bv.v_t = transposed(v);
   bv.R = bv.X = at::zeros_like(bv.gu);
   bv.Y = at::zeros({batch, m}, q.options());
   GradientParts parts;
@@ -969,8 +1051,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& self_value, c10::string_view kernel, double scale, double power,
     double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
-  const Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
+  Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
+  o.row_block = row_block_for(key.size(1), query.size(2), value.size(2));
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
@@ -986,8 +1069,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
     const std::optional<at::Tensor>& self_value, const at::Tensor& out, const at::Tensor& row_stats,
     const at::Tensor& col_stats, c10::string_view kernel, double scale, double power, double gamma,
     double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
-  const Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
+  Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
+  o.row_block = row_block_for(key.size(1), query.size(2), value.size(2));
   // `out` is part of the schema for backends that form S_i = G_i·out_i; these kernels sum S_i
   // from the tiles instead (see normalization_terms).
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "nonlocal_ext: grad_out must have the shape of out");

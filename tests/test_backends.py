@@ -18,10 +18,14 @@ SQUARE_SHAPES = [((), 1, 1, 1, 1), ((2,), 97, 97, 5, 3), ((), 1000, 1000, 64, 13
 RECT_SHAPES = [((2,), 97, 33, 5, 3), ((), 1, 1000, 64, 1), ((3,), 1000, 1, 1, 130)]
 
 
-def shapes_for(combo):
+def square_only(combo):
+    """symmetric and diffusion without self_value need N == M."""
     kernel, normalize, update, symmetric, with_self_value = combo
-    square_only = symmetric or (update == "diffusion" and not with_self_value)
-    return SQUARE_SHAPES if square_only else SQUARE_SHAPES + RECT_SHAPES
+    return symmetric or (update == "diffusion" and not with_self_value)
+
+
+def shapes_for(combo):
+    return SQUARE_SHAPES if square_only(combo) else SQUARE_SHAPES + RECT_SHAPES
 
 
 def cases(backend):
@@ -73,6 +77,17 @@ def test_linear_matches_reference(combo, shape, noncontiguous, dtype):
 @pytest.mark.parametrize("combo,shape,noncontiguous", list(cases("cpu")))
 def test_cpu_matches_reference(combo, shape, noncontiguous, dtype):
     check_against_reference("cpu", combo, shape, noncontiguous, dtype)
+
+
+# Nonlocal-block widths (D + C ≥ 384): the cpu kernels switch to 256-row tiles there; the tail row
+# block (300 = 256 + 44) and the 77-column tile are partial.
+WIDE_SQUARE, WIDE_RECT = ((2,), 300, 300, 200, 190), ((2,), 300, 77, 200, 190)
+
+
+@pytest.mark.parametrize("combo", [pytest.param(c, id=combo_id(c)) for c in COMBOS])
+def test_cpu_wide_features_match_reference(combo):
+    """float32: the precision whose tile products go through brgemm."""
+    check_against_reference("cpu", combo, WIDE_SQUARE if square_only(combo) else WIDE_RECT, False, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

@@ -8,7 +8,8 @@ a differentiable function computing exactly ``nonlocal_aggregate`` for that case
   linear, cpu, triton, and any added later), asked through the registry's own
   ``unsupported_reason``; they call the public op with ``backend=<name>``.
 * **Peers** — :data:`PEERS`, an ordinary dict (tests add a deliberately wrong runner to it):
-  ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` for ``gaussian`` + ``row``
+  ``dense``: the plain dense formula of each kernel with autograd (what a user writes without
+  us; unlike our ``reference`` it takes no log-domain care); ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` for ``gaussian`` + ``row``
   (its default scale is 1/√D, so ours is passed explicitly; on CPU its fused flash kernel needs
   D = C, else it falls back to its dense math path); ``flex``: FlexAttention on CUDA
   (compiled) for ``gaussian``, ``rbf`` and ``fractional`` with ``row``, through log-space scores;
@@ -102,6 +103,49 @@ def _defaults(case: Case) -> dict:
 def our_runners() -> dict[str, Runner]:
     """One runner per registered backend, in the registry's order (new backends appear by themselves)."""
     return {name: _ours(name) for name in backends.BACKENDS}
+
+
+# --------------------------------------------------------------------------------------- dense
+
+def _dense_reason(case, inputs):
+    return None
+
+
+def _dense_build(case):
+    """What a user writes without us: W from the kernel's dense formula, normalized, times v, with
+    autograd. ``gaussian`` + ``row`` is ``softmax(scale·q kᵀ) @ v``; distance kernels form
+    ρ = ‖q‖² + ‖k‖² − 2 q kᵀ; coincident pairs of ``fractional``/``log`` get weight 0."""
+    params = _defaults(case)
+    scale, kernel, normalize = params["scale"], case.kernel, case.normalize
+
+    def fn(q, k, v, u):
+        s = q @ k.transpose(-1, -2)
+        if kernel == "gaussian" and normalize == "row":
+            w = torch.softmax(scale * s, dim=-1)
+        elif kernel in ("dot", "gaussian"):
+            w = scale * s if kernel == "dot" else torch.exp(scale * s)
+        else:
+            norms = q.square().sum(-1)[..., :, None] + k.square().sum(-1)[..., None, :]
+            rho = (norms - 2 * s).clamp_min(0)
+            if kernel == "rbf":
+                w = torch.exp(-scale * rho)
+            else:
+                coincident = rho <= nonlocal_ext.kernels.default_eps(q.dtype) * norms
+                safe = torch.where(coincident, torch.ones_like(rho), rho)
+                w = (scale * safe.pow(-0.5 * params["power"]) if kernel == "fractional"
+                     else -scale * torch.log(safe) - params["gamma"])
+                w = torch.where(coincident, torch.zeros_like(w), w)
+        if normalize == "row" and kernel != "gaussian":
+            w = w / w.sum(-1, keepdim=True)
+        elif normalize == "sym":
+            w = w / w.sum(-1, keepdim=True).sqrt() / w.sum(-2, keepdim=True).sqrt()
+        elif normalize == "count":
+            w = w / case.M
+        out = w @ v
+        if case.update == "diffusion":
+            out = out - w.sum(-1, keepdim=True) * (u if u is not None else v)
+        return out
+    return fn
 
 
 # ---------------------------------------------------------------------------------------- sdpa
@@ -254,6 +298,7 @@ def _keops_build(case):
 
 #: The peers, in table order. Tests may add runners here (e.g. a deliberately wrong one).
 PEERS: dict[str, Runner] = {
+    "dense": Runner("dense", "peer", _dense_reason, _dense_build, dense_temporaries=8),
     "sdpa": Runner("sdpa", "peer", _sdpa_reason, _sdpa_build),
     "flex": Runner("flex", "peer", _flex_reason, _flex_build, warmup=3),
     "keops": Runner("keops", "peer", _keops_reason, _keops_build, warmup=2),
