@@ -141,3 +141,34 @@ def make_inputs(case: Case, seed: int = 0):
     v = randn(case.M, case.C)
     u = randn(case.N, case.C) if case.explicit_self_value else None
     return tuple(None if t is None else t.to(device=case.device, dtype=case.torch_dtype) for t in (q, k, v, u))
+
+
+#: Where nonlocal blocks run (name, batch, N, M, D = C): θ, φ, g have D = C = in_channels/2 and the
+#: keys are max-pooled (M ≈ N/4) — ResNet-50 res4 and res3 (Wang et al., "Non-local Neural
+#: Networks"), a detection res4 map (800×1088 input), I3D res4 (4×14×14) — plus segmentation without
+#: pooling (64×64), the widest features (D = C = 1024) and unpooled keys (M = N).
+BLOCK_SHAPES = (
+    ("res4", 16, 196, 49, 512),
+    ("res3", 8, 784, 196, 256),
+    ("detection", 2, 3400, 850, 512),
+    ("i3d", 4, 784, 196, 512),
+    ("segmentation", 2, 4096, 4096, 128),
+    ("wide", 2, 784, 196, 1024),
+    ("unpooled", 8, 784, 784, 256),
+)
+
+#: The (kernel, normalize) pairs of the block suite; the last dtype list is for the first pair only.
+BLOCK_KERNELS = (("gaussian", "row"), ("dot", "count"), ("fractional", "count"), ("fractional", "row"), ("rbf", "row"))
+
+
+def block_suite(dtypes, device, passes) -> list[Case]:
+    """The nonlocal-block cases: every shape of :data:`BLOCK_SHAPES` for every pair of
+    :data:`BLOCK_KERNELS` in float32, and ``gaussian`` + ``row`` in the other ``dtypes`` too."""
+    cases = []
+    for (kernel, normalize), dtype in itertools.product(BLOCK_KERNELS, dtypes):
+        if dtype != "float32" and (kernel, normalize) != BLOCK_KERNELS[0]:
+            continue
+        for _, batch, n, m, dc in BLOCK_SHAPES:
+            for pass_ in passes:
+                cases.append(Case(kernel, normalize, "aggregate", n, m, dc, dc, batch, dtype, device, pass_))
+    return cases

@@ -31,7 +31,7 @@ from nonlocal_ext.kernels import KERNELS
 from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
 
 from . import measure
-from .cases import DTYPES, PASSES, sweep
+from .cases import BLOCK_SHAPES, DTYPES, PASSES, block_suite, sweep
 from .report import Progress, Table, write_csv, write_json
 from .run import Options, run_sweep
 from .runners import all_runners
@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--csv", metavar="FILE", help="write the rows as CSV")
     add("--table", metavar="FILE", help="also write the printed table to FILE")
     add("--plot", metavar="FILE.png", help="plot time and peak memory against N, one panel per kernel")
+    add("--suite", choices=("blocks",), help="blocks: the nonlocal-block shapes (B, N, M, D = C: "
+        + "; ".join(f"{name} {b}×{n}×{m}×{dc}" for name, b, n, m, dc in BLOCK_SHAPES)
+        + ") for gaussian+row, dot+count, fractional+count/row, rbf+row; --dtype and --pass apply, "
+          "--kernel/--normalize/--n/--m/--d/--c/--batch do not")
     add("--list", action="store_true", help="list the runners and exit")
     return parser
 
@@ -114,6 +118,9 @@ def _pick(args, name):
 def _cases(args, parser, device):
     def pick(name):
         return _pick(args, name)
+    if args.suite == "blocks":
+        return block_suite(_choices(pick("dtype"), list(DTYPES), "dtype", parser), device,
+                           _choices(args.passes or DEFAULTS["pass"], PASSES, "pass", parser))
     return sweep(kernels=_choices(pick("kernel"), list(KERNELS), "kernel", parser),
                  normalizes=_choices(pick("normalize"), NORMALIZATIONS, "normalize", parser),
                  updates=_choices(pick("update"), UPDATES, "update", parser),

@@ -100,9 +100,22 @@ def _defaults(case: Case) -> dict:
     return {**_OP_DEFAULTS, **case.kernel_kwargs}
 
 
+def _auto() -> Runner:
+    """``backend="auto"``: what a user gets without choosing (it may pick a dense path)."""
+    def build(case):
+        kwargs = case.kernel_kwargs
+
+        def fn(q, k, v, u):
+            return nonlocal_ext.nonlocal_aggregate(q, k, v, case.kernel, normalize=case.normalize,
+                                                   update=case.update, self_value=u, **kwargs)
+        return fn
+    return Runner("auto", "ours", lambda case, inputs: None, build)  # auto keeps dense paths within its memory budget
+
+
 def our_runners() -> dict[str, Runner]:
-    """One runner per registered backend, in the registry's order (new backends appear by themselves)."""
-    return {name: _ours(name) for name in backends.BACKENDS}
+    """One runner per registered backend, in the registry's order (new backends appear by themselves),
+    then ``auto``."""
+    return {**{name: _ours(name) for name in backends.BACKENDS}, "auto": _auto()}
 
 
 # --------------------------------------------------------------------------------------- dense
