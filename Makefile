@@ -22,13 +22,17 @@ test: $(STAMP)
 
 # The default CPU sweep (under 5 minutes on a quiet 2-core machine): gaussian and fractional with
 # row normalization, N = M = 256..4096, D = 64, C = 128, float32, fwd and fwd+bwd, every backend and
-# peer that can run each case, outputs checked against float64 first; writes bench/results/.
+# peer that can run each case, outputs checked against float64 first; then the nonlocal-block suite
+# (D = C = 128..1024, pooled keys, batches; see `nonlocal-bench --help`, --suite); writes bench/results/.
 bench: $(STAMP)
 	mkdir -p bench/results
 	$(VENV)/bin/nonlocal-bench --device cpu --kernel gaussian,fractional --normalize row --update aggregate \
 		--n 256,512,1024,2048,4096 --d 64 --c 128 --batch 1 --dtype float32 --pass fwd,fwd+bwd \
 		--backends all --repeat 5 --check --table bench/results/cpu.txt --json bench/results/cpu.json \
 		--csv bench/results/cpu.csv --plot bench/results/cpu.png
+	$(VENV)/bin/nonlocal-bench --suite blocks --device cpu --dtype float32,bfloat16 --pass fwd,fwd+bwd \
+		--backends dense,sdpa,reference,chunked,cpu,linear,auto --repeat 3 --no-memory \
+		--table bench/results/blocks.txt --json bench/results/blocks.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,7 +33,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -68,10 +67,12 @@ constexpr int64_t kColBlock = 256;
 // amortize that packing over more work, which matters when D + C is large (bench/NOTES.md,
 // "Row blocks by feature width"). The backward of `row` caches 3 × rows × M products per thread,
 // so wide blocks are used only while that cache stays small.
-inline int64_t row_block_for(int64_t m, int64_t d, int64_t c) {
-  if (const char* forced = std::getenv("NLX_ROW_BLOCK")) return std::atoll(forced);
+// The rows are then split evenly (784 rows: 4 blocks of 196, not 3 of 256 and one of 16).
+inline int64_t row_block_for(int64_t n, int64_t m, int64_t d, int64_t c) {
   constexpr int64_t kWide = 256, kCacheBytes = int64_t(32) << 20;
-  return d + c >= 384 && 3 * kWide * m * int64_t(sizeof(double)) <= kCacheBytes ? kWide : 64;
+  const int64_t most = d + c >= 384 && 3 * kWide * m * int64_t(sizeof(double)) <= kCacheBytes ? kWide : 64;
+  const int64_t blocks = std::max<int64_t>(1, (n + most - 1) / most);
+  return std::max<int64_t>(1, (n + blocks - 1) / blocks);
 }
 
 enum class Normalize : int { None, Count, Row, Sym };
@@ -1053,7 +1054,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
     double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
-  o.row_block = row_block_for(key.size(1), query.size(2), value.size(2));
+  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2));
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
@@ -1071,7 +1072,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
     double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
-  o.row_block = row_block_for(key.size(1), query.size(2), value.size(2));
+  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2));
   // `out` is part of the schema for backends that form S_i = G_i·out_i; these kernels sum S_i
   // from the tiles instead (see normalization_terms).
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "nonlocal_ext: grad_out must have the shape of out");

@@ -40,7 +40,9 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     spec = validate(query, key, value, kernel, scale=scale, power=power, gamma=gamma, eps=eps,
                     normalize=normalize, update=update, symmetric=symmetric, self_value=self_value,
                     backend=backend)
-    impl = backends.select(backend, spec, query, key)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, self_value))
+    impl = backends.select(backend, spec, query, key, value, backward=needs_grad)
     batch = query.shape[:-2]
 
     def flat(t):

@@ -115,18 +115,38 @@ def test_half_inputs_give_half_outputs():
     assert out.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "rbf", "fractional", "log"])
-def test_auto_picks_cpu_for_cpu_tensors_except_small_gaussian(kernel):
-    def chosen(n):
-        q = torch.empty(2, n, 4)
-        spec = nonlocal_ext.spec.validate(q, q, q, kernel, scale=1.0, power=1.0 if kernel == "fractional" else None,
-                                          gamma=0.5, eps=None, normalize="row", update="aggregate", symmetric=False,
-                                          self_value=None, backend="auto")
-        return nonlocal_ext.backends.select("auto", spec, q, q)
+def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
+    """What auto picks for CPU tensors of these shapes (expanded views: no memory)."""
+    q, k, v = (torch.empty(1, rows, cols).expand(batch, rows, cols) for rows, cols in ((n, d), (m, d), (m, c)))
+    spec = nonlocal_ext.spec.validate(q, k, v, kernel, scale=1.0, power=1.0 if kernel == "fractional" else None,
+                                      gamma=0.5, eps=None, normalize=normalize, update="aggregate", symmetric=False,
+                                      self_value=None, backend="auto")
+    return nonlocal_ext.backends.select("auto", spec, q, k, v, backward=backward)
 
-    limit = nonlocal_ext.backends.SMALL_GAUSSIAN_DENSE_MAX
-    small, large = chosen(int((limit // 2) ** 0.5)), chosen(int((limit // 2) ** 0.5) + 1)
-    assert (small, large) == ((reference, cpu) if kernel == "gaussian" else (cpu, cpu))
+
+@pytest.mark.parametrize("kernel,batch,n,m,d,c,backward,expected", [
+    ("gaussian", 1, 4096, 4096, 64, 128, False, cpu),      # attention shape: fused
+    ("gaussian", 1, 4096, 4096, 64, 128, True, cpu),
+    ("fractional", 2, 3400, 850, 512, 512, True, cpu),     # costly dense elementwise passes
+    ("gaussian", 16, 196, 49, 512, 512, True, reference),  # res4: tiny N×M in cache, narrow tiles
+    ("gaussian", 1, 256, 256, 64, 128, True, reference),   # small: dense in cache
+    ("gaussian", 2, 4096, 4096, 128, 128, True, cpu),      # dense temporaries over the memory budget
+    ("gaussian", 4000, 196, 49, 512, 512, True, cpu),      # the model prefers dense, memory does not allow it
+])
+def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected):
+    assert auto_choice(kernel, batch, n, m, d, c, backward) is expected
+
+
+def test_auto_asks_the_cost_model_whether_a_backward_runs(monkeypatch):
+    """The op tells select whether gradients are needed; the model then prices forward+backward."""
+    seen = []
+    monkeypatch.setattr(nonlocal_ext.backends.cost, "prefer_dense", lambda *args: seen.append(args[-1]) or False)
+    q = torch.randn(2, 30, 5)
+    nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf")
+    nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")
+    with torch.no_grad():
+        nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")
+    assert seen == [False, True, False]
 
 
 def test_op_rejects_bad_arguments_by_name():

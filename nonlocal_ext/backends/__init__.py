@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 
-from . import chunked, cpu, linear, reference, triton
+import torch
+
+from . import chunked, cost, cpu, linear, reference, triton
 
 BACKENDS = {b.NAME: b for b in (reference, chunked, linear, cpu, triton)}
 
@@ -22,38 +24,42 @@ def available(spec, query) -> list[str]:
     return [name for name, b in BACKENDS.items() if b.unsupported_reason(spec, query) is None]
 
 
-#: ``auto`` uses the dense reference up to this many affinities B·N·M: below it the dense
-#: computation is faster than ``chunked`` on CPU (bench/NOTES.md: chunked at 0.49–0.96× of it at
-#: N = M = 1024, mixed at 2048, ``chunked`` ahead from 4096) and its N×M temporaries are small.
+#: Without fused kernels for the device, ``auto`` uses the dense reference up to this many
+#: affinities B·N·M and ``chunked`` above (bench/NOTES.md: chunked at 0.49–0.96× of dense at
+#: N = M = 1024, mixed at 2048, ``chunked`` ahead from 4096); its N×M temporaries stay small.
 DENSE_MAX_ELEMENTS = 1 << 21
 
-
-#: ``auto`` keeps ``gaussian`` on the dense reference below this many affinities B·N·M even when
-#: the fused ``cpu`` kernels are available: there one softmax of MKL GEMMs beats the fused
-#: kernel's fixed cost per call (bench/NOTES.md: cpu at 0.64–0.94× of dense for N = M ≤ 512,
-#: ahead from 1024 on). The other kernels always take ``cpu``: their forward is faster fused at every
-#: size measured (N ≥ 8); forward+backward trails dense by 5–20% below N ≈ 1024 (README, Backends).
-SMALL_GAUSSIAN_DENSE_MAX = 1 << 19
+#: Bytes the dense path's N×M temporaries may take when ``auto`` prefers it to the fused kernels
+#: (it holds up to DENSE_TEMPORARIES matrices of B·N·M elements with autograd).
+DENSE_MEMORY_BUDGET = 1 << 30
+DENSE_TEMPORARIES = 8
 
 
-def select(name: str, spec, query, key):
+def select(name: str, spec, query, key, value=None, backward: bool = False):
     """The backend module for ``backend=name``.
 
-    ``auto``: ``kernel="dot"`` always takes the exact linear-time path; every other kernel
-    takes the fused backend of the device (``triton`` on CUDA, ``cpu`` on CPU) when it is
-    available (except small ``gaussian`` problems on CPU: dense, see SMALL_GAUSSIAN_DENSE_MAX),
-    else the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS) and
-    ``chunked`` for the rest. A backend asked for by name is used or refused with the reason
-    and the list of what is available, never silently replaced.
+    ``auto``: ``kernel="dot"`` always takes the exact linear-time path. Otherwise, where the fused
+    backend of the device is available (``triton`` on CUDA, ``cpu`` on CPU), the CPU choice between
+    it and the dense ``reference`` follows :mod:`.cost` (``backward``: whether a backward will run),
+    the dense path only while its N×M temporaries fit DENSE_MEMORY_BUDGET. Without fused kernels:
+    the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS), ``chunked`` for the
+    rest. A backend asked for by name is used or refused with the reason and the list of what is
+    available, never silently replaced.
     """
     if name == "auto":
         if spec.kernel.name == "dot":
             return linear
-        affinities = math.prod(query.shape[:-1]) * key.shape[-2]  # B·N·M
+        n, d = query.shape[-2:]
+        m = key.shape[-2]
+        c = d if value is None else value.shape[-1]
+        affinities = math.prod(query.shape[:-1]) * m  # B·N·M
         fused = triton if query.device.type == "cuda" else cpu
         if fused.unsupported_reason(spec, query) is None:
-            if fused is cpu and spec.kernel.name == "gaussian" and affinities <= SMALL_GAUSSIAN_DENSE_MAX:
-                return reference
+            if fused is cpu:
+                dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
+                if dense_bytes <= DENSE_MEMORY_BUDGET and cost.prefer_dense(
+                        affinities, m, d, c, spec.kernel.name, spec.normalize, backward):
+                    return reference
             return fused
         return reference if affinities <= DENSE_MAX_ELEMENTS else chunked
     backend = BACKENDS[name]

@@ -1,0 +1,61 @@
+"""The cost model behind ``backend="auto"`` on CPU: the dense ``reference`` or the fused ``cpu`` kernels.
+
+Both paths are priced in GEMM-FLOP equivalents per affinity (pair i, j; B·N·M pairs per call):
+
+* **dense** (``reference``, plain autograd): GEMMs of 2(D + C) FLOPs per pair in the forward, 3× that
+  with the backward (dÂ = G vᵀ, dv = ÂᵀG, dq, dk), plus the elementwise passes over the N×M matrices
+  (forming W, normalizing, their backward): :data:`DENSE_PASSES`, cheaper by :data:`CACHED_PASSES`
+  when the whole N×M matrix fits in cache (:data:`CACHED_BYTES`).
+* **fused** (``cpu``): the forward's 2(D + C) and the backward's 2(3D + 2C) (it recomputes q kᵀ
+  instead of storing W), at :data:`FUSED_FORWARD_SPEED` and :data:`FUSED_BACKWARD_SPEED` times the
+  dense GEMM rate (its tiles go through brgemm without packing; its backward adds tile transposes and
+  column partials), the kernel's elementwise work in cache (:data:`FUSED_PASSES`), ``sym``'s column
+  pass, a penalty for narrow key sets (M < 256 fills a 256-wide tile partly: :func:`narrow_penalty`)
+  and a fixed cost per call (:data:`FUSED_CALL`).
+
+The constants come from one-thread CPU-time probes of the nonlocal-block suite
+(``nonlocal-bench --suite blocks``) and of N = M ∈ {256…4096}, D = 64, C = 128; bench/NOTES.md
+("The auto cost model") has the table they were read from.
+"""
+
+from __future__ import annotations
+
+#: Elementwise work of the dense path, in GEMM-FLOP equivalents per pair: (forward, forward+backward).
+DENSE_PASSES = {"dot": (200.0, 600.0), "gaussian": (460.0, 1480.0), "rbf": (730.0, 1530.0),
+                "fractional": (1350.0, 3560.0), "log": (1350.0, 3560.0)}
+#: The same work on a matrix that stays in cache costs this fraction.
+CACHED_PASSES = 0.35
+CACHED_BYTES = 4 << 20
+#: Elementwise work of the fused kernels per pair (exp/log in registers): forward, forward+backward.
+FUSED_PASSES = (100.0, 300.0)
+#: Fixed work of one fused call (custom-op dispatch, transposed copies, statistics, the backward's
+#: partial sums), in GEMM-FLOP equivalents: forward, forward+backward.
+FUSED_CALL = (7e6, 40e6)
+FUSED_FORWARD_SPEED = 1.15
+FUSED_BACKWARD_SPEED = 0.96
+
+
+def narrow_penalty(m: int) -> float:
+    """Slow-down of the fused kernels when fewer than 256 keys fill their 256-wide tiles."""
+    return 1.0 + 0.35 * max(0.0, (256 - m) / 256)
+
+
+def dense_work(pairs: int, d: int, c: int, kernel: str, backward: bool) -> float:
+    gemm = 2.0 * (d + c) * (3 if backward else 1)
+    passes = DENSE_PASSES[kernel][backward]
+    if pairs * 4 <= CACHED_BYTES:
+        passes *= CACHED_PASSES
+    return pairs * (gemm + passes)
+
+
+def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool) -> float:
+    forward = 2.0 * (d + c) * (2 if normalize == "sym" else 1)  # sym: the column-sum pass first
+    work = forward / FUSED_FORWARD_SPEED + FUSED_PASSES[backward]
+    if backward:
+        work += 2.0 * (3 * d + 2 * c + (d + c if normalize == "sym" else 0)) / FUSED_BACKWARD_SPEED
+    return pairs * work * narrow_penalty(m) + FUSED_CALL[backward]
+
+
+def prefer_dense(pairs: int, m: int, d: int, c: int, kernel: str, normalize: str, backward: bool) -> bool:
+    """Whether the dense path is predicted faster than the fused kernels for this call."""
+    return dense_work(pairs, d, c, kernel, backward) < fused_work(pairs, m, d, c, normalize, backward)
