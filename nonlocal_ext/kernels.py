@@ -17,8 +17,17 @@ kernel         family    f(x)                                  f′(x) = df/dx
 =============  ========  ====================================  ==============================
 
 (``log`` is ``−2·scale·log‖q−k‖ − gamma``.) ``fractional`` and ``log`` are singular at ρ = 0:
-a *coincident* pair, ``ρ ≤ eps·(‖q‖² + ‖k‖²)``, gets weight 0 and contributes no gradient
+a *coincident* pair, ``ρ ≤ eps·(‖q̄‖² + ‖k̄‖²)``, gets weight 0 and contributes no gradient
 (the "safe divide" of the PIDE thesis). ``eps=None`` resolves to :func:`default_eps`.
+
+**Translation.** q̄ = q − μ and k̄ = k − μ, with μ the mean of the finite entries of the keys, one
+point per batch element (:func:`common_translation`). The op applies this shift to the inputs of
+every distance kernel before any backend runs, so every backend computes ρ and the coincident-pair
+rule from q̄ and k̄: moving all points by one vector changes nothing (up to rounding of the
+inputs themselves), and ρ = ‖q̄‖² + ‖k̄‖² − 2 q̄·k̄ does not cancel away the digits of coordinates
+far from the origin. μ is a constant for autograd: the kernels are translation invariant, so its
+derivative contributes nothing. Non-finite key entries are left out of the mean, so a NaN or Inf
+reaches only what depends on it.
 
 ``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
 symmetric normalizations are computed with log-sum-exp and never overflow.
@@ -36,6 +45,7 @@ __all__ = [
     "AffinityKernel",
     "KERNELS",
     "KernelParams",
+    "common_translation",
     "default_eps",
     "pair_variable",
     "pair_gradients",
@@ -182,6 +192,20 @@ def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sq
         return rho, None
     coincident = rho <= eps * norms
     return torch.where(coincident, torch.ones_like(rho), rho), coincident
+
+
+def common_translation(key: torch.Tensor) -> torch.Tensor:
+    """μ ``(..., 1, D)``: the mean of the finite entries of ``key (..., M, D)`` per batch element and
+    feature (0 where there is none), detached; distance kernels use ``q − μ`` and ``k − μ``.
+
+    Summed in float32 at least (a float16 sum of many coordinates overflows).
+    """
+    k = key.detach()
+    finite = torch.isfinite(k)
+    wide = torch.promote_types(k.dtype, torch.float32)
+    total = torch.where(finite, k, torch.zeros((), dtype=k.dtype, device=k.device)).sum(-2, keepdim=True, dtype=wide)
+    count = finite.sum(-2, keepdim=True).clamp_min(1)
+    return (total / count).to(k.dtype)
 
 
 def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):

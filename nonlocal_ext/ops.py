@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import backends
+from .kernels import common_translation
 from .spec import validate
 
 
@@ -24,8 +25,10 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             ``"rbf"`` exp(−scale·‖q−k‖²), ``"fractional"`` scale·‖q−k‖^(−power),
             ``"log"`` −2·scale·log‖q−k‖ − gamma (see :mod:`nonlocal_ext.kernels`).
         scale, power, gamma: kernel parameters; ``power`` is required by ``"fractional"`` only.
-        eps: coincident pairs ``‖q−k‖² ≤ eps·(‖q‖² + ‖k‖²)`` get weight 0 under ``"fractional"``
-            and ``"log"``; ``None`` means 1e-12 for float64 and 1e-4 otherwise.
+        eps: coincident pairs ``‖q−k‖² ≤ eps·(‖q̄‖² + ‖k̄‖²)`` get weight 0 under ``"fractional"``
+            and ``"log"``; ``None`` means 1e-12 for float64 and 1e-4 otherwise. q̄ = q − μ and
+            k̄ = k − μ, μ the mean of the finite key entries of the batch element: the rule, like
+            the distances, does not change when all points move together.
         normalize: ``"none"`` Â = W; ``"count"`` W/M; ``"row"`` D_r⁻¹W; ``"sym"`` D_r^(−½) W D_c^(−½),
             with r, c the row and column sums of W; a zero sum normalizes to zero (safe divide).
         update: ``"aggregate"`` Â v; ``"diffusion"`` Â v − rowsum(Â) ⊙ u.
@@ -41,6 +44,11 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                     normalize=normalize, update=update, symmetric=symmetric, self_value=self_value,
                     backend=backend)
     impl = backends.select(backend, spec, query, key)
+    if spec.kernel.family == "distance":
+        # Distances from coordinates relative to the keys' centre: translation invariant in every
+        # backend, and ‖q‖² + ‖k‖² − 2q·k keeps the digits of points far from the origin.
+        shift = common_translation(key)
+        query, key = query - shift, key - shift
     batch = query.shape[:-2]
 
     def flat(t):
