@@ -4,7 +4,8 @@ An affinity kernel ``f(q, k)`` is a function of one *pair variable* ``x``:
 
 * the ``dot`` family uses ``x = q·k`` (one GEMM per tile);
 * the ``distance`` family uses ``x = ρ = ‖q−k‖² = ‖q‖² + ‖k‖² − 2 q·k``, computed from
-  the same GEMM plus row and column norms, clamped at 0.
+  the same GEMM plus row and column norms, clamped at 0 — or, for few features, from direct
+  differences (:data:`DIRECT_DIFFERENCES_MAX_FEATURES`).
 
 =============  ========  ====================================  ==============================
 kernel         family    f(x)                                  f′(x) = df/dx
@@ -29,6 +30,10 @@ far from the origin. μ is a constant for autograd: the kernels are translation 
 derivative contributes nothing. Non-finite key entries are left out of the mean, so a NaN or Inf
 reaches only what depends on it.
 
+**Non-finite inputs.** A query or key row with a NaN or Inf entry is made all-NaN by the op
+(:func:`nonfinite_rows`), for every kernel: its affinities are NaN, and so is every output and
+gradient that depends on them, on every backend; rows that do not depend on it stay finite.
+
 ``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
 symmetric normalizations are computed with log-sum-exp and never overflow.
 """
@@ -47,8 +52,11 @@ __all__ = [
     "KernelParams",
     "common_translation",
     "default_eps",
+    "nonfinite_rows",
     "pair_variable",
     "pair_gradients",
+    "squared_distances",
+    "uses_direct_differences",
 ]
 
 # Large enough that q = k yields exactly weight 0 when ρ is formed as ‖q‖² + ‖k‖² − 2 q·k:
@@ -171,27 +179,75 @@ class Log(AffinityKernel):
 KERNELS: dict[str, AffinityKernel] = {k.name: k for k in (Dot(), Gaussian(), RBF(), Fractional(), Log())}
 
 
+#: Distance kernels on at most this many features form ρ from direct differences Σ_d (a_d − b_d)²
+#: (:func:`squared_distances`) instead of ‖a‖² + ‖b‖² − 2 a·b, and send gradients back the same
+#: way. The GEMM form loses about u·(‖a‖² + ‖b‖²)/ρ of ρ's relative accuracy (u the unit
+#: roundoff), which for coordinates (D = 2, 3) with close pairs is more than the kernels
+#: tolerate (``fractional`` with power 4: ρ^−2); direct differences cost about what the GEMM form
+#: does up to this D (bench/NOTES_numerics.md).
+DIRECT_DIFFERENCES_MAX_FEATURES = 4
+
+
+def uses_direct_differences(kernel: AffinityKernel, features: int) -> bool:
+    """Whether :func:`pair_variable` and :func:`pair_gradients` take the direct-difference form."""
+    return kernel.family == "distance" and features <= DIRECT_DIFFERENCES_MAX_FEATURES
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ρ_ij = Σ_d (a_id − b_jd)², one feature at a time (no ``(..., I, J, D)`` temporary).
+
+    """
+    if a.shape[-1] == 0:
+        return a.new_zeros(a.shape[:-2] + (a.shape[-2], b.shape[-2]))
+    rho = None
+    for d in range(a.shape[-1]):
+        diff = a[..., d].unsqueeze(-1) - b[..., d].unsqueeze(-2)
+        rho = diff * diff if rho is None else rho + diff * diff
+    return rho
+
+
 def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sqnorm=None, b_sqnorm=None,
                   eps: float = 0.0):
     """The pair variable ``x_ij`` between rows of ``a (..., I, D)`` and ``b (..., J, D)``.
 
     Returns ``(x, coincident)``: ``x`` of shape ``(..., I, J)`` and a boolean mask of the
-    coincident pairs (``None`` when the kernel has none). For distance kernels the squared
-    norms may be passed in to avoid recomputing them per tile. Coincident entries of ``x``
-    are replaced by 1 so that the kernel formulas stay finite there (and so do their
-    autograd derivatives); callers zero those weights with the mask.
+    coincident pairs, ``ρ ≤ eps·(‖a‖² + ‖b‖²)`` (``None`` when the kernel has none). For distance
+    kernels the squared norms may be passed in to avoid recomputing them per tile; ``a`` and ``b``
+    are the translated inputs (see the module docstring), so the rule does not depend on the
+    origin. ρ comes from direct differences up to DIRECT_DIFFERENCES_MAX_FEATURES features, else
+    from one GEMM. Coincident entries of ``x`` are replaced by 1 so that the kernel formulas stay
+    finite there (and so do their autograd derivatives); callers zero those weights with the mask.
     """
-    s = a @ b.transpose(-1, -2)
     if kernel.family == "dot":
-        return s, None
+        return a @ b.transpose(-1, -2), None
     an = a.square().sum(-1) if a_sqnorm is None else a_sqnorm
     bn = b.square().sum(-1) if b_sqnorm is None else b_sqnorm
     norms = an.unsqueeze(-1) + bn.unsqueeze(-2)
-    rho = (norms - 2.0 * s).clamp_min(0.0)
+    if uses_direct_differences(kernel, a.shape[-1]):
+        rho = squared_distances(a, b)
+    else:
+        rho = norms - 2.0 * (a @ b.transpose(-1, -2))
+        # Rounding can leave ρ slightly below 0. Not clamp_min: its backward drops the gradient where
+        # ρ is NaN, which would hide a NaN input from the gradients that depend on it.
+        rho = torch.where(rho < 0, torch.zeros_like(rho), rho)
     if not kernel.masks_coincident:
         return rho, None
     coincident = rho <= eps * norms
     return torch.where(coincident, torch.ones_like(rho), rho), coincident
+
+
+def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., R, 1)``, detached: 0 for a row of ``t`` whose entries are all finite, NaN otherwise.
+
+    The op adds it to query and key, so that a NaN or Inf anywhere in a row turns that whole row
+    into NaN before any backend runs: every pair variable of the row is then NaN in every backend
+    and every form (GEMM or direct differences), and so is everything that depends on it. (Left
+    alone, an Inf coordinate gives pair variables ±Inf or NaN depending on the signs of the other
+    row's entries, and weights exp(−Inf) = 0 that hide it.)
+    """
+    finite = torch.isfinite(t.detach()).all(-1, keepdim=True)
+    return torch.where(finite, torch.zeros((), dtype=t.dtype, device=t.device),
+                       torch.full((), math.nan, dtype=t.dtype, device=t.device))
 
 
 def common_translation(key: torch.Tensor) -> torch.Tensor:
@@ -213,7 +269,16 @@ def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor
 
     dot family, x = a_i·b_j:        da = C b,               db = Cᵀ a
     distance family, x = ‖a_i−b_j‖²: da = 2(a ⊙ C1 − C b),   db = 2(b ⊙ Cᵀ1 − Cᵀ a)
+      or, with direct differences (see :func:`pair_variable`), feature by feature:
+                                    da_d = 2 Σ_j C_ij (a_id − b_jd),   db_d = −2 Σ_i C_ij (a_id − b_jd)
     """
+    if uses_direct_differences(kernel, a.shape[-1]):
+        grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+        for d in range(a.shape[-1]):
+            weighted = grad_x * (a[..., d].unsqueeze(-1) - b[..., d].unsqueeze(-2))
+            grad_a[..., d] = 2.0 * weighted.sum(-1)
+            grad_b[..., d] = -2.0 * weighted.sum(-2)
+        return grad_a, grad_b
     grad_a = grad_x @ b
     grad_b = grad_x.transpose(-1, -2) @ a
     if kernel.family == "dot":

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import backends
-from .kernels import common_translation
+from .kernels import common_translation, nonfinite_rows
 from .spec import validate
 
 
@@ -44,11 +44,14 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                     normalize=normalize, update=update, symmetric=symmetric, self_value=self_value,
                     backend=backend)
     impl = backends.select(backend, spec, query, key)
+    # A NaN/Inf anywhere in a query or key row makes the row NaN (so Inf propagates like NaN in every
+    # backend). Distance kernels also take coordinates relative to the keys' centre: translation
+    # invariant in every backend, and ‖q‖² + ‖k‖² − 2q·k keeps the digits of points far from the origin.
     if spec.kernel.family == "distance":
-        # Distances from coordinates relative to the keys' centre: translation invariant in every
-        # backend, and ‖q‖² + ‖k‖² − 2q·k keeps the digits of points far from the origin.
         shift = common_translation(key)
-        query, key = query - shift, key - shift
+        query, key = query - (shift - nonfinite_rows(query)), key - (shift - nonfinite_rows(key))
+    else:
+        query, key = query + nonfinite_rows(query), key + nonfinite_rows(key)
     batch = query.shape[:-2]
 
     def flat(t):
