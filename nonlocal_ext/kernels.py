@@ -22,7 +22,7 @@ a *coincident* pair, ``ρ ≤ eps·(‖q̄‖² + ‖k̄‖²)``, gets weight 0 
 (the "safe divide" of the PIDE thesis). ``eps=None`` resolves to :func:`default_eps`.
 
 **Translation.** q̄ = q − μ and k̄ = k − μ, with μ the mean of the finite entries of the keys, one
-point per batch element (:func:`common_translation`). The op applies this shift to the inputs of
+point per batch element (:func:`common_translation`, :func:`prepared_points`). The op applies this shift to the inputs of
 every distance kernel before any backend runs, so every backend computes ρ and the coincident-pair
 rule from q̄ and k̄: moving all points by one vector changes nothing (up to rounding of the
 inputs themselves), and ρ = ‖q̄‖² + ‖k̄‖² − 2 q̄·k̄ does not cancel away the digits of coordinates
@@ -31,7 +31,7 @@ derivative contributes nothing. Non-finite key entries are left out of the mean,
 reaches only what depends on it.
 
 **Non-finite inputs.** A query or key row with a NaN or Inf entry is made all-NaN by the op
-(:func:`nonfinite_rows`), for every kernel: its affinities are NaN, and so is every output and
+(:func:`prepared_points`), for every kernel: its affinities are NaN, and so is every output and
 gradient that depends on them, on every backend; rows that do not depend on it stay finite.
 
 ``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
@@ -53,6 +53,7 @@ __all__ = [
     "common_translation",
     "default_eps",
     "nonfinite_rows",
+    "prepared_points",
     "pair_variable",
     "pair_gradients",
     "squared_distances",
@@ -185,7 +186,7 @@ KERNELS: dict[str, AffinityKernel] = {k.name: k for k in (Dot(), Gaussian(), RBF
 #: roundoff), which for coordinates (D = 2, 3) with close pairs is more than the kernels
 #: tolerate (``fractional`` with power 4: ρ^−2); direct differences cost about what the GEMM form
 #: does up to this D (bench/NOTES_numerics.md).
-DIRECT_DIFFERENCES_MAX_FEATURES = 4
+DIRECT_DIFFERENCES_MAX_FEATURES = 3
 
 
 def uses_direct_differences(kernel: AffinityKernel, features: int) -> bool:
@@ -236,32 +237,60 @@ def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sq
     return torch.where(coincident, torch.ones_like(rho), rho), coincident
 
 
-def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
-    """``(..., R, 1)``, detached: 0 for a row of ``t`` whose entries are all finite, NaN otherwise.
+def _certainly_finite(t: torch.Tensor) -> bool:
+    """True only if every entry of ``t`` is finite, screened by one sum (a finite sum needs finite
+    terms; an overflowing sum of finite terms only sends the caller down its general path). CPU
+    eager only: elsewhere it would cost a device sync or break a traced graph, and returns False."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.numel() == 0:
+        return t.numel() == 0
+    return bool(torch.isfinite(t.detach().sum()))
 
-    The op adds it to query and key, so that a NaN or Inf anywhere in a row turns that whole row
-    into NaN before any backend runs: every pair variable of the row is then NaN in every backend
-    and every form (GEMM or direct differences), and so is everything that depends on it. (Left
-    alone, an Inf coordinate gives pair variables ±Inf or NaN depending on the signs of the other
-    row's entries, and weights exp(−Inf) = 0 that hide it.)
-    """
+
+def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., R, 1)``, detached: 0 for a row of ``t`` whose entries are all finite, NaN otherwise."""
     finite = torch.isfinite(t.detach()).all(-1, keepdim=True)
     return torch.where(finite, torch.zeros((), dtype=t.dtype, device=t.device),
                        torch.full((), math.nan, dtype=t.dtype, device=t.device))
 
 
-def common_translation(key: torch.Tensor) -> torch.Tensor:
+def common_translation(key: torch.Tensor, finite: bool = False) -> torch.Tensor:
     """μ ``(..., 1, D)``: the mean of the finite entries of ``key (..., M, D)`` per batch element and
     feature (0 where there is none), detached; distance kernels use ``q − μ`` and ``k − μ``.
+    ``finite=True``: the caller knows every entry is finite (one pass instead of three).
 
     Summed in float32 at least (a float16 sum of many coordinates overflows).
     """
     k = key.detach()
-    finite = torch.isfinite(k)
     wide = torch.promote_types(k.dtype, torch.float32)
+    if finite:
+        return (k.sum(-2, keepdim=True, dtype=wide) / max(k.shape[-2], 1)).to(k.dtype)
+    finite = torch.isfinite(k)
     total = torch.where(finite, k, torch.zeros((), dtype=k.dtype, device=k.device)).sum(-2, keepdim=True, dtype=wide)
     count = finite.sum(-2, keepdim=True).clamp_min(1)
     return (total / count).to(k.dtype)
+
+
+def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tensor):
+    """The query and key rows every backend receives from the op.
+
+    * A row with a NaN or Inf entry becomes all-NaN (:func:`nonfinite_rows`), for every kernel: every
+      pair variable of the row is then NaN in every backend and every form of ρ (GEMM or direct
+      differences), and so is everything that depends on it. (Left alone, an Inf coordinate gives
+      pair variables ±Inf or NaN depending on the signs of the other row's entries, and weights
+      exp(−Inf) = 0 that hide it.)
+    * Distance kernels get both shifted by :func:`common_translation` of the keys.
+
+    Differentiable (identity) in both. Inputs that are all finite (checked by one sum on CPU) are
+    returned unchanged for dot kernels and shifted in one pass for distance kernels.
+    """
+    q_finite, k_finite = _certainly_finite(query), _certainly_finite(key)
+    if kernel.family == "distance":
+        shift = common_translation(key, finite=k_finite)
+        query = query - shift if q_finite else query - (shift - nonfinite_rows(query))
+        key = key - shift if k_finite else key - (shift - nonfinite_rows(key))
+        return query, key
+    return (query if q_finite else query + nonfinite_rows(query),
+            key if k_finite else key + nonfinite_rows(key))
 
 
 def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):

@@ -7,7 +7,7 @@ import math
 import torch
 
 from . import backends
-from .kernels import common_translation, nonfinite_rows
+from .kernels import prepared_points
 from .spec import validate
 
 
@@ -44,14 +44,10 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                     normalize=normalize, update=update, symmetric=symmetric, self_value=self_value,
                     backend=backend)
     impl = backends.select(backend, spec, query, key)
-    # A NaN/Inf anywhere in a query or key row makes the row NaN (so Inf propagates like NaN in every
-    # backend). Distance kernels also take coordinates relative to the keys' centre: translation
-    # invariant in every backend, and ‖q‖² + ‖k‖² − 2q·k keeps the digits of points far from the origin.
-    if spec.kernel.family == "distance":
-        shift = common_translation(key)
-        query, key = query - (shift - nonfinite_rows(query)), key - (shift - nonfinite_rows(key))
-    else:
-        query, key = query + nonfinite_rows(query), key + nonfinite_rows(key)
+    # A NaN/Inf anywhere in a query or key row makes the row NaN (Inf propagates like NaN in every
+    # backend); distance kernels also take coordinates relative to the keys' centre (translation
+    # invariant in every backend, no cancellation for points far from the origin).
+    query, key = prepared_points(spec.kernel, query, key)
     batch = query.shape[:-2]
 
     def flat(t):
