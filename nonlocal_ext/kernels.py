@@ -52,6 +52,7 @@ __all__ = [
     "KernelParams",
     "common_translation",
     "default_eps",
+    "in_log_domain",
     "nonfinite_rows",
     "prepared_points",
     "pair_variable",
@@ -178,6 +179,18 @@ class Log(AffinityKernel):
 
 
 KERNELS: dict[str, AffinityKernel] = {k.name: k for k in (Dot(), Gaussian(), RBF(), Fractional(), Log())}
+
+
+def in_log_domain(kernel: AffinityKernel, normalize: str) -> bool:
+    """Whether the PyTorch backends handle this call's weights as log f.
+
+    Log-domain kernels are, under the normalizations that divide by sums (``row``, ``sym``): there
+    log-sum-exp keeps the sums from overflowing. Under ``none`` and ``count`` the weights are the
+    result itself, and ``symmetric`` forms ½(w + w′) directly: its derivative in w does not involve
+    w′, whereas that of log ½(e^L + e^L′) does (so a NaN in w′ would reach gradients that do not
+    depend on it).
+    """
+    return kernel.log_domain and normalize in ("row", "sym")
 
 
 #: Distance kernels on at most this many features form ρ from direct differences Σ_d (a_d − b_d)²

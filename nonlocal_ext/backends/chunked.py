@@ -20,7 +20,7 @@ with S_i = Σ_j dâ_ij â_ij (= G_i·out_i; a block holds whole rows, so it is s
 and T_j = Σ_i dâ_ij â_ij (``sym`` takes one pass for T, then one for the rest). The kernel's
 derivative turns ∂L/∂w into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to
 q and k.
-Log-domain kernels (gaussian) carry w·∂L/∂w instead, built from Â-like blocks
+Log-domain kernels (gaussian) under ``row``/``sym`` carry w·∂L/∂w instead, built from Â-like blocks
 exp(z − a·log r − b·log c) that cannot overflow, and multiply by d log f/dx.
 """
 
@@ -31,7 +31,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..kernels import pair_gradients, pair_variable
+from ..kernels import in_log_domain, pair_gradients, pair_variable
 from ._common import compute_dtype, safe_inverse_power
 
 NAME = "chunked"
@@ -83,7 +83,7 @@ def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
     if spec.symmetric:
         terms.append(pair_variable(kernel, t.k[:, rows], t.q, t.rows(t.k_sqnorm, rows), t.q_sqnorm, p.eps))
 
-    if kernel.log_domain:
+    if in_log_domain(kernel, spec.normalize):
         logs = [kernel.log_weight(xi, p) for xi, _ in terms]
         slope = kernel.log_derivative(p)
         if not spec.symmetric:
@@ -136,7 +136,7 @@ class _BlockNormalizer:
     """
 
     def __init__(self, spec, z, col_sums):
-        self.log_domain = spec.kernel.log_domain
+        self.log_domain = in_log_domain(spec.kernel, spec.normalize)
         self.z = z
         self.row_sums = _sums(self.log_domain, z, -1) if spec.normalize in ("row", "sym") else None
         self.col_sums = col_sums
@@ -180,7 +180,7 @@ def column_sums(spec, t: _Inputs, blocks):
     """c_j = Σ_i w̃_ij (log c_j for log-domain kernels) for ``sym``, accumulated over the row blocks."""
     if spec.normalize != "sym":
         return None
-    log_domain = spec.kernel.log_domain
+    log_domain = in_log_domain(spec.kernel, spec.normalize)
     sums = t.q.new_full((t.q.shape[0], t.k.shape[1]), -math.inf if log_domain else 0.0)
     for rows in blocks:
         z, _, _ = _block(spec, t, rows, with_derivative=False)
