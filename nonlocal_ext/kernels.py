@@ -4,7 +4,8 @@ An affinity kernel ``f(q, k)`` is a function of one *pair variable* ``x``:
 
 * the ``dot`` family uses ``x = q·k`` (one GEMM per tile);
 * the ``distance`` family uses ``x = ρ = ‖q−k‖² = ‖q‖² + ‖k‖² − 2 q·k``, computed from
-  the same GEMM plus row and column norms, clamped at 0.
+  the same GEMM plus row and column norms, clamped at 0 — or, for few features, from direct
+  differences (:data:`DIRECT_DIFFERENCES_MAX_FEATURES`).
 
 =============  ========  ====================================  ==============================
 kernel         family    f(x)                                  f′(x) = df/dx
@@ -17,8 +18,21 @@ kernel         family    f(x)                                  f′(x) = df/dx
 =============  ========  ====================================  ==============================
 
 (``log`` is ``−2·scale·log‖q−k‖ − gamma``.) ``fractional`` and ``log`` are singular at ρ = 0:
-a *coincident* pair, ``ρ ≤ eps·(‖q‖² + ‖k‖²)``, gets weight 0 and contributes no gradient
+a *coincident* pair, ``ρ ≤ eps·(‖q̄‖² + ‖k̄‖²)``, gets weight 0 and contributes no gradient
 (the "safe divide" of the PIDE thesis). ``eps=None`` resolves to :func:`default_eps`.
+
+**Translation.** q̄ = q − μ and k̄ = k − μ, with μ the mean of the finite entries of the keys, one
+point per batch element (:func:`common_translation`, :func:`prepared_points`). The op applies this shift to the inputs of
+every distance kernel before any backend runs, so every backend computes ρ and the coincident-pair
+rule from q̄ and k̄: moving all points by one vector changes nothing (up to rounding of the
+inputs themselves), and ρ = ‖q̄‖² + ‖k̄‖² − 2 q̄·k̄ does not cancel away the digits of coordinates
+far from the origin. μ is a constant for autograd: the kernels are translation invariant, so its
+derivative contributes nothing. Non-finite key entries are left out of the mean, so a NaN or Inf
+reaches only what depends on it.
+
+**Non-finite inputs.** A query or key row with a NaN or Inf entry is made all-NaN by the op
+(:func:`prepared_points`), for every kernel: its affinities are NaN, and so is every output and
+gradient that depends on them, on every backend; rows that do not depend on it stay finite.
 
 ``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
 symmetric normalizations are computed with log-sum-exp and never overflow.
@@ -36,9 +50,15 @@ __all__ = [
     "AffinityKernel",
     "KERNELS",
     "KernelParams",
+    "common_translation",
     "default_eps",
+    "in_log_domain",
+    "nonfinite_rows",
+    "prepared_points",
     "pair_variable",
     "pair_gradients",
+    "squared_distances",
+    "uses_direct_differences",
 ]
 
 # Large enough that q = k yields exactly weight 0 when ρ is formed as ‖q‖² + ‖k‖² − 2 q·k:
@@ -161,27 +181,129 @@ class Log(AffinityKernel):
 KERNELS: dict[str, AffinityKernel] = {k.name: k for k in (Dot(), Gaussian(), RBF(), Fractional(), Log())}
 
 
+def in_log_domain(kernel: AffinityKernel, normalize: str) -> bool:
+    """Whether the PyTorch backends handle this call's weights as log f.
+
+    Log-domain kernels are, under the normalizations that divide by sums (``row``, ``sym``): there
+    log-sum-exp keeps the sums from overflowing. Under ``none`` and ``count`` the weights are the
+    result itself, and ``symmetric`` forms ½(w + w′) directly: its derivative in w does not involve
+    w′, whereas that of log ½(e^L + e^L′) does (so a NaN in w′ would reach gradients that do not
+    depend on it).
+    """
+    return kernel.log_domain and normalize in ("row", "sym")
+
+
+#: Distance kernels on at most this many features form ρ from direct differences Σ_d (a_d − b_d)²
+#: (:func:`squared_distances`) instead of ‖a‖² + ‖b‖² − 2 a·b, and send gradients back the same
+#: way. The GEMM form loses about u·(‖a‖² + ‖b‖²)/ρ of ρ's relative accuracy (u the unit
+#: roundoff), which for coordinates (D = 2, 3) with close pairs is more than the kernels
+#: tolerate (``fractional`` with power 4: ρ^−2); direct differences cost about what the GEMM form
+#: does up to this D (bench/NOTES_numerics.md).
+DIRECT_DIFFERENCES_MAX_FEATURES = 3
+
+
+def uses_direct_differences(kernel: AffinityKernel, features: int) -> bool:
+    """Whether :func:`pair_variable` and :func:`pair_gradients` take the direct-difference form."""
+    return kernel.family == "distance" and features <= DIRECT_DIFFERENCES_MAX_FEATURES
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ρ_ij = Σ_d (a_id − b_jd)², one feature at a time (no ``(..., I, J, D)`` temporary).
+
+    """
+    if a.shape[-1] == 0:
+        return a.new_zeros(a.shape[:-2] + (a.shape[-2], b.shape[-2]))
+    rho = None
+    for d in range(a.shape[-1]):
+        diff = a[..., d].unsqueeze(-1) - b[..., d].unsqueeze(-2)
+        rho = diff * diff if rho is None else rho + diff * diff
+    return rho
+
+
 def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sqnorm=None, b_sqnorm=None,
                   eps: float = 0.0):
     """The pair variable ``x_ij`` between rows of ``a (..., I, D)`` and ``b (..., J, D)``.
 
     Returns ``(x, coincident)``: ``x`` of shape ``(..., I, J)`` and a boolean mask of the
-    coincident pairs (``None`` when the kernel has none). For distance kernels the squared
-    norms may be passed in to avoid recomputing them per tile. Coincident entries of ``x``
-    are replaced by 1 so that the kernel formulas stay finite there (and so do their
-    autograd derivatives); callers zero those weights with the mask.
+    coincident pairs, ``ρ ≤ eps·(‖a‖² + ‖b‖²)`` (``None`` when the kernel has none). For distance
+    kernels the squared norms may be passed in to avoid recomputing them per tile; ``a`` and ``b``
+    are the translated inputs (see the module docstring), so the rule does not depend on the
+    origin. ρ comes from direct differences up to DIRECT_DIFFERENCES_MAX_FEATURES features, else
+    from one GEMM. Coincident entries of ``x`` are replaced by 1 so that the kernel formulas stay
+    finite there (and so do their autograd derivatives); callers zero those weights with the mask.
     """
-    s = a @ b.transpose(-1, -2)
     if kernel.family == "dot":
-        return s, None
+        return a @ b.transpose(-1, -2), None
     an = a.square().sum(-1) if a_sqnorm is None else a_sqnorm
     bn = b.square().sum(-1) if b_sqnorm is None else b_sqnorm
     norms = an.unsqueeze(-1) + bn.unsqueeze(-2)
-    rho = (norms - 2.0 * s).clamp_min(0.0)
+    if uses_direct_differences(kernel, a.shape[-1]):
+        rho = squared_distances(a, b)
+    else:
+        rho = norms - 2.0 * (a @ b.transpose(-1, -2))
+        # Rounding can leave ρ slightly below 0. Not clamp_min: its backward drops the gradient where
+        # ρ is NaN, which would hide a NaN input from the gradients that depend on it.
+        rho = torch.where(rho < 0, torch.zeros_like(rho), rho)
     if not kernel.masks_coincident:
         return rho, None
     coincident = rho <= eps * norms
     return torch.where(coincident, torch.ones_like(rho), rho), coincident
+
+
+def _certainly_finite(t: torch.Tensor) -> bool:
+    """True only if every entry of ``t`` is finite, screened by one sum (a finite sum needs finite
+    terms; an overflowing sum of finite terms only sends the caller down its general path). CPU
+    eager only: elsewhere it would cost a device sync or break a traced graph, and returns False."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.numel() == 0:
+        return t.numel() == 0
+    return bool(torch.isfinite(t.detach().sum()))
+
+
+def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
+    """``(..., R, 1)``, detached: 0 for a row of ``t`` whose entries are all finite, NaN otherwise."""
+    finite = torch.isfinite(t.detach()).all(-1, keepdim=True)
+    return torch.where(finite, torch.zeros((), dtype=t.dtype, device=t.device),
+                       torch.full((), math.nan, dtype=t.dtype, device=t.device))
+
+
+def common_translation(key: torch.Tensor, finite: bool = False) -> torch.Tensor:
+    """μ ``(..., 1, D)``: the mean of the finite entries of ``key (..., M, D)`` per batch element and
+    feature (0 where there is none), detached; distance kernels use ``q − μ`` and ``k − μ``.
+    ``finite=True``: the caller knows every entry is finite (one pass instead of three).
+
+    Summed in float32 at least (a float16 sum of many coordinates overflows).
+    """
+    k = key.detach()
+    wide = torch.promote_types(k.dtype, torch.float32)
+    if finite:
+        return (k.sum(-2, keepdim=True, dtype=wide) / max(k.shape[-2], 1)).to(k.dtype)
+    finite = torch.isfinite(k)
+    total = torch.where(finite, k, torch.zeros((), dtype=k.dtype, device=k.device)).sum(-2, keepdim=True, dtype=wide)
+    count = finite.sum(-2, keepdim=True).clamp_min(1)
+    return (total / count).to(k.dtype)
+
+
+def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tensor):
+    """The query and key rows every backend receives from the op.
+
+    * A row with a NaN or Inf entry becomes all-NaN (:func:`nonfinite_rows`), for every kernel: every
+      pair variable of the row is then NaN in every backend and every form of ρ (GEMM or direct
+      differences), and so is everything that depends on it. (Left alone, an Inf coordinate gives
+      pair variables ±Inf or NaN depending on the signs of the other row's entries, and weights
+      exp(−Inf) = 0 that hide it.)
+    * Distance kernels get both shifted by :func:`common_translation` of the keys.
+
+    Differentiable (identity) in both. Inputs that are all finite (checked by one sum on CPU) are
+    returned unchanged for dot kernels and shifted in one pass for distance kernels.
+    """
+    q_finite, k_finite = _certainly_finite(query), _certainly_finite(key)
+    if kernel.family == "distance":
+        shift = common_translation(key, finite=k_finite)
+        query = query - shift if q_finite else query - (shift - nonfinite_rows(query))
+        key = key - shift if k_finite else key - (shift - nonfinite_rows(key))
+        return query, key
+    return (query if q_finite else query + nonfinite_rows(query),
+            key if k_finite else key + nonfinite_rows(key))
 
 
 def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
@@ -189,7 +311,16 @@ def pair_gradients(kernel: AffinityKernel, grad_x: torch.Tensor, a: torch.Tensor
 
     dot family, x = a_i·b_j:        da = C b,               db = Cᵀ a
     distance family, x = ‖a_i−b_j‖²: da = 2(a ⊙ C1 − C b),   db = 2(b ⊙ Cᵀ1 − Cᵀ a)
+      or, with direct differences (see :func:`pair_variable`), feature by feature:
+                                    da_d = 2 Σ_j C_ij (a_id − b_jd),   db_d = −2 Σ_i C_ij (a_id − b_jd)
     """
+    if uses_direct_differences(kernel, a.shape[-1]):
+        grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+        for d in range(a.shape[-1]):
+            weighted = grad_x * (a[..., d].unsqueeze(-1) - b[..., d].unsqueeze(-2))
+            grad_a[..., d] = 2.0 * weighted.sum(-1)
+            grad_b[..., d] = -2.0 * weighted.sum(-2)
+        return grad_a, grad_b
     grad_a = grad_x @ b
     grad_b = grad_x.transpose(-1, -2) @ a
     if kernel.family == "dot":

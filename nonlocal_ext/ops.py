@@ -7,6 +7,7 @@ import math
 import torch
 
 from . import backends
+from .kernels import prepared_points
 from .spec import validate
 
 
@@ -24,8 +25,10 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             ``"rbf"`` exp(−scale·‖q−k‖²), ``"fractional"`` scale·‖q−k‖^(−power),
             ``"log"`` −2·scale·log‖q−k‖ − gamma (see :mod:`nonlocal_ext.kernels`).
         scale, power, gamma: kernel parameters; ``power`` is required by ``"fractional"`` only.
-        eps: coincident pairs ``‖q−k‖² ≤ eps·(‖q‖² + ‖k‖²)`` get weight 0 under ``"fractional"``
-            and ``"log"``; ``None`` means 1e-12 for float64 and 1e-4 otherwise.
+        eps: coincident pairs ``‖q−k‖² ≤ eps·(‖q̄‖² + ‖k̄‖²)`` get weight 0 under ``"fractional"``
+            and ``"log"``; ``None`` means 1e-12 for float64 and 1e-4 otherwise. q̄ = q − μ and
+            k̄ = k − μ, μ the mean of the finite key entries of the batch element: the rule, like
+            the distances, does not change when all points move together.
         normalize: ``"none"`` Â = W; ``"count"`` W/M; ``"row"`` D_r⁻¹W; ``"sym"`` D_r^(−½) W D_c^(−½),
             with r, c the row and column sums of W; a zero sum normalizes to zero (safe divide).
         update: ``"aggregate"`` Â v; ``"diffusion"`` Â v − rowsum(Â) ⊙ u.
@@ -43,6 +46,10 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, self_value))
     impl = backends.select(backend, spec, query, key, value, backward=needs_grad)
+    # A NaN/Inf anywhere in a query or key row makes the row NaN (Inf propagates like NaN in every
+    # backend); distance kernels also take coordinates relative to the keys' centre (translation
+    # invariant in every backend, no cancellation for points far from the origin).
+    query, key = prepared_points(spec.kernel, query, key)
     batch = query.shape[:-2]
 
     def flat(t):

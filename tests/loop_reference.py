@@ -14,7 +14,8 @@ For one batch element, with q (N×D), k (M×D), v (M×C) and u (N×C):
                   fractional:  scale · rho^(−power/2)
                   log:         −scale · log(rho) − gamma   (= −2·scale·log‖q−k‖ − gamma)
 
-    fractional and log: w_ij = 0 where rho_ij <= eps · (‖q_i‖² + ‖k_j‖²)  (coincident pair);
+    fractional and log: w_ij = 0 where rho_ij <= eps · (‖q̄_i‖² + ‖k̄_j‖²)  (coincident pair),
+    with q̄ = q − μ, k̄ = k − μ and μ the mean of the key rows (translation invariant);
     eps=None means 1e-12 for float64 inputs and 1e-4 for float32/float16/bfloat16.
 
     w_ij = f(q_i, k_j), or ½[f(q_i, k_j) + f(k_i, q_j)] with symmetric=True (N = M).
@@ -79,6 +80,10 @@ def _inverse_sqrt(s):
 def _one(q, k, v, u, kernel, scale, power, gamma, eps, normalize, update, symmetric):
     """One batch element on nested lists; returns out as an N×C nested list."""
     N, M, C = len(q), len(k), len(v[0])
+    if kernel in ("rbf", "fractional", "log") and M:  # distances from the keys' mean point
+        mu = [sum(row[d] for row in k) / M for d in range(len(k[0]))]
+        q = [[x - m for x, m in zip(row, mu)] for row in q]
+        k = [[x - m for x, m in zip(row, mu)] for row in k]
 
     # Affinity matrix W (N×M), symmetrized if asked.
     W = [[0.0] * M for _ in range(N)]

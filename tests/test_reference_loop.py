@@ -151,8 +151,9 @@ def test_loop_coincident_pairs_get_zero_weight():
 
 
 def test_loop_default_eps_depends_on_dtype():
-    # rho = 1e-6 <= 1e-4·(‖q‖² + ‖k‖²) but > 1e-12·(‖q‖² + ‖k‖²)
-    q, k, v = t([[1.0, 0.0]]), t([[1.0 + 1e-3, 0.0]]), t([[1.0]])
+    # rho_00 = 1e-6 <= 1e-4·(‖q̄‖² + ‖k̄‖²) but > 1e-12·(‖q̄‖² + ‖k̄‖²); the keys' mean is 0, so q̄ = q,
+    # k̄ = k; the second key has value 0
+    q, k, v = t([[1.0, 0.0]]), t([[1.0 + 1e-3, 0.0], [-1.0 - 1e-3, 0.0]]), t([[1.0], [0.0]])
     for kernel in ["fractional", "log"]:
         kw = dict(power=1.5, normalize="none")
         assert loop_aggregate(q.float(), k.float(), v.float(), kernel, **kw).item() == 0.0

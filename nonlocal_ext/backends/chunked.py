@@ -20,7 +20,7 @@ with S_i = Σ_j dâ_ij â_ij (= G_i·out_i; a block holds whole rows, so it is s
 and T_j = Σ_i dâ_ij â_ij (``sym`` takes one pass for T, then one for the rest). The kernel's
 derivative turns ∂L/∂w into ∂L/∂x, which :func:`~nonlocal_ext.kernels.pair_gradients` sends to
 q and k.
-Log-domain kernels (gaussian) carry w·∂L/∂w instead, built from Â-like blocks
+Log-domain kernels (gaussian) under ``row``/``sym`` carry w·∂L/∂w instead, built from Â-like blocks
 exp(z − a·log r − b·log c) that cannot overflow, and multiply by d log f/dx.
 """
 
@@ -31,7 +31,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..kernels import pair_gradients, pair_variable
+from ..kernels import in_log_domain, pair_gradients, pair_variable
 from ._common import compute_dtype, safe_inverse_power
 
 NAME = "chunked"
@@ -73,7 +73,9 @@ def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
 
     Returns ``(z, slope_direct, slope_swap)``: ``slope_direct = ∂w̃/∂x_ij`` for the pair (q_i, k_j) and,
     with ``symmetric``, ``slope_swap = ∂w̃/∂x'_ij`` for the swapped pair (k_i, q_j). For log-domain
-    kernels they are ``∂ log w̃/∂x`` instead.
+    kernels they are ``∂ log w̃/∂x`` instead. For kernels that mask coincident pairs, a slope is a
+    pair ``(slope, coincident)``: a coincident pair contributes no gradient even where ∂L/∂w is
+    NaN, so the mask is applied after the product (see :func:`_times_slope`).
     """
     kernel, p = spec.kernel, spec.params
     x, coincident = pair_variable(kernel, t.q[:, rows], t.k, t.rows(t.q_sqnorm, rows), t.k_sqnorm, p.eps)
@@ -81,7 +83,7 @@ def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
     if spec.symmetric:
         terms.append(pair_variable(kernel, t.k[:, rows], t.q, t.rows(t.k_sqnorm, rows), t.q_sqnorm, p.eps))
 
-    if kernel.log_domain:
+    if in_log_domain(kernel, spec.normalize):
         logs = [kernel.log_weight(xi, p) for xi, _ in terms]
         slope = kernel.log_derivative(p)
         if not spec.symmetric:
@@ -98,15 +100,26 @@ def _block(spec, t: _Inputs, rows: slice, with_derivative: bool):
         d = kernel.derivative(xi, w, p) if with_derivative else None
         if ci is not None:
             w = w.masked_fill(ci, 0.0)
-            d = None if d is None else d.masked_fill(ci, 0.0)
         weights.append(w)
-        slopes.append(d)
+        slopes.append(d if ci is None or d is None else (d, ci))
     if not spec.symmetric:
         return weights[0], slopes[0], None
     z = 0.5 * (weights[0] + weights[1])
     if not with_derivative:
         return z, None, None
-    return z, 0.5 * slopes[0], 0.5 * slopes[1]
+    return z, _halved(slopes[0]), _halved(slopes[1])
+
+
+def _halved(slope):
+    return (0.5 * slope[0], slope[1]) if isinstance(slope, tuple) else 0.5 * slope
+
+
+def _times_slope(slope, h):
+    """∂L/∂x = slope ⊙ h, zero on coincident pairs (whatever h is there)."""
+    if isinstance(slope, tuple):
+        slope, coincident = slope
+        return (slope * h).masked_fill(coincident, 0.0)
+    return slope * h
 
 
 def _sums(log_domain, z, dim):
@@ -123,7 +136,7 @@ class _BlockNormalizer:
     """
 
     def __init__(self, spec, z, col_sums):
-        self.log_domain = spec.kernel.log_domain
+        self.log_domain = in_log_domain(spec.kernel, spec.normalize)
         self.z = z
         self.row_sums = _sums(self.log_domain, z, -1) if spec.normalize in ("row", "sym") else None
         self.col_sums = col_sums
@@ -167,7 +180,7 @@ def column_sums(spec, t: _Inputs, blocks):
     """c_j = Σ_i w̃_ij (log c_j for log-domain kernels) for ``sym``, accumulated over the row blocks."""
     if spec.normalize != "sym":
         return None
-    log_domain = spec.kernel.log_domain
+    log_domain = in_log_domain(spec.kernel, spec.normalize)
     sums = t.q.new_full((t.q.shape[0], t.k.shape[1]), -math.inf if log_domain else 0.0)
     for rows in blocks:
         z, _, _ = _block(spec, t, rows, with_derivative=False)
@@ -256,11 +269,11 @@ def backward(grad_out, query, key, value, self_value, col_sums, spec, block_elem
             if spec.normalize == "count":
                 h = h / m
 
-        dq_rows, dk = pair_gradients(spec.kernel, slope_direct * h, t.q[:, rows], t.k)
+        dq_rows, dk = pair_gradients(spec.kernel, _times_slope(slope_direct, h), t.q[:, rows], t.k)
         grad_q[:, rows] += dq_rows
         grad_k += dk
         if spec.symmetric:
-            dk_rows, dq = pair_gradients(spec.kernel, slope_swap * h, t.k[:, rows], t.q)
+            dk_rows, dq = pair_gradients(spec.kernel, _times_slope(slope_swap, h), t.k[:, rows], t.q)
             grad_k[:, rows] += dk_rows
             grad_q += dq
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..kernels import pair_variable
+from ..kernels import in_log_domain, pair_variable
 from ._common import compute_dtype, safe_inverse_power
 
 NAME = "reference"
@@ -23,10 +23,10 @@ def unsupported_reason(spec, query) -> str | None:
 
 
 def _affinity(spec, query, key):
-    """W (or log W for log-domain kernels), symmetrized if asked."""
+    """W (or log W for log-domain kernels under row/sym, see ``in_log_domain``), symmetrized if asked."""
     kernel, p = spec.kernel, spec.params
     x, coincident = pair_variable(kernel, query, key, eps=p.eps)
-    if kernel.log_domain:
+    if in_log_domain(kernel, spec.normalize):
         z = kernel.log_weight(x, p)
         if spec.symmetric:
             z = torch.logaddexp(z, z.transpose(-1, -2)) - math.log(2.0)
@@ -41,21 +41,18 @@ def _affinity(spec, query, key):
 
 def _normalized(spec, z, m):
     """Â from W (or from log W, with log-sum-exp normalizers)."""
-    if spec.kernel.log_domain:
+    if in_log_domain(spec.kernel, spec.normalize):
         if spec.normalize == "row":
             return torch.softmax(z, dim=-1)
-        if spec.normalize == "sym":
-            half_log_r = 0.5 * torch.logsumexp(z, dim=-1, keepdim=True)
-            half_log_c = 0.5 * torch.logsumexp(z, dim=-2, keepdim=True)
-            return torch.exp(z - half_log_r - half_log_c)
-        w = torch.exp(z)
-    else:
-        w = z
-        if spec.normalize == "row":
-            return w * safe_inverse_power(w.sum(-1, keepdim=True), 1.0)
-        if spec.normalize == "sym":
-            return (w * safe_inverse_power(w.sum(-1, keepdim=True), 0.5)
-                    * safe_inverse_power(w.sum(-2, keepdim=True), 0.5))
+        half_log_r = 0.5 * torch.logsumexp(z, dim=-1, keepdim=True)  # sym
+        half_log_c = 0.5 * torch.logsumexp(z, dim=-2, keepdim=True)
+        return torch.exp(z - half_log_r - half_log_c)
+    w = z
+    if spec.normalize == "row":
+        return w * safe_inverse_power(w.sum(-1, keepdim=True), 1.0)
+    if spec.normalize == "sym":
+        return (w * safe_inverse_power(w.sum(-1, keepdim=True), 0.5)
+                * safe_inverse_power(w.sum(-2, keepdim=True), 0.5))
     return w / m if spec.normalize == "count" else w
 
 
