@@ -120,7 +120,7 @@ def test_auto_picks_cpu_for_cpu_tensors_except_small_gaussian(kernel):
     def chosen(n):
         q = torch.empty(2, n, 4)
         spec = nonlocal_ext.spec.validate(q, q, q, kernel, scale=1.0, power=1.0 if kernel == "fractional" else None,
-                                          gamma=0.5, eps=None, normalize="row", update="aggregate", symmetric=False,
+                                          gamma=None, eps=None, normalize="row", update="aggregate", symmetric=False,
                                           self_value=None, backend="auto")
         return nonlocal_ext.backends.select("auto", spec, q, q)
 
