@@ -53,7 +53,8 @@ def nonlocal_aggregate(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
             ``"sym"`` needs non-negative sums: refused for ``"fractional"`` with ``scale < 0``; with
             ``"dot"`` or ``"log"``, whose weights take either sign, a negative sum on the given data
             raises a ValueError (checked on the result, one host synchronization; not under
-            ``torch.compile``, CUDA graph capture or on meta/fake tensors, where it gives NaN).
+            ``torch.compile``, ``torch.func`` transforms, CUDA graph capture or on meta/fake tensors,
+            where it gives NaN).
         update: ``"aggregate"`` Â v; ``"diffusion"`` Â v − rowsum(Â) ⊙ u.
         symmetric: use (W + Wᵀ)/2 (needs N == M).
         self_value: u for diffusion, ``(..., N, C)``; default ``value`` (needs N == M).

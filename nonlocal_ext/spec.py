@@ -15,8 +15,8 @@ undefined (NaN). The policy, by the sign the kernel's weights can take
   ``exp(−gamma/scale)``). The sums exist only inside the backends, so :func:`check_sym_sums`
   looks at the result instead: a NaN output from finite inputs is a ``ValueError`` saying why.
   That costs one reduction and one host synchronization per call; it is skipped where values do
-  not exist or cannot be read (meta and fake tensors, ``torch.compile`` tracing, CUDA graph
-  capture), where a negative sum gives NaN in the rows (a row sum) or everywhere (a column sum).
+  not exist or cannot be read (meta and fake tensors, ``torch.compile`` tracing, ``torch.func``
+  transforms such as vmap, CUDA graph capture), where a negative sum gives NaN in the rows (a row sum) or everywhere (a column sum).
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
 
 
 def _values_readable(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds values this process can read now (not meta, fake, traced or being captured)."""
+    """Whether ``t`` holds values this process can read now: not meta, fake, traced, inside a
+    ``torch.func`` transform (vmap cannot branch on data) or being captured into a CUDA graph."""
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return False
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 

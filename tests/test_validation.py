@@ -219,3 +219,7 @@ def test_sym_check_is_skipped_where_values_cannot_be_read():
     assert out.shape == (2, 16, 3)
     q = torch.empty(2, 16, 4, device="meta")
     assert nonlocal_aggregate(q, q, q, "dot", normalize="sym").shape == (2, 16, 4)
+    # under vmap a tensor's values cannot steer Python: the check steps aside, the call works
+    q, v = torch.rand(3, 5, 4), torch.randn(3, 5, 2)
+    out = torch.vmap(lambda a, b: nonlocal_aggregate(a, a, b, "dot", normalize="sym", backend="reference"))(q, v)
+    torch.testing.assert_close(out, nonlocal_aggregate(q, q, v, "dot", normalize="sym", backend="reference"))
