@@ -90,6 +90,8 @@ setup(
     description="Fused, memory-efficient nonlocal (pairwise affinity) operators for PyTorch",
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
+    # `nonlocal-bench --plot` only: pip install 'nonlocal_ext[plot]'
+    extras_require={"plot": ["matplotlib>=3.5"]},
     packages=_packages(),
     package_dir={"nonlocal_ext.triton_kernels": "triton_kernels"},
     ext_modules=_extensions(),

@@ -36,6 +36,14 @@ gradient that depends on them, on every backend; rows that do not depend on it s
 
 ``gaussian`` is *log-domain*: backends handle ``log f = scale·x`` so that row and
 symmetric normalizations are computed with log-sum-exp and never overflow.
+
+Parameters are checked per kernel (:func:`resolve_params`): ``power`` belongs to ``fractional``
+and ``gamma`` to ``log`` only (passing either to another kernel is an error, not ignored);
+``rbf`` and ``log`` need ``scale > 0``, since a negative scale makes their weight grow without
+bound with the distance (``exp(|scale|·ρ)`` overflows; ``|scale|·log ρ`` grows instead of
+decaying). ``dot``, ``log`` and ``fractional`` with ``scale < 0`` can give negative weights
+(:meth:`AffinityKernel.weight_sign`), hence negative row or column sums, for which the
+``sym`` normalization ``r^(−½)`` is undefined (see :func:`nonlocal_ext.nonlocal_aggregate`).
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ __all__ = [
     "KERNELS",
     "KernelParams",
     "common_translation",
+    "EULER_GAMMA",
     "default_eps",
     "in_log_domain",
     "nonfinite_rows",
@@ -73,6 +82,11 @@ _DEFAULT_EPS = {
 }
 
 
+#: The default ``gamma`` of ``log``: the Euler–Mascheroni constant of the log kernel of the
+#: inverse fractional Laplacian at s = n/2.
+EULER_GAMMA = 0.5772156649015329
+
+
 def default_eps(dtype: torch.dtype) -> float:
     """The coincident-pair threshold used when ``eps=None``, per input dtype."""
     return _DEFAULT_EPS[dtype]
@@ -80,11 +94,14 @@ def default_eps(dtype: torch.dtype) -> float:
 
 @dataclass(frozen=True)
 class KernelParams:
-    """Validated scalar parameters of an affinity kernel (``eps`` already resolved)."""
+    """Validated scalar parameters of an affinity kernel (``eps`` already resolved).
+
+    ``gamma`` is used by ``log`` only; the other kernels carry the default, unused.
+    """
 
     scale: float = 1.0
     power: float | None = None
-    gamma: float = 0.5772156649015329
+    gamma: float = EULER_GAMMA
     eps: float = 0.0
 
 
@@ -100,8 +117,20 @@ class AffinityKernel:
     name: str
     family: str  # "dot": x = q·k ; "distance": x = ‖q−k‖²
     uses_power: bool = False
+    uses_gamma: bool = False
     masks_coincident: bool = False
     log_domain: bool = False
+    #: why ``scale <= 0`` is refused, for kernels whose weight then grows without bound with distance
+    positive_scale_reason: str | None = None
+    #: for kernels with ``weight_sign() == "any"`` (error messages): where the weights are negative,
+    #: and how to keep the row and column sums non-negative
+    negative_where: str | None = None
+    nonnegative_sums_by: str | None = None
+
+    def weight_sign(self, p: KernelParams) -> str:
+        """``"nonnegative"``, ``"nonpositive"`` or ``"any"``: the signs the weights can take with these
+        parameters, whatever the inputs. Row and column sums can be negative unless ``"nonnegative"``."""
+        return "nonnegative"
 
     def weight(self, x: torch.Tensor, p: KernelParams) -> torch.Tensor:
         raise NotImplementedError
@@ -124,6 +153,12 @@ class AffinityKernel:
 
 class Dot(AffinityKernel):
     name, family = "dot", "dot"
+    negative_where = "for pairs with scale·q·k < 0"
+    nonnegative_sums_by = ("non-negative query and key (e.g. ReLU embeddings, as in the spectral nonlocal "
+                           "authors' code) with scale > 0")
+
+    def weight_sign(self, p):
+        return "any"
 
     def weight(self, x, p):
         return p.scale * x
@@ -150,6 +185,7 @@ class Gaussian(AffinityKernel):
 
 class RBF(AffinityKernel):
     name, family = "rbf", "distance"
+    positive_scale_reason = "exp(−scale·ρ) grows without bound with the distance ρ unless scale > 0"
 
     def weight(self, x, p):
         return torch.exp(-p.scale * x)
@@ -161,6 +197,9 @@ class RBF(AffinityKernel):
 class Fractional(AffinityKernel):
     name, family, uses_power, masks_coincident = "fractional", "distance", True, True
 
+    def weight_sign(self, p):
+        return "nonpositive" if p.scale < 0 else "nonnegative"
+
     def weight(self, x, p):
         return p.scale * x.pow(-0.5 * p.power)
 
@@ -169,7 +208,14 @@ class Fractional(AffinityKernel):
 
 
 class Log(AffinityKernel):
-    name, family, masks_coincident = "log", "distance", True
+    name, family, uses_gamma, masks_coincident = "log", "distance", True, True
+    positive_scale_reason = ("−scale·log ρ − gamma grows without bound with the distance ρ unless scale > 0 "
+                             "(it must decay, as the log kernel of the inverse fractional Laplacian does)")
+    negative_where = "for pairs farther apart than ρ = ‖q−k‖² > exp(−gamma/scale)"
+    nonnegative_sums_by = "a lower gamma (gamma = −g keeps every weight positive up to ρ = exp(g/scale))"
+
+    def weight_sign(self, p):
+        return "any"  # negative for ρ > exp(−gamma/scale), whatever the parameters
 
     def weight(self, x, p):
         return -p.scale * torch.log(x) - p.gamma
@@ -341,26 +387,41 @@ def type_name(value) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__.split('.')[0]}.{cls.__qualname__}"
 
 
+def _real(name, value) -> float:
+    """``value`` as a float if it is a finite real number, else a TypeError/ValueError naming ``name``."""
+    if not _is_real_number(value):
+        raise TypeError(f"{name} must be a real number, got {type_name(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
 def resolve_params(kernel: AffinityKernel, dtype: torch.dtype, *, scale, power, gamma, eps) -> KernelParams:
-    """Validate the scalar parameters for ``kernel`` and resolve ``eps=None``."""
-    for name, value in (("scale", scale), ("gamma", gamma)):
-        if not _is_real_number(value):
-            raise TypeError(f"{name} must be a real number, got {type_name(value)}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
+    """Validate the scalar parameters for ``kernel`` and resolve ``gamma=None`` and ``eps=None``.
+
+    ``power`` is for ``fractional`` (required there) and ``gamma`` for ``log`` only (``None``:
+    :data:`EULER_GAMMA`); ``scale`` must be positive where a negative one would make the kernel
+    grow without bound (``rbf``, ``log``).
+    """
+    scale = _real("scale", scale)
+    if kernel.positive_scale_reason is not None and not scale > 0:
+        raise ValueError(f"scale must be > 0 for kernel={kernel.name!r}, got {scale}: {kernel.positive_scale_reason}")
     if kernel.uses_power:
         if power is None:
             raise ValueError(f"kernel={kernel.name!r} needs power= (e.g. n + 2s for the fractional Laplacian)")
-        if not _is_real_number(power):
-            raise TypeError(f"power must be a real number, got {type_name(power)}")
-        if not math.isfinite(power):
-            raise ValueError(f"power must be finite, got {power}")
+        power = _real("power", power)
     elif power is not None:
         raise ValueError(f"power is only used by kernel='fractional', not kernel={kernel.name!r}")
+    if kernel.uses_gamma:
+        gamma = EULER_GAMMA if gamma is None else _real("gamma", gamma)
+    elif gamma is not None:
+        raise ValueError(f"gamma is only used by kernel='log', not kernel={kernel.name!r}")
+    else:
+        gamma = EULER_GAMMA
     if eps is None:
         eps = default_eps(dtype)
     elif not _is_real_number(eps):
         raise TypeError(f"eps must be a real number or None, got {type_name(eps)}")
     elif not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return KernelParams(float(scale), None if power is None else float(power), float(gamma), float(eps))
+    return KernelParams(scale, power, gamma, float(eps))

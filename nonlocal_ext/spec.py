@@ -3,6 +3,20 @@
 Every error about the arguments themselves is raised here, before any backend runs, as a
 ``TypeError`` (wrong kind of argument) or ``ValueError`` (wrong value or shape) whose message
 names the argument. (A backend that cannot run the call is refused by ``backends.select``.)
+
+``normalize="sym"`` needs non-negative row and column sums: ``r^(−½)`` of a negative sum is
+undefined (NaN). The policy, by the sign the kernel's weights can take
+(:meth:`~nonlocal_ext.kernels.AffinityKernel.weight_sign`):
+
+* never negative (``gaussian``, ``rbf``, ``fractional`` with ``scale >= 0``): always defined;
+* never positive (``fractional`` with ``scale < 0``): NaN by construction, refused here;
+* either sign (``dot``, ``log``): defined exactly when the data give non-negative sums (``dot`` on
+  non-negative query and key, e.g. ReLU embeddings; ``log`` when the pairs are closer than
+  ``exp(−gamma/scale)``). The sums exist only inside the backends, so :func:`check_sym_sums`
+  looks at the result instead: a NaN output from finite inputs is a ``ValueError`` saying why.
+  That costs one reduction and one host synchronization per call; it is skipped where values do
+  not exist or cannot be read (meta and fake tensors, ``torch.compile`` tracing, ``torch.func``
+  transforms such as vmap, CUDA graph capture), where a negative sum gives NaN in the rows (a row sum) or everywhere (a column sum).
 """
 
 from __future__ import annotations
@@ -81,6 +95,10 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     affinity = KERNELS[kernel]
     params = resolve_params(affinity, query.dtype, scale=scale, power=power, gamma=gamma, eps=eps)
 
+    if normalize == "sym" and affinity.weight_sign(params) == "nonpositive":
+        raise ValueError(f"normalize='sym' with kernel={kernel!r} and scale={params.scale}: every weight is <= 0, so "
+                         "the row and column sums are negative and D^(-1/2) is undefined; use scale > 0 or "
+                         "normalize='row', 'count' or 'none'")
     if symmetric and n != m:
         raise ValueError(f"symmetric=True needs as many queries as keys, got N={n} and M={m}")
     if self_value is not None:
@@ -95,3 +113,34 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     if m == 0 and n > 0 and normalize != "none":
         raise ValueError(f"key has no positions (M = 0): normalize={normalize!r} is undefined")
     return AggregateSpec(affinity, params, normalize, update, symmetric)
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values this process can read now: not meta, fake, traced, inside a
+    ``torch.func`` transform (vmap cannot branch on data) or being captured into a CUDA graph."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def check_sym_sums(spec: AggregateSpec, inputs, out: torch.Tensor) -> None:
+    """The ``sym`` policy for kernels whose weights can take either sign (see the module docstring).
+
+    Raises a ValueError when the output is NaN although every input is finite: a row or column
+    sum of the affinities was negative. NaN or Inf inputs propagate to the output by design and
+    are not an error.
+    """
+    if spec.normalize != "sym" or spec.kernel.weight_sign(spec.params) != "any" or not _values_readable(out):
+        return
+    if not torch.isnan(out).any():
+        return
+    if not all(torch.isfinite(t).all() for t in inputs if t is not None):
+        return
+    kernel = spec.kernel
+    raise ValueError(
+        f"normalize='sym' with kernel={kernel.name!r}: a row or column sum of the affinities is negative, where "
+        f"D^(-1/2) is undefined (the result would be NaN). {kernel.name} weights are negative "
+        f"{kernel.negative_where}; keep the sums non-negative by {kernel.nonnegative_sums_by}, or use "
+        f"normalize='row', 'count' or 'none'")

@@ -1,4 +1,8 @@
-"""The benchmark CLI (`nonlocal-bench`) on tiny sweeps: outputs, error rows, and `--check`."""
+"""The benchmark CLI (`nonlocal-bench`) on tiny sweeps: outputs, error rows, `--check`, flags checked
+before any work, and what the rows record (versions, threads, load, kernel parameters, warnings).
+
+Run alone: .venv/bin/python -m pytest -q tests/test_bench_cli.py
+"""
 
 from __future__ import annotations
 
@@ -140,14 +144,6 @@ def test_python_dash_m_bench_lists_every_backend(monkeypatch, capsys):
     assert names[: len(BACKENDS)] == list(BACKENDS) and {"sdpa", "flex", "keops"} <= set(names)
 
 
-def test_bad_flags_are_usage_errors(capsys):
-    for argv in (["--kernel", "cosine"], ["--n", "0"], ["--backends", "nope"], ["--pass", "both"]):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(argv)
-        assert exit_info.value.code == 2
-    assert "--kernel: unknown cosine" in capsys.readouterr().err
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sweep_measures_allocator_peak(tmp_path):  # pragma: no cover - no GPU on CI
     rows = bench(tmp_path, "--device", "cuda", "--kernel", "gaussian", "--n", "64", "--pass", "fwd+bwd")
@@ -170,3 +166,153 @@ def test_check_of_a_large_case_uses_its_first_rows(tmp_path, monkeypatch):
         assert result["chunked", "row", update]["error"] is None
         assert result["wrong_out", "row", update]["error"].startswith("check: output differs")
         assert result["wrong_out", "sym", update]["check"].startswith("skipped")
+
+
+# --- flags checked before any work -------------------------------------------------------------
+
+def _no_work(monkeypatch):
+    """Make any work (the GEMM probe, the sweep, a table file) fail the test."""
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the flags were checked")
+    monkeypatch.setattr(cli.measure, "gemm_gflops", work)
+    monkeypatch.setattr(cli, "run_sweep", work)
+
+
+NO_CUDA = not torch.cuda.is_available()
+BAD_FLAGS = [
+    (["--device", "gpu"], "--device gpu: not a device; expected cpu or cuda[:index]"),
+    (["--device", "mps"], "--device mps: nonlocal-bench runs on cpu or cuda[:index], not mps"),
+    (["--device", "cuda" if NO_CUDA else "cuda:99"],
+     "--device cuda: this torch sees no CUDA device" if NO_CUDA else "--device cuda:99: only"),
+    (["--threads", "0"], "--threads: expected a positive number of threads, got 0"),
+    (["--threads", "-3"], "--threads: expected a positive number of threads, got -3"),
+    (["--repeat", "0"], "--repeat: expected at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup: expected 0 or more, got -1"),
+    (["--gemm-size", "0"], "--gemm-size: expected a positive size"),
+    (["--spread-limit", "0"], "--spread-limit: expected a positive fraction"),
+    (["--spread-limit", "nan"], "--spread-limit: expected a positive fraction"),
+    (["--json", "/nonexistent/dir/rows.json"], "--json /nonexistent/dir/rows.json: the directory /nonexistent/dir "
+                                                "does not exist"),
+    (["--csv", "/nonexistent/rows.csv"], "--csv /nonexistent/rows.csv: the directory /nonexistent does not exist"),
+    (["--table", "/nonexistent/t.txt"], "--table /nonexistent/t.txt: the directory"),
+    (["--plot", "/nonexistent/dir/x.png"], "--plot /nonexistent/dir/x.png: the directory /nonexistent/dir"),
+    (["--json", "{tmp}"], "--json {tmp}: is a directory"),
+    (["--plot", "{tmp}/figure.xyz"], "--plot {tmp}/figure.xyz: unknown image format 'xyz'"),
+    (["--kernel", "rbf", "--scale", "-1"], "--scale with --kernel rbf: scale must be > 0 for kernel='rbf'"),
+    (["--kernel", "gaussian,log", "--scale", "-1"], "--scale with --kernel log: scale must be > 0"),
+    (["--scale", "nan"], "--scale with --kernel gaussian: scale must be finite"),
+    (["--kernel", "rbf,dot", "--gamma", "1"], "--gamma is only used by --kernel log; the sweep has rbf, dot"),
+    (["--kernel", "gaussian", "--power", "2"], "--power is only used by --kernel fractional"),
+    (["--kernel", "gaussian", "--eps", "0.1"], "--eps is only used by --kernel fractional, log"),
+    (["--kernel", "log", "--eps", "-1"], "--eps with --kernel log: eps must be finite and >= 0"),
+    (["--kernel", "cosine"], "--kernel: unknown cosine"),
+    (["--n", "0"], "--n: expected a comma list of positive integers"),
+    (["--backends", "nope"], "--backends: unknown nope"),
+    (["--pass", "both"], "--pass: unknown both"),
+]
+
+
+@pytest.mark.parametrize("argv,phrase", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
+def test_bad_flags_are_usage_errors_naming_the_flag_before_any_work(argv, phrase, tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(TINY[2:] + argv)  # TINY without its --device cpu, so that --device is the one given
+    assert exit_info.value.code == 2
+    assert phrase.replace("{tmp}", str(tmp_path)) in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no output file was started
+
+
+def test_plot_without_matplotlib_names_the_optional_extra(tmp_path, monkeypatch, capsys):
+    """Before, --plot ran the whole sweep and then died with ModuleNotFoundError."""
+    _no_work(monkeypatch)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(TINY + ["--plot", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib" in err and "pip install 'nonlocal_ext[plot]'" in err
+
+
+def test_threads_flag_sets_torch_threads_and_rows_record_them(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
+                     "--no-memory", "--threads", "1")
+    finally:
+        torch.set_num_threads(before)
+    assert rows[0]["threads"] == 1
+
+
+# --- what the JSON rows record ----------------------------------------------------------------
+
+def test_rows_carry_versions_load_and_kernel_parameters(tmp_path, monkeypatch):
+    import nonlocal_ext
+    seen = []
+    real = nonlocal_ext.nonlocal_aggregate
+
+    def spy(*args, **kwargs):
+        seen.append((args[3], {k: kwargs.get(k) for k in ("scale", "power", "gamma", "eps")}))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(nonlocal_ext, "nonlocal_aggregate", spy)
+    rows = bench(tmp_path, "--kernel", "rbf,fractional,log", "--n", "8", "--pass", "fwd", "--backends", "chunked",
+                 "--no-memory", "--scale", "0.25", "--gamma", "-2", "--power", "1.25")
+    params = {r["kernel"]: {k: r[k] for k in ("scale", "power", "gamma", "eps")} for r in rows}
+    assert params == {"rbf": dict(scale=0.25, power=None, gamma=None, eps=None),
+                      "fractional": dict(scale=0.25, power=1.25, gamma=None, eps=1e-4),
+                      "log": dict(scale=0.25, power=None, gamma=-2.0, eps=1e-4)}
+    # the op was called with them (the flags reach the timed calls)
+    called = {kernel: kw for kernel, kw in seen}
+    assert called["rbf"] == dict(scale=0.25, power=None, gamma=None, eps=None)
+    assert called["fractional"] == dict(scale=0.25, power=1.25, gamma=None, eps=None)
+    assert called["log"] == dict(scale=0.25, power=None, gamma=-2.0, eps=None)
+    for row in rows:
+        assert row["torch_version"] == torch.__version__
+        assert "triton_version" in row and row["threads"] == torch.get_num_threads() and row["cpus"] >= 1
+        assert row["load_avg"] is None or row["load_avg"] >= 0
+        assert "warning" in row
+    # defaults: the benchmark's well-conditioned parameters, resolved as the op resolves them
+    rows = bench(tmp_path, "--kernel", "log", "--n", "8", "--pass", "fwd", "--backends", "chunked", "--no-memory",
+                 "--dtype", "float64")
+    assert {k: rows[0][k] for k in ("scale", "power", "gamma", "eps")} == dict(scale=1.0, power=None, gamma=-3.0,
+                                                                               eps=1e-12)
+
+
+def test_kernel_parameters_reach_the_fresh_memory_process(tmp_path):
+    rows = bench(tmp_path, "--kernel", "rbf", "--n", "64", "--pass", "fwd", "--backends", "reference",
+                 "--scale", "0.125")
+    assert rows[0]["error"] is None and rows[0]["peak_mem_mb"] is not None and rows[0]["scale"] == 0.125
+
+
+def test_load_above_the_cpus_warns_in_the_header_and_the_rows(tmp_path, monkeypatch, capsys):
+    from nonlocal_ext.benchmark import run
+    for module in (run, cli):
+        monkeypatch.setattr(module, "load_average", lambda: 99.0)
+    rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
+                 "--no-memory")
+    out = capsys.readouterr().out
+    header = out.split("backend")[0]
+    assert "WARNING: load average 99.0 > " in header and "times will be inflated" in header
+    assert rows[0]["load_avg"] == 99.0 and rows[0]["warning"].startswith("load average 99.0 > ")
+    assert "WARNING: 1 of 1 rows carry a warning" in out
+
+
+def test_disagreeing_repeats_warn_in_the_row(tmp_path, monkeypatch, capsys):
+    """What a loaded machine did: some repeats took whole extra scheduler slices (≈ 16 ms)."""
+    from nonlocal_ext.benchmark import measure, run
+    for module in (run, cli):
+        monkeypatch.setattr(module, "load_average", lambda: 0.0)
+    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1: [0.001, 0.017, 0.001])
+    rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
+                 "--no-memory", "--repeat", "3")
+    assert rows[0]["warning"] == "repeats disagree: 1–17 ms, (max−min)/median 1600% > 25%"
+    assert "warning: repeats disagree" in capsys.readouterr().out
+    rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
+                 "--no-memory", "--repeat", "3", "--spread-limit", "20")
+    assert rows[0]["warning"] is None
+    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1: [0.0010, 0.0011, 0.0010])
+    rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
+                 "--no-memory", "--repeat", "3")
+    assert rows[0]["warning"] is None

@@ -119,7 +119,7 @@ def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
     """What auto picks for CPU tensors of these shapes (expanded views: no memory)."""
     q, k, v = (torch.empty(1, rows, cols).expand(batch, rows, cols) for rows, cols in ((n, d), (m, d), (m, c)))
     spec = nonlocal_ext.spec.validate(q, k, v, kernel, scale=1.0, power=1.0 if kernel == "fractional" else None,
-                                      gamma=0.5, eps=None, normalize=normalize, update="aggregate", symmetric=False,
+                                      gamma=None, eps=None, normalize=normalize, update="aggregate", symmetric=False,
                                       self_value=None, backend="auto")
     return nonlocal_ext.backends.select("auto", spec, q, k, v, backward=backward)
 

@@ -19,7 +19,7 @@ from nonlocal_ext.spec import validate
 
 def spec_of(kernel, **kwargs):
     q = torch.randn(3, 2)
-    return validate(q, q, q, kernel, scale=1.0, power=kwargs.pop("power", None), gamma=0.5, eps=None,
+    return validate(q, q, q, kernel, scale=1.0, power=kwargs.pop("power", None), gamma=None, eps=None,
                     normalize="row", update="aggregate", symmetric=False, self_value=None, backend="auto")
 
 
@@ -140,8 +140,8 @@ def test_chunked_never_allocates_n_by_m(monkeypatch, combo):
     with LargestTensor() as dense:
         reference.aggregate(q.detach(), k.detach(), v.detach(), None if u is None else u.detach(),
                             validate(q, k, v, kernel, scale=1.0, power=kernel_kwargs(kernel).get("power"),
-                                     gamma=-3.0, eps=None, normalize=normalize, update=update,
-                                     symmetric=symmetric, self_value=u, backend="reference"))
+                                     gamma=kernel_kwargs(kernel).get("gamma"), eps=None, normalize=normalize,
+                                     update=update, symmetric=symmetric, self_value=u, backend="reference"))
     assert dense.largest >= n * n
 
 

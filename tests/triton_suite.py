@@ -222,7 +222,7 @@ def test_auto_on_cpu_does_not_take_triton():
     from nonlocal_ext import backends
     from nonlocal_ext.spec import validate
     q = torch.randn(1, 8, 3)
-    spec = validate(q, q, q, "rbf", scale=1.0, power=None, gamma=0.5, eps=None, normalize="row",
+    spec = validate(q, q, q, "rbf", scale=1.0, power=None, gamma=None, eps=None, normalize="row",
                     update="aggregate", symmetric=False, self_value=None, backend="auto")
     assert "triton" in backends.available(spec, q)
     assert backends.select("auto", spec, q, q).NAME != "triton"

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nonlocal_ext.kernels import KERNELS, resolve_params
+
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 #: GEMM-work multiple of each pass relative to the forward (see the module docstring).
@@ -41,6 +43,18 @@ KERNEL_PARAMS = {
     "fractional": {"power": 1.5},
     "log": {"gamma": -3.0},  # ρ < e³ keeps log weights positive, so row sums stay away from 0
 }
+
+#: The op's kernel parameters that ``nonlocal-bench`` can set (``--scale`` ...), in JSON row order.
+PARAMETERS = ("scale", "power", "gamma", "eps")
+
+
+def uses_parameter(kernel: str, name: str) -> bool:
+    """Whether ``kernel`` takes the parameter ``name`` (the op refuses ``power``/``gamma`` elsewhere;
+    ``eps`` only matters to the kernels with coincident pairs)."""
+    affinity = KERNELS[kernel]
+    return {"scale": True, "power": affinity.uses_power, "gamma": affinity.uses_gamma,
+            "eps": affinity.masks_coincident}[name]
+
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -61,6 +75,8 @@ class Case:
     dtype: str
     device: str
     pass_: str
+    #: (name, value) pairs of kernel parameters set on the command line, over :data:`KERNEL_PARAMS`
+    params: tuple = ()
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,7 +84,16 @@ class Case:
 
     @property
     def kernel_kwargs(self) -> dict:
-        return dict(KERNEL_PARAMS[self.kernel])
+        """The kernel parameters passed to the op: :data:`KERNEL_PARAMS`, then the command line's."""
+        return {**KERNEL_PARAMS[self.kernel], **dict(self.params)}
+
+    def parameters(self) -> dict:
+        """Every parameter of :data:`PARAMETERS` as the op uses it (defaults resolved, ``eps`` per dtype);
+        None for those this kernel does not take."""
+        kw = self.kernel_kwargs
+        p = resolve_params(KERNELS[self.kernel], self.torch_dtype, scale=kw.get("scale", 1.0),
+                           power=kw.get("power"), gamma=kw.get("gamma"), eps=kw.get("eps"))
+        return {name: getattr(p, name) if uses_parameter(self.kernel, name) else None for name in PARAMETERS}
 
     @property
     def needs_backward(self) -> bool:
@@ -97,27 +122,32 @@ class Case:
         return float(traffic * self.batch * torch.empty((), dtype=self.torch_dtype).element_size())
 
     def describe(self) -> dict:
-        """The case's fields under the JSON row names (``pass`` rather than ``pass_``)."""
+        """The case's fields under the JSON row names (``pass`` rather than ``pass_``), then the
+        kernel parameters used (:meth:`parameters`)."""
         row = asdict(self)
         row["pass"] = row.pop("pass_")
-        return row
+        del row["params"]
+        return {**row, **self.parameters()}
 
     def label(self) -> str:
         return (f"{self.kernel}+{self.normalize}" + ("" if self.update == "aggregate" else f"+{self.update}")
                 + f" N={self.N}" + ("" if self.M == self.N else f" M={self.M}") + f" {self.pass_}")
 
 
-def sweep(kernels, normalizes, updates, ns, ms, ds, cs, batches, dtypes, device, passes) -> list[Case]:
+def sweep(kernels, normalizes, updates, ns, ms, ds, cs, batches, dtypes, device, passes, params=None) -> list[Case]:
     """Every combination, in the order the table prints it (N varies fastest but for the pass).
 
-    ``ms`` empty means M = N.
+    ``ms`` empty means M = N. ``params``: kernel parameters by name, each given to the kernels that
+    take it (:func:`uses_parameter`).
     """
+    params = params or {}
     cases = []
     for kernel, normalize, update, dtype, d, c, batch, n in itertools.product(
             kernels, normalizes, updates, dtypes, ds, cs, batches, ns):
         for m in (ms or [n]):
             for pass_ in passes:
-                cases.append(Case(kernel, normalize, update, n, m, d, c, batch, dtype, device, pass_))
+                own = tuple((k, v) for k, v in params.items() if uses_parameter(kernel, k))
+                cases.append(Case(kernel, normalize, update, n, m, d, c, batch, dtype, device, pass_, own))
     return cases
 
 

@@ -34,10 +34,8 @@ def _run(request: dict, connection) -> None:
     from .measure import peak_rss_growth
 
     torch.set_num_threads(request["threads"])  # as in the sweep's process
-    fields = dict(request["case"])
-    fields["pass_"] = fields.pop("pass")
     try:
-        result = peak_rss_growth(Case(**fields), all_runners()[request["runner"]])
+        result = peak_rss_growth(request["case"], all_runners()[request["runner"]])
     except Exception as error:  # noqa: BLE001 - reported as the row's error
         result = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
     connection.send(result)
@@ -48,7 +46,7 @@ def measure(case: Case, runner_name: str, timeout: float = 1800) -> dict:
     """``{"peak_mb": MB, "seconds": s}`` of one step of the case in a fresh process, or ``{"error": message}``."""
     context = _forkserver()
     receive, send = context.Pipe(duplex=False)
-    request = {"case": case.describe(), "runner": runner_name, "threads": torch.get_num_threads()}
+    request = {"case": case, "runner": runner_name, "threads": torch.get_num_threads()}
     process = context.Process(target=_run, args=(request, send), daemon=True)
     process.start()
     send.close()

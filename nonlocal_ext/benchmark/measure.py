@@ -52,6 +52,12 @@ def error_and_bound(ours, plain, truth, dtype, floor=0.0) -> tuple[float, float,
     scale = max(truth.abs().max().item() if truth.numel() else 0.0, floor)
     return err, 2 * err_plain + TOLERANCE[dtype] * scale, err_plain, scale
 
+#: Repeats of one timing disagree when (max − min)/median exceeds this fraction: the row gets a
+#: warning (``nonlocal-bench --spread-limit`` changes it). On a quiet machine CPU repeats of a
+#: millisecond-scale step agree within a few percent; time slices taken by other processes add
+#: whole scheduler quanta (several ms) to some repeats only.
+SPREAD_LIMIT = 0.25
+
 #: ``--check`` runs the float64 dense reference on at most this many affinities B·N·M (a few
 #: hundred MB); larger row-local cases are checked on their first rows, forward only.
 CHECK_MAX_ELEMENTS = 1 << 24

@@ -61,7 +61,8 @@ class Table:
 
     def row(self, row):
         cells = [f"{row[k]:>{w}}" if k in ("D", "C", "batch", "N", "M") else f"{row[k]:<{w}}" for k, w in self.columns]
-        note = "" if row["error"] is None else "error: " + _shorten(row["error"], 90)
+        note = ("error: " + _shorten(row["error"], 90) if row["error"] is not None
+                else "warning: " + _shorten(row["warning"], 90) if row.get("warning") else "")
         cells += [f"{row['backend']:<9}", f"{_fmt_ms(row['median_ms']):>9}", f"{_fmt(row['peak_mem_mb'], '.1f'):>9}",
                   f"{_fmt(row['gflops'], '.1f'):>8}", f"{_fmt(row['pct_gemm'], '.0f', '%'):>6}",
                   f"{_fmt(row['vs_reference'], '.2f', 'x'):>7}", note]

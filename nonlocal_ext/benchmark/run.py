@@ -10,10 +10,18 @@ time is the ``vs ref`` of the others). Per runner, in this order:
 4. on CPU, peak memory in a fresh process, *before* timing here: a case that runs out of
    memory kills that process, not the sweep;
 5. timing (and peak memory on CUDA); an exception such as out-of-memory is an error row.
+
+Every row also records where it was measured (:func:`environment`: torch and triton versions,
+threads, CPUs and the load average at that moment) and, in ``warning``, why its time may not be
+trusted: the load average above the CPUs, or repeats that disagree by more than
+``Options.spread_limit`` ((max − min)/median).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -31,14 +39,65 @@ class Options:
     warmup: int = 1
     check: bool = False
     memory: bool = True  # CPU: a fresh process per case
+    spread_limit: float = measure.SPREAD_LIMIT  # warn when (max − min)/median of the repeats exceeds it
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> dict:
+    def version(*distributions):
+        for name in distributions:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return None
+    return {"torch_version": torch.__version__, "triton_version": version("triton", "pytorch-triton")}
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, None where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_warning(load: float | None, cpus: int) -> str | None:
+    """A warning when more runnable processes than CPUs compete with the timings."""
+    if load is not None and load > cpus:
+        return f"load average {load:.1f} > {cpus} CPUs"
+    return None
+
+
+def environment() -> dict:
+    """Where a row was measured: versions, torch's CPU threads, CPUs and the load average now."""
+    return {**_versions(), "threads": torch.get_num_threads(), "cpus": cpu_count(), "load_avg": load_average()}
 
 
 def empty_row(case: Case, runner: Runner) -> dict:
     row = dict.fromkeys(ROW_KEYS)
     row.update(backend=runner.name, **case.describe())
     row.update(min_ms=None, max_ms=None, repeat=None, flops=None, bytes=case.bytes(), gemm_gflops=None,
-               pct_gemm=None, vs_reference=None, check=None)
+               pct_gemm=None, vs_reference=None, check=None, **environment(), warning=None)
     return row
+
+
+def spread_warning(samples, limit: float) -> str | None:
+    """A warning when the repeats disagree: (max − min)/median above ``limit``."""
+    median = statistics.median(samples)
+    spread = (max(samples) - min(samples)) / median if median > 0 else 0.0
+    if len(samples) > 1 and spread > limit:
+        return (f"repeats disagree: {min(samples) * 1e3:.3g}–{max(samples) * 1e3:.3g} ms, (max−min)/median "
+                f"{spread:.0%} > {limit:.0%}")
+    return None
 
 
 def _error_text(error: BaseException) -> str:
@@ -87,6 +146,10 @@ def measure_one(case: Case, runner: Runner, inputs, options: Options, gemm_gflop
     row["gflops"] = row["flops"] / seconds / 1e9
     if gemm_gflops:
         row["pct_gemm"] = 100.0 * row["gflops"] / gemm_gflops
+    row.update(environment())  # the load while it was timed
+    warnings = [w for w in (load_warning(row["load_avg"], row["cpus"]), spread_warning(samples, options.spread_limit))
+                if w is not None]
+    row["warning"] = "; ".join(warnings) or None
     return row
 
 

@@ -34,7 +34,7 @@ import nonlocal_ext
 from nonlocal_ext import backends
 from nonlocal_ext.spec import validate
 
-from .cases import Case
+from .cases import PARAMETERS, Case
 
 Inputs = tuple  # (query, key, value, self_value or None)
 
@@ -66,7 +66,7 @@ def _ours(name: str) -> Runner:
         q, k, v, u = inputs
         try:
             spec = validate(q, k, v, case.kernel, normalize=case.normalize, update=case.update, symmetric=False,
-                            self_value=u, backend=name, eps=None, **_defaults(case))
+                            self_value=u, backend=name, **_defaults(case))
         except (TypeError, ValueError) as error:
             return str(error)
         return backends.BACKENDS[name].unsupported_reason(spec, q)
@@ -92,11 +92,11 @@ _OWN_FLOPS = {"linear": lambda case: 2.0 * case.batch * (case.N + case.M) * case
 _DENSE_TEMPORARIES = {"reference": 8}
 
 _OP_DEFAULTS = {name: p.default for name, p in inspect.signature(nonlocal_ext.nonlocal_aggregate).parameters.items()
-                if name in ("scale", "power", "gamma")}
+                if name in PARAMETERS}
 
 
 def _defaults(case: Case) -> dict:
-    """The op's ``scale``, ``power`` and ``gamma`` for this case (its defaults, then the case's)."""
+    """The op's ``scale``, ``power``, ``gamma`` and ``eps`` for this case (its defaults, then the case's)."""
     return {**_OP_DEFAULTS, **case.kernel_kwargs}
 
 
@@ -251,7 +251,7 @@ def _flex_build(case):
                 out = attend(torch.cat([2 * scale * q, torch.full_like(qn, -scale)], -1),
                              torch.cat([k, kn], -1), v)
             else:
-                eps = nonlocal_ext.kernels.default_eps(q.dtype)
+                eps = case.parameters()["eps"]
                 half_power = 0.5 * params["power"]
                 q_norms, k_norms = qn.detach().squeeze(-1), kn.detach().squeeze(-1)
 
