@@ -30,6 +30,15 @@ bench: $(STAMP)
 		--backends all --repeat 5 --check --table bench/results/cpu.txt --json bench/results/cpu.json \
 		--csv bench/results/cpu.csv --plot bench/results/cpu.png
 
+# The sdist and the wheel (with _C compiled for .venv's torch) in dist/, each then installed into a
+# fresh venv (pinned torch, from requirements-dev.txt) and smoke-tested (tests/test_install.py).
+.PHONY: dist
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -c "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])" dist
+	$(PY) -m pip wheel --no-build-isolation --no-deps --wheel-dir dist .
+	$(PY) tests/test_install.py dist
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
