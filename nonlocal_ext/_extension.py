@@ -78,7 +78,9 @@ def jit_build_directory() -> Path:
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    toolchain = [str(Path(torch.__file__).resolve().parent), sysconfig.get_paths()["include"], _compiler()]
+    # torch's include and library paths as torch.utils.cpp_extension writes them (not resolved)
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    toolchain = [torch_dir, sysconfig.get_paths()["include"], _compiler()]
     digest = _build.recipe_digest(_build.source_dir(), _jit_flags(), " ".join(toolchain))
     return Path(root) / f"{sys.implementation.cache_tag}_torch{torch.__version__}" / f"{JIT_NAME}-{digest}"
 

@@ -4,8 +4,8 @@ loading of the C++ kernels (ahead of time, compiled on first use, or a clear war
 
 Run alone: .venv/bin/python -m pytest -q tests/test_install.py
 
-The fresh-venv test takes about a minute to install torch into a new venv, plus a few minutes to
-compile the C++ kernels when csrc/ changed since the last run (the library is cached in
+The fresh-venv test (torch linked in from .venv) takes under a minute, plus a few minutes to
+compile the C++ kernels when csrc/ changed since its last run (the library is cached in
 .venv/torch_extensions; a fresh clone, as in CI, always compiles).
 
 ``make dist`` runs this file as a script: ``python tests/test_install.py DIST_DIR`` installs the
@@ -55,15 +55,27 @@ def run(args, **kwargs) -> subprocess.CompletedProcess:
     return done
 
 
-def fresh_venv(path: Path, constraints: Path) -> tuple[Path, dict]:
-    """A new venv at `path` with torch (pinned, from the local wheel) and ninja; returns its python
-    and the environment to run it in (pins applied to every pip, build isolation included)."""
+def fresh_venv(path: Path, constraints: Path, share_torch: bool = False) -> tuple[Path, dict]:
+    """A new venv at `path` with torch (pinned) and ninja; returns its python and the environment
+    to run it in (the pins apply to every pip, build isolation included).
+
+    torch comes from the machine's local wheel (a minute to install), or with `share_torch` from
+    this environment's site-packages, linked in without its nonlocal_ext (seconds)."""
     run([sys.executable, "-m", "venv", path])
     python = path / "bin" / "python"
     constraints.write_text("\n".join(PINS[name] for name in ("torch", "ninja", "setuptools", "wheel")) + "\n")
     env = dict(os.environ, PIP_CONSTRAINT=str(constraints), PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PYTHONPATH", None)
-    run([python, "-m", "pip", "install", "-q", PINS["torch"], PINS["ninja"], PINS["setuptools"]], env=env)
+    if share_torch:
+        shared = path / "shared-site-packages"
+        shared.mkdir()
+        for entry in Path(torch.__file__).resolve().parent.parent.iterdir():
+            if "nonlocal_ext" not in entry.name and entry.suffix != ".pth" and entry.name != "__pycache__":
+                (shared / entry.name).symlink_to(entry)
+        site_packages, = (path / "lib").glob("python*/site-packages")
+        (site_packages / "shared.pth").write_text(f"{shared}\n")
+    else:
+        run([python, "-m", "pip", "install", "-q", PINS["torch"], PINS["ninja"], PINS["setuptools"]], env=env)
     return python, env
 
 
@@ -93,7 +105,8 @@ SMOKE = textwrap.dedent("""
         for ours, truth in zip(*outs):
             torch.testing.assert_close(ours, truth, rtol=1e-9, atol=1e-11)
     files = importlib.metadata.files("nonlocal_ext") or []
-    print(json.dumps({"how": _extension.status["how"], "compile_seconds": _extension.status["compile_seconds"],
+    print(json.dumps({"how": _extension.status["how"], "path": _extension.status["path"],
+                      "compile_seconds": _extension.status["compile_seconds"],
                       "version": nonlocal_ext.__version__,
                       "metadata_version": importlib.metadata.version("nonlocal_ext"),
                       "licenses": sorted(str(f) for f in files if f.name.startswith("LICENSE")),
@@ -371,28 +384,41 @@ def test_sources_are_staged_once_into_the_build_directory(tmp_path):
 def test_pip_install_with_build_isolation_compiles_on_first_use(tmp_path):
     """`pip install .` with pip's default build isolation: a pure-Python wheel; the kernels are
     compiled on first import against the venv's torch, with one line on stderr, then cached."""
-    # A new venv, always at the same place: the compiled library is cached for it (for the Python,
-    # torch install, compiler and sources), so a rerun with unchanged csrc/ compiles nothing.
+    # Always at the same place: the library is cached per Python, torch install (its path),
+    # compiler and sources, so a rerun with unchanged csrc/ compiles nothing (CI's fresh clone
+    # always compiles).
     venv = ROOT / ".venv" / "install-test-venv"
     shutil.rmtree(venv, ignore_errors=True)
-    python, env = fresh_venv(venv, tmp_path / "constraints.txt")
+    times = [time.perf_counter()]
+    python, env = fresh_venv(venv, tmp_path / "constraints.txt", share_torch=True)
     source = source_copy(tmp_path / "source")
+    times.append(time.perf_counter())
     # --no-deps: torch and ninja are in already (pinned); triton is not needed on CPU.
     run([python, "-m", "pip", "install", "-q", "--no-deps", source], env=env)
+    times.append(time.perf_counter())
     installed = Path(run([python, "-c", "import importlib.util as u; print(u.find_spec('nonlocal_ext').origin)"],
                          env=env, cwd="/").stdout.strip()).parent
     assert not list(installed.glob("_C*")), "the isolated build must not build _C (it has no torch)"
     assert (installed / "csrc" / "tile_math.h").is_file()
 
-    env["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".venv" / "torch_extensions")  # CI's fresh clone compiles
+    env["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".venv" / "torch_extensions")
+    before_first_import = time.time()
     first, first_err = smoke(python, env)
+    times.append(time.perf_counter())
+    built = Path(first["path"]).stat().st_mtime
     second, second_err = smoke(python, env)
+    times.append(time.perf_counter())
+    steps = ("venv sharing torch", "pip install .", "first import and smoke", "second import and smoke")
+    print("; ".join(f"{step} {b - a:.0f} s" for step, a, b in zip(steps, times, times[1:])))
 
     assert first["how"] == second["how"] == "jit"
     assert any(name == "tile_math.h" for name in first["csrc"])
     building = [line for line in first_err.splitlines() if "compiling the C++ kernels" in line]
     assert len(building) == (1 if first["compile_seconds"] is not None else 0), first_err
     assert second["compile_seconds"] is None and "compiling" not in second_err
+    assert second["path"] == first["path"] and Path(second["path"]).stat().st_mtime == built
+    if first["compile_seconds"] is None:  # no line, so nothing may have been compiled silently
+        assert built < before_first_import, "the library was rebuilt without saying so"
 
 
 # ------------------------------------------------------------------------ make dist: fresh-venv smoke
