@@ -7,8 +7,8 @@ which ``backend="cpu"`` calls. It is always compiled against the torch imported 
    imported when the torch it was built for (recorded beside it) is the torch imported now;
 2. otherwise the package's ``csrc/`` is compiled with ``torch.utils.cpp_extension.load`` (same
    sources and flags, see :mod:`nonlocal_ext._build`; ninja from the ``ninja`` package) into
-   ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), once per Python, torch and
-   source version; one line on stderr says so while it builds (a few minutes). This is the path
+   ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), once per Python, torch
+   install, compiler and source version; one line on stderr says so while it builds (minutes). This is the path
    of ``pip install .`` with pip's default build isolation, whose build environment has no torch.
    ``NONLOCAL_EXT_JIT=0`` turns it off;
 3. if neither works, a RuntimeWarning says why and which backends run instead, and

@@ -445,9 +445,9 @@ def check_distributions(dist: Path, work: Path) -> None:
         install_seconds = time.perf_counter() - start
         report, _ = smoke(python, env)
         assert report["how"] == "ahead-of-time", report
-        print(f"{label}: fresh venv with {PINS['torch']} in {venv_seconds:.0f} s; "
-              f"pip install {' '.join(flags)} {artifact.name} {PINS['triton']} in {install_seconds:.0f} s; "
-              f"smoke test passed, C++ kernels {report['how']}")
+        command = " ".join(["pip install", *flags, artifact.name, PINS["triton"]])
+        print(f"{label}: fresh venv with {PINS['torch']} in {venv_seconds:.0f} s; {command} in "
+              f"{install_seconds:.0f} s; smoke test passed, C++ kernels {report['how']}", flush=True)
 
 
 if __name__ == "__main__":
