@@ -89,11 +89,13 @@ def source_copy(destination: Path) -> Path:
 
 
 #: Run in an installed environment: the C++ kernels load and agree with the dense reference, forward
-#: and backward; prints how they were loaded, the version and the distribution's license files.
+#: and backward, by the tolerance rule of the test suite; prints how they were loaded, the version
+#: and the distribution's license and csrc files.
 SMOKE = textwrap.dedent("""
     import importlib.metadata, json, torch
     import nonlocal_ext
     from nonlocal_ext import _extension
+    from nonlocal_ext.benchmark.measure import error_and_bound  # the project's one tolerance rule
     g = torch.Generator().manual_seed(0)
     for kernel, extra in (("gaussian", {}), ("fractional", {"power": 3.0})):
         q, k, v = (torch.randn(2, n, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -102,8 +104,9 @@ SMOKE = textwrap.dedent("""
         for backend in ("cpu", "reference"):
             out = nonlocal_ext.nonlocal_aggregate(q, k, v, kernel, backend=backend, **extra)
             outs.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
-        for ours, truth in zip(*outs):
-            torch.testing.assert_close(ours, truth, rtol=1e-9, atol=1e-11)
+        for ours, truth in zip(*outs):  # float64: the reference is the truth (floor 1: unit-scale data)
+            err, bound, _, _ = error_and_bound(ours, truth, truth, torch.float64, floor=1.0)
+            assert err <= bound, (kernel, err, bound)
     files = importlib.metadata.files("nonlocal_ext") or []
     print(json.dumps({"how": _extension.status["how"], "path": _extension.status["path"],
                       "compile_seconds": _extension.status["compile_seconds"],
