@@ -34,6 +34,15 @@ bench: $(STAMP)
 		--backends dense,sdpa,reference,chunked,cpu,linear,auto --repeat 3 --no-memory \
 		--table bench/results/blocks.txt --json bench/results/blocks.json
 
+# The sdist and the wheel (with _C compiled for .venv's torch) in dist/, each then installed into a
+# fresh venv (pinned torch, from requirements-dev.txt) and smoke-tested (tests/test_install.py).
+.PHONY: dist
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -c "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])" dist
+	$(PY) -m pip wheel --no-build-isolation --no-deps --wheel-dir dist .
+	$(PY) tests/test_install.py dist
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

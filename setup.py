@@ -1,101 +1,101 @@
-"""Build nonlocal_ext: the Python package, its Triton kernels and the C++ op library `_C`.
+"""Build nonlocal_ext: the Python package, its Triton kernels and the C++ op library.
 
-Build against the torch that is already installed (the extension must match its ABI):
+The C++ library is always compiled against the torch the package runs with (its C++ ABI):
 
-    pip install --no-build-isolation -e .      # from the repository root; or: make test
+    pip install --no-build-isolation .   # torch installed first: builds nonlocal_ext._C now
+    pip install .                        # pip's isolated build environment has no torch: a
+                                         # pure-Python wheel that carries csrc/, compiled on
+                                         # first import (see nonlocal_ext/_extension.py)
 
-Nothing here looks at the GPU of the build machine: what gets built depends only on the
-sources and on how the installed torch was built.
+Project metadata is in pyproject.toml; the compile recipe (sources, flags) in
+nonlocal_ext/_build.py, shared with the compile on first use. Nothing here looks at the GPU of
+the build machine: what gets built depends only on the sources and on the installed torch.
 """
 
-import glob
+import importlib.util
 import os
-import shutil
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).resolve().parent
+
+
+def _recipe():
+    """nonlocal_ext/_build.py, read by path: importing the package would need torch."""
+    spec = importlib.util.spec_from_file_location("_nonlocal_ext_build", ROOT / "nonlocal_ext" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RECIPE = _recipe()
+
 try:
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError as error:  # pragma: no cover - only hit by a misconfigured build
-    raise RuntimeError(
-        "nonlocal_ext builds its C++ extension against the installed torch: install torch>=2.4 "
-        "first, then run `pip install --no-build-isolation -e .` (without "
-        "--no-build-isolation pip builds in an empty environment that has no torch)."
-    ) from error
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _use_pip_ninja():
-    """Put the `ninja` of the pip package on PATH when no other ninja is there.
-
-    BuildExtension looks for ninja on PATH only, so `.venv/bin/pip install ...` without an
-    activated venv would otherwise fall back silently to the slow serial distutils build.
-    """
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja
-    except ImportError:
-        return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def _openmp_flags():
-    """-fopenmp when torch's at::parallel_for is the OpenMP one, else nothing.
-
-    at::parallel_for is inlined from ATen/ParallelOpenMP.h, which runs serially unless the
-    extension itself is compiled with _OPENMP defined. At load time the extension binds to the
-    libgomp.so.1 that torch has already loaded, so there is one OpenMP runtime.
-    """
-    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
-        return ["-fopenmp"]
-    return []  # e.g. macOS clang without libomp: kernels still work, single-threaded
-
-
-def _extensions():
-    sources = sorted(
-        os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))
-    )
-    openmp = _openmp_flags()
-    return [
-        CppExtension(
-            name="nonlocal_ext._C",
-            sources=sources,
-            # -fno-trapping-math lets the compiler if-convert the branch-free exp/log of
-            # csrc/tile_math.h and vectorize their loops (torch itself builds with it); it
-            # changes no result, only whether FP exception flags may be raised speculatively.
-            extra_compile_args={"cxx": ["-O3", "-std=c++20", "-fno-math-errno", "-fno-trapping-math"] + openmp},
-            extra_link_args=openmp,
-        )
-    ]
+except ImportError:  # pip's build isolation: no torch to compile against here
+    torch = None
 
 
 def _packages():
     # triton_kernels/ lives at the top level but installs as nonlocal_ext.triton_kernels, so
-    # that it cannot clash with the unrelated `triton_kernels` distribution on PyPI.
+    # that it cannot clash with the unrelated `triton_kernels` distribution on PyPI; csrc/
+    # installs as nonlocal_ext/csrc, the sources of the compile on first use.
     kernels = ["nonlocal_ext.triton_kernels"] + [
         "nonlocal_ext.triton_kernels." + name for name in find_packages(where="triton_kernels")
     ]
-    return find_packages(include=["nonlocal_ext", "nonlocal_ext.*"]) + kernels
+    return find_packages(include=["nonlocal_ext", "nonlocal_ext.*"]) + kernels + ["nonlocal_ext.csrc"]
 
 
-_use_pip_ninja()
+def _extensions_and_commands():
+    """The ahead-of-time `_C` and its build command, or nothing when torch is not importable."""
+    if torch is None:
+        print("nonlocal_ext: torch is not importable in this build environment (pip's build "
+              "isolation), so nonlocal_ext._C is not built now; its C++ kernels are compiled on "
+              "first import against the installed torch. `pip install --no-build-isolation .` "
+              "builds them now.", file=sys.stderr)
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """BuildExtension that writes, beside each library, the torch it was compiled against."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            stamp = Path(self.get_ext_fullpath(ext.name)).with_name(RECIPE.TORCH_STAMP)
+            stamp.write_text(RECIPE.torch_build_id(torch) + "\n")
+
+        def copy_extensions_to_source(self):  # editable installs: the stamp goes in place too
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace, regular = self._get_inplace_equivalent(build_py, ext)
+                self.copy_file(Path(regular).with_name(RECIPE.TORCH_STAMP),
+                               Path(inplace).with_name(RECIPE.TORCH_STAMP))
+
+    ninja = RECIPE.ninja_bin_dir()  # BuildExtension finds ninja on PATH only
+    if ninja is not None:
+        os.environ["PATH"] = ninja + os.pathsep + os.environ.get("PATH", "")
+    csrc = RECIPE.source_dir()
+    openmp = RECIPE.openmp_flags(torch)
+    extension = CppExtension(
+        name="nonlocal_ext._C",
+        sources=[os.path.relpath(path, ROOT) for path in RECIPE.sources(csrc)],
+        depends=[os.path.relpath(path, ROOT) for path in RECIPE.headers(csrc)],
+        extra_compile_args={"cxx": RECIPE.CXX_FLAGS + openmp},
+        extra_link_args=openmp,
+    )
+    return [extension], {"build_ext": BuildExt}
+
+
+ext_modules, cmdclass = _extensions_and_commands()
 
 setup(
-    name="nonlocal_ext",
-    version="0.1.0",
-    description="Fused, memory-efficient nonlocal (pairwise affinity) operators for PyTorch",
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    # `nonlocal-bench --plot` only: pip install 'nonlocal_ext[plot]'
-    extras_require={"plot": ["matplotlib>=3.5"]},
     packages=_packages(),
-    package_dir={"nonlocal_ext.triton_kernels": "triton_kernels"},
-    ext_modules=_extensions(),
-    entry_points={"console_scripts": ["nonlocal-bench = nonlocal_ext.benchmark.cli:main"]},
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    package_dir={"nonlocal_ext.triton_kernels": "triton_kernels", "nonlocal_ext.csrc": "csrc"},
+    package_data={"nonlocal_ext.csrc": ["*.cpp", "*.h"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
     zip_safe=False,
 )
