@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import BACKENDS
 from ..ops import nonlocal_aggregate
 
 
@@ -69,12 +70,28 @@ def max_pool(x: torch.Tensor, size) -> torch.Tensor:
     return pool(x, kernel_size=size, stride=size, ceil_mode=True)
 
 
-def zero_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
-    """A BatchNorm whose affine weight and bias start at 0: the residual branch it ends starts
-    at exactly 0, so the block starts as the identity (and stays trainable: ∂/∂weight ≠ 0)."""
-    nn.init.zeros_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    return bn
+def zero_norm(norm: nn.Module) -> nn.Module:
+    """A BatchNorm or GroupNorm whose affine weight and bias start at 0: the residual branch it ends
+    starts at exactly 0, so the block starts as the identity (and stays trainable: ∂/∂weight ≠ 0)."""
+    nn.init.zeros_(norm.weight)
+    nn.init.zeros_(norm.bias)
+    return norm
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it names a backend of the op (or ``"auto"``), else a ValueError naming it.
+    Whether that backend can run a given input is the op's decision, at the call."""
+    names = ("auto", *BACKENDS)
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, names))}, got {backend!r}")
+    return backend
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name`` (``"yes"`` or 1 are not flags)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def positive_int(value, name: str) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import aggregate, channel_counts, check_input, positions, zero_batch_norm
+from ._common import aggregate, channel_counts, check_input, positions, zero_norm
 
 
 class SpectralNonLocal(nn.Module):
@@ -56,7 +56,7 @@ class SpectralNonLocal(nn.Module):
         self.w1 = nn.Conv1d(ci, c, kernel_size=1, bias=False)
         self.w2 = nn.Conv1d(ci, c, kernel_size=1, bias=False)
         self.w3 = nn.Conv1d(ci, c, kernel_size=1, bias=False) if generalized else None
-        self.bn = zero_batch_norm(nn.BatchNorm1d(c))
+        self.bn = zero_norm(nn.BatchNorm1d(c))
 
     def extra_repr(self) -> str:
         return (f"generalized={self.generalized}, kernel={self.kernel!r}, normalize={self.normalize!r}, "

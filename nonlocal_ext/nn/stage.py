@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from ._common import aggregate, channel_counts, check_input, positions, positive_int, zero_batch_norm
+from ._common import aggregate, channel_counts, check_input, positions, positive_int, zero_norm
 
 
 class NonLocalStage(nn.Module):
@@ -53,7 +53,7 @@ class NonLocalStage(nn.Module):
         self.units = nn.ModuleList(
             nn.ModuleDict({"g": nn.Conv1d(c, ci, kernel_size=1),
                            "W": nn.Conv1d(ci, c, kernel_size=1),
-                           "bn": zero_batch_norm(nn.BatchNorm1d(c))})
+                           "bn": zero_norm(nn.BatchNorm1d(c))})
             for _ in range(units))
 
     def extra_repr(self) -> str:
