@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,11 @@ from torch import nn
 
 import nonlocal_ext
 from nonlocal_ext.benchmark.measure import rss_kib, time_step
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from torchvision_ops import declare_missing_ops  # noqa: E402
+
+declare_missing_ops()  # timm imports torchvision, whose CUDA-built operators cannot load on a CPU torch
 
 # name -> (batch, channels, spatial, sub_sample)
 SHAPES = {
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
         for shape_name in shapes:
             shape = table[shape_name]
             steps = {which: setup(block, shape, which) for which in ("original", "converted")}
-            desc = f"{shape[0]}×{shape[1]}×{'×'.join(map(str, shape[2]))}{' sub' if shape[3] else ''}"
+            pooled = shape[3] and block != "timm"  # timm's block has no sub-sampling
+            desc = f"{shape[0]}×{shape[1]}×{'×'.join(map(str, shape[2]))}{' sub' if pooled else ''}"
             if steps["original"] is None:
                 print(f"{block:<13}{shape_name:<10}{desc:<22}{'(no such variant)':>34}")
                 continue

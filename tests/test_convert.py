@@ -342,7 +342,8 @@ def test_convert_state_dict_renames_blocks_only_and_checks_its_arguments():
     assert all(sd[k] is v for k, v in zip(sd, theirs.values()))  # renamed, not copied, in order
     ours = nn.Sequential(nn.Conv2d(8, 8, 1), nl.NonLocal2d(8, out_bias=False))
     ours.load_state_dict(sd, strict=True)
-    assert nl.convert_state_dict(model.state_dict(), "mmcv", prefix="2.") == model.state_dict()
+    assert list(nl.convert_state_dict(theirs, "mmcv", prefix="2.")) == list(theirs)  # no block under "2."
+    assert "1.W.0.weight" in nl.convert_state_dict(theirs, "mmcv", prefix="1.")
     with pytest.raises(ValueError, match="layout"):
         nl.convert_state_dict({}, "detectron")
     with pytest.raises(TypeError, match="prefix"):

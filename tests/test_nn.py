@@ -512,3 +512,113 @@ def test_bad_channel_counts_name_the_argument(layer, argument, value):
 def test_bad_repeat_counts_name_the_argument(layer, argument, value):
     with pytest.raises(ValueError, match=argument):
         getattr(nl, layer)(4, **{argument: value})
+
+
+# ---------------------------------------------------------------- NonLocal1d/2d/3d options, affinity, checks
+
+POOLINGS = {  # name -> keyword arguments of the key pooling
+    "none": dict(sub_sample=False),
+    "keys": dict(sub_sample=True),
+    "keys-3": dict(sub_sample=True, pool_size=3),
+    "input": dict(sub_sample=True, pool_input=True),
+    "input-2": dict(sub_sample=True, pool_input=True, pool_size=2),
+}
+
+
+@pytest.mark.parametrize("pooling", list(POOLINGS))
+@pytest.mark.parametrize("mode", nl.MODES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_affinity_times_values_is_the_layers_aggregate(dim, mode, pooling):
+    """``affinity(x) @ value`` through W plus x is the layer's output; rows of the Gaussian modes sum to 1."""
+    layer = randomize(WANG[dim](6, mode=mode, use_scale="in" if "gaussian" in mode else False,
+                                **POOLINGS[pooling]).double(), seed=15)
+    x = randn(*SHAPES[dim], seed=16)
+    a = layer.affinity(x)
+    query, key, value = layer.embed(x)
+    assert a.shape == (x.shape[0], query.shape[1], key.shape[1])
+    expected_m = math.prod(s // k for s, k in zip(x.shape[2:], layer.pool_size)) if layer.sub_sample else query.shape[1]
+    assert key.shape[1] == expected_m  # floor pooling, as the peers' nn.MaxPool
+    if "gaussian" in mode:
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), rtol=1e-12, atol=1e-12)
+    y = _common.channels_first(a @ value, x.shape[2:])
+    torch.testing.assert_close(layer.W(y) + x, layer(x), rtol=1e-10, atol=1e-10)
+
+
+def test_pooling_x_before_the_projections_differs_from_pooling_after():
+    """A max-pool does not commute with a biased 1×1 conv: ``pool_input`` is a different block."""
+    keys = randomize(nl.NonLocal2d(6, pool_size=2).double(), seed=17)
+    before = nl.NonLocal2d(6, pool_size=2, pool_input=True).double()
+    before.load_state_dict({k.replace(".0.", "."): v for k, v in keys.state_dict().items()
+                            if not k.startswith("W")} | {k: v for k, v in keys.state_dict().items() if k.startswith("W")})
+    x = randn(*SHAPES[2], seed=18)
+    assert not torch.allclose(keys(x), before(x))
+    assert isinstance(before.pool, nn.MaxPool2d) and isinstance(before.g, nn.Conv2d)
+
+
+@pytest.mark.parametrize("use_scale,expected", [(False, 1.0), (True, 1 / math.sqrt(3)), ("inter", 1 / math.sqrt(3)),
+                                                ("in", 1 / math.sqrt(6)), (0.25, 0.25)])
+def test_softmax_scale_options(use_scale, expected):
+    layer = nl.NonLocal2d(6, use_scale=use_scale)
+    assert layer.scale == pytest.approx(expected)
+    assert nl.NonLocal2d(6, mode="gaussian", use_scale=True).scale == pytest.approx(1 / math.sqrt(6))
+
+
+@pytest.mark.parametrize("norm,out_bias", [("batch", True), ("group", False), ("none", True), ("none", False)])
+def test_norm_and_bias_options_start_as_the_identity(norm, out_bias):
+    layer = nl.NonLocal3d(6, norm=norm, norm_groups=3, out_bias=out_bias, bias=False)
+    out_conv = layer.W if norm == "none" else layer.W[0]
+    assert (out_conv.bias is not None) == out_bias and layer.theta.bias is None and layer.g[0].bias is None
+    if norm != "none":
+        assert isinstance(layer.W[1], nn.BatchNorm3d if norm == "batch" else nn.GroupNorm)
+    x = torch.randn(*SHAPES[3], requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, x)
+    y.square().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_factory_kwargs_device_and_dtype():
+    layer = nl.NonLocal2d(8, mode="concatenation", dtype=torch.float64)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert {b.dtype for b in layer.buffers() if b.is_floating_point()} == {torch.float64}
+    meta = nl.NonLocal3d(8, norm="group", norm_groups=2, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(mode="softmax"), "mode"), (dict(mode=3), "mode"),
+    (dict(pool_size=0), "pool_size"), (dict(pool_size=(2, 2, 2)), "pool_size"), (dict(pool_size="2"), "pool_size"),
+    (dict(pool_size=(2, True)), "pool_size"),
+    (dict(sub_sample=False, pool_size=2), "sub_sample"), (dict(sub_sample=False, pool_input=True), "sub_sample"),
+    (dict(norm="layer"), "norm"), (dict(bn_layer=False, norm="group"), "bn_layer"),
+    (dict(norm="group", norm_groups=3), "norm_groups"), (dict(norm="group", norm_groups=0), "norm_groups"),
+    (dict(use_scale="yes"), "use_scale"), (dict(use_scale=-1.0), "use_scale"), (dict(use_scale=math.nan), "use_scale"),
+    (dict(use_scale=math.inf), "use_scale"), (dict(mode="dot_product", use_scale=True), "use_scale"),
+    (dict(backend="gpu"), "backend"), (dict(backend=None), "backend"),
+])
+def test_bad_nonlocal_block_arguments_raise_value_error_naming_them(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        nl.NonLocal2d(8, **kwargs)
+
+
+@pytest.mark.parametrize("flag", ["sub_sample", "bn_layer", "pool_input", "bias", "out_bias"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_flags_must_be_bools(flag, value):
+    with pytest.raises(TypeError, match=flag):
+        nl.NonLocal2d(8, **{flag: value})
+
+
+@pytest.mark.parametrize("make,x,words", [
+    (lambda: nl.NonLocal2d(8), torch.randn(2, 6, 5, 5), ["NonLocal2d", "(B, 8, H, W)", "in_channels"]),
+    (lambda: nl.NonLocal2d(8), torch.randn(2, 8, 1, 5), ["NonLocal2d", "(2, 2)", "sub_sample"]),
+    (lambda: nl.NonLocal3d(8, pool_size=(2, 2, 2), pool_input=True), torch.randn(1, 8, 1, 4, 4),
+     ["NonLocal3d", "(2, 2, 2)", "pool_size"]),
+    (lambda: nl.NonLocal1d(8), torch.randn(2, 8, 5, 5), ["NonLocal1d", "spatial dims"]),
+])
+def test_bad_inputs_name_the_layer_the_expected_shape_and_the_argument(make, x, words):
+    layer = make()
+    for call in (layer, layer.affinity):
+        with pytest.raises(ValueError) as info:
+            call(x)
+        for word in words:
+            assert word in str(info.value)
