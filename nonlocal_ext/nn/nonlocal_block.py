@@ -233,11 +233,8 @@ class _NonLocalNd(nn.Module):
         """A ValueError naming the layer, the expected shape and the argument to change, for an input
         of the wrong rank, with the wrong channel count, or smaller than the pooling window."""
         name = type(self).__name__
-        check_input(x, name, dims=(self.dimension,))
+        check_input(x, name, dims=(self.dimension,), channels=self.in_channels)
         expected = f"(B, {self.in_channels}, {_SPATIAL[self.dimension]})"
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name} expects input of shape {expected}, got {tuple(x.shape)}: "
-                             f"{x.shape[1]} channels where in_channels={self.in_channels}")
         if self.sub_sample and any(s < k for s, k in zip(x.shape[2:], self.pool_size)):
             raise ValueError(f"{name}: input spatial size {tuple(x.shape[2:])} is smaller than the key pooling "
                              f"window pool_size={self.pool_size}; expected {expected} with each spatial size at "
