@@ -593,7 +593,7 @@ def test_factory_kwargs_device_and_dtype():
     (dict(norm="layer"), "norm"), (dict(bn_layer=False, norm="group"), "bn_layer"),
     (dict(norm="group", norm_groups=3), "norm_groups"), (dict(norm="group", norm_groups=0), "norm_groups"),
     (dict(use_scale="yes"), "use_scale"), (dict(use_scale=-1.0), "use_scale"), (dict(use_scale=math.nan), "use_scale"),
-    (dict(use_scale=math.inf), "use_scale"), (dict(mode="dot_product", use_scale=True), "use_scale"),
+    (dict(use_scale=math.inf), "use_scale"), (dict(use_scale=1), "use_scale"), (dict(mode="dot_product", use_scale=True), "use_scale"),
     (dict(backend="gpu"), "backend"), (dict(backend=None), "backend"),
 ])
 def test_bad_nonlocal_block_arguments_raise_value_error_naming_them(kwargs, argument):

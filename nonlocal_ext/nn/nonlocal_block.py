@@ -91,6 +91,9 @@ def _softmax_scale(use_scale, mode, in_channels, inter_channels, name):
         return use_scale, 1.0 / math.sqrt(inter_channels)
     if use_scale == "in":
         return use_scale, 1.0 / math.sqrt(in_channels)
+    if isinstance(use_scale, numbers.Integral) and not isinstance(use_scale, bool):
+        raise ValueError(f"{name}: use_scale={use_scale!r} is ambiguous (a flag or a scale?): pass True/False, "
+                         f"or the scale as a float")
     if isinstance(use_scale, numbers.Real) and not isinstance(use_scale, bool) and math.isfinite(use_scale) and use_scale > 0:
         return use_scale, float(use_scale)
     raise ValueError(f"{name}: use_scale must be False, True, 'inter', 'in' or a finite positive number, "
@@ -145,7 +148,8 @@ class _NonLocalNd(nn.Module):
             ``norm=`` says the same and more.
         use_scale: the softmax scale of the two Gaussian modes, exp(scale·θᵀφ): ``False`` 1;
             ``True`` 1/√(channels of θ) (inter_channels; in_channels in the ``gaussian`` mode);
-            ``"inter"`` 1/√inter_channels; ``"in"`` 1/√in_channels; or a positive number.
+            ``"inter"`` 1/√inter_channels; ``"in"`` 1/√in_channels; or a positive float (an int such as 1
+            is refused as ambiguous).
         backend: the op's ``backend=`` (``"auto"`` picks the fastest available).
 
     Keyword-only (the options that express the blocks of other libraries exactly):
