@@ -221,10 +221,14 @@ def dense_spectral(m, x):
     """Seed 000 Eq. 9 / 11 literally: X + BN(Z W1 + A Z W2 [+ (2A − I) Z W3])."""
     flat = x.flatten(2)
     q, k = m.theta(flat).transpose(1, 2), m.phi(flat).transpose(1, 2)
+    if m.kernel == "dot":  # the authors' code: ReLU on θ and φ
+        q, k = F.relu(q), F.relu(k)
     w = dense_affinity(m.kernel, q, k, m.scale)
     w = 0.5 * (w + w.transpose(1, 2))
     r, c = w.sum(-1, keepdim=True), w.sum(-2, keepdim=True)
-    a = w / (r.sqrt() * c.sqrt()) if m.normalize == "sym" else w / r
+    degree = r.sqrt() * c.sqrt() if m.normalize == "sym" else r
+    # a zero degree (θ_i = 0 after the ReLU of "dot") normalizes to 0: the op's safe divide
+    a = torch.where(degree > 0, w / torch.where(degree > 0, degree, 1), 0)
     z = m.g(flat)                               # (B, Ci, N)
     az = (a @ z.transpose(1, 2)).transpose(1, 2)
     out = m.w1(z) + m.w2(az)
@@ -278,10 +282,6 @@ def test_nonlocal_stage_equals_dense_formula(dim, units):
 def test_spectral_nonlocal_equals_dense_formula(dim, kernel, normalize, generalized):
     m = randomize(nl.SpectralNonLocal(6, generalized=generalized, kernel=kernel, normalize=normalize).double())
     x = randn(*SHAPES[dim], seed=8)
-    if kernel == "dot":  # positive embeddings keep the dot-product sums positive (sym needs their roots)
-        with torch.no_grad():
-            m.theta.weight.abs_(), m.phi.weight.abs_(), m.theta.bias.abs_(), m.phi.bias.abs_()
-        x = x.abs()
     torch.testing.assert_close(m(x), dense_spectral(m, x), rtol=1e-10, atol=1e-10)
 
 
@@ -512,3 +512,242 @@ def test_bad_channel_counts_name_the_argument(layer, argument, value):
 def test_bad_repeat_counts_name_the_argument(layer, argument, value):
     with pytest.raises(ValueError, match=argument):
         getattr(nl, layer)(4, **{argument: value})
+
+
+# ---------------------------------------------------------------- NonLocal1d/2d/3d options, affinity, checks
+
+POOLINGS = {  # name -> keyword arguments of the key pooling
+    "none": dict(sub_sample=False),
+    "keys": dict(sub_sample=True),
+    "keys-3": dict(sub_sample=True, pool_size=3),
+    "input": dict(sub_sample=True, pool_input=True),
+    "input-2": dict(sub_sample=True, pool_input=True, pool_size=2),
+}
+
+
+@pytest.mark.parametrize("pooling", list(POOLINGS))
+@pytest.mark.parametrize("mode", nl.MODES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_affinity_times_values_is_the_layers_aggregate(dim, mode, pooling):
+    """``affinity(x) @ value`` through W plus x is the layer's output; rows of the Gaussian modes sum to 1."""
+    layer = randomize(WANG[dim](6, mode=mode, use_scale="in" if "gaussian" in mode else False,
+                                **POOLINGS[pooling]).double(), seed=15)
+    x = randn(*SHAPES[dim], seed=16)
+    a = layer.affinity(x)
+    query, key, value = layer.embed(x)
+    assert a.shape == (x.shape[0], query.shape[1], key.shape[1])
+    expected_m = math.prod(s // k for s, k in zip(x.shape[2:], layer.pool_size)) if layer.sub_sample else query.shape[1]
+    assert key.shape[1] == expected_m  # floor pooling, as the peers' nn.MaxPool
+    if "gaussian" in mode:
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), rtol=1e-12, atol=1e-12)
+    y = _common.channels_first(a @ value, x.shape[2:])
+    torch.testing.assert_close(layer.W(y) + x, layer(x), rtol=1e-10, atol=1e-10)
+
+
+def test_pooling_x_before_the_projections_differs_from_pooling_after():
+    """A max-pool does not commute with a biased 1×1 conv: ``pool_input`` is a different block."""
+    keys = randomize(nl.NonLocal2d(6, pool_size=2).double(), seed=17)
+    before = nl.NonLocal2d(6, pool_size=2, pool_input=True).double()
+    before.load_state_dict({k.replace(".0.", "."): v for k, v in keys.state_dict().items()
+                            if not k.startswith("W")} | {k: v for k, v in keys.state_dict().items() if k.startswith("W")})
+    x = randn(*SHAPES[2], seed=18)
+    assert not torch.allclose(keys(x), before(x))
+    assert isinstance(before.pool, nn.MaxPool2d) and isinstance(before.g, nn.Conv2d)
+
+
+@pytest.mark.parametrize("use_scale,expected", [(False, 1.0), (True, 1 / math.sqrt(3)), ("inter", 1 / math.sqrt(3)),
+                                                ("in", 1 / math.sqrt(6)), (0.25, 0.25)])
+def test_softmax_scale_options(use_scale, expected):
+    layer = nl.NonLocal2d(6, use_scale=use_scale)
+    assert layer.scale == pytest.approx(expected)
+    assert nl.NonLocal2d(6, mode="gaussian", use_scale=True).scale == pytest.approx(1 / math.sqrt(6))
+
+
+@pytest.mark.parametrize("norm,out_bias", [("batch", True), ("group", False), ("none", True), ("none", False)])
+def test_norm_and_bias_options_start_as_the_identity(norm, out_bias):
+    layer = nl.NonLocal3d(6, norm=norm, norm_groups=3, out_bias=out_bias, bias=False)
+    out_conv = layer.W if norm == "none" else layer.W[0]
+    assert (out_conv.bias is not None) == out_bias and layer.theta.bias is None and layer.g[0].bias is None
+    if norm != "none":
+        assert isinstance(layer.W[1], nn.BatchNorm3d if norm == "batch" else nn.GroupNorm)
+    x = torch.randn(*SHAPES[3], requires_grad=True)
+    y = layer(x)
+    assert torch.equal(y, x)
+    y.square().sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_factory_kwargs_device_and_dtype():
+    layer = nl.NonLocal2d(8, mode="concatenation", dtype=torch.float64)
+    assert {p.dtype for p in layer.parameters()} == {torch.float64}
+    assert {b.dtype for b in layer.buffers() if b.is_floating_point()} == {torch.float64}
+    meta = nl.NonLocal3d(8, norm="group", norm_groups=2, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(mode="softmax"), "mode"), (dict(mode=3), "mode"),
+    (dict(pool_size=0), "pool_size"), (dict(pool_size=(2, 2, 2)), "pool_size"), (dict(pool_size="2"), "pool_size"),
+    (dict(pool_size=(2, True)), "pool_size"),
+    (dict(sub_sample=False, pool_size=2), "sub_sample"), (dict(sub_sample=False, pool_input=True), "sub_sample"),
+    (dict(norm="layer"), "norm"), (dict(bn_layer=False, norm="group"), "bn_layer"),
+    (dict(norm="group", norm_groups=3), "norm_groups"), (dict(norm="group", norm_groups=0), "norm_groups"),
+    (dict(use_scale="yes"), "use_scale"), (dict(use_scale=-1.0), "use_scale"), (dict(use_scale=math.nan), "use_scale"),
+    (dict(use_scale=math.inf), "use_scale"), (dict(use_scale=1), "use_scale"), (dict(mode="dot_product", use_scale=True), "use_scale"),
+    (dict(backend="gpu"), "backend"), (dict(backend=None), "backend"),
+])
+def test_bad_nonlocal_block_arguments_raise_value_error_naming_them(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        nl.NonLocal2d(8, **kwargs)
+
+
+@pytest.mark.parametrize("flag", ["sub_sample", "bn_layer", "pool_input", "bias", "out_bias"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_flags_must_be_bools(flag, value):
+    with pytest.raises(TypeError, match=flag):
+        nl.NonLocal2d(8, **{flag: value})
+
+
+@pytest.mark.parametrize("make,x,words", [
+    (lambda: nl.NonLocal2d(8), torch.randn(2, 6, 5, 5), ["NonLocal2d", "(B, 8, H, W)", "in_channels"]),
+    (lambda: nl.NonLocal2d(8), torch.randn(2, 8, 1, 5), ["NonLocal2d", "(2, 2)", "sub_sample"]),
+    (lambda: nl.NonLocal3d(8, pool_size=(2, 2, 2), pool_input=True), torch.randn(1, 8, 1, 4, 4),
+     ["NonLocal3d", "(2, 2, 2)", "pool_size"]),
+    (lambda: nl.NonLocal1d(8), torch.randn(2, 8, 5, 5), ["NonLocal1d", "spatial dims"]),
+])
+def test_bad_inputs_name_the_layer_the_expected_shape_and_the_argument(make, x, words):
+    layer = make()
+    for call in (layer, layer.affinity):
+        with pytest.raises(ValueError) as info:
+            call(x)
+        for word in words:
+            assert word in str(info.value)
+
+
+# ---------------------------------------------------------------- the other layers: no NaN by construction, checks
+
+@pytest.mark.parametrize("make", [
+    lambda: nl.SpectralNonLocal(16, kernel="dot"),
+    lambda: nl.SpectralNonLocal(16, kernel="dot", generalized=True, normalize="row"),
+    lambda: nl.NonLocalStage(16, kernel="dot"),
+], ids=["SNL-dot-sym", "gSNL-dot-row", "stage-dot"])
+def test_dot_kernel_layers_are_finite_with_relu_embeddings(make):
+    """Without the ReLU on θ and φ, SNL with kernel="dot" was NaN on every seed (a negative degree under
+    the square root); with it, outputs and gradients are finite in train and eval mode."""
+    for seed in range(5):
+        layer = randomize(make(), seed=seed)
+        for train in (True, False):
+            layer.train(train)
+            x = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(seed), requires_grad=True)
+            y = layer(x)
+            y.square().sum().backward()
+            assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+            assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+def dense_stage_kernel(m, x):
+    """Eq. 3 with any kernel: A = D⁻¹W, W from θ, φ (ReLU'd for dot)."""
+    flat = x.flatten(2)
+    q, k = m.theta(flat).transpose(1, 2), m.phi(flat).transpose(1, 2)
+    if m.kernel == "dot":
+        q, k = F.relu(q), F.relu(k)
+    p = m.kernel_params
+    if m.kernel in ("gaussian", "dot"):
+        w = dense_affinity(m.kernel, q, k, p["scale"])
+    elif m.kernel == "rbf":
+        w = torch.exp(-p["scale"] * torch.cdist(q, k) ** 2)
+    else:
+        rho = torch.cdist(q, k)
+        w = p["scale"] * torch.where(rho > 0, rho, torch.full_like(rho, math.inf)) ** -p["power"]
+    r = w.sum(-1, keepdim=True)
+    a = torch.where(r > 0, w / torch.where(r > 0, r, 1), 0)  # the op's safe divide: a zero row stays 0
+    z = flat
+    for unit in m.units:
+        v = unit["g"](z).transpose(1, 2)
+        z = z + unit["bn"](unit["W"]((a @ v - a.sum(-1, keepdim=True) * v).transpose(1, 2)))
+    return z.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kernel,params", [("dot", {}), ("rbf", {"scale": 0.3}), ("fractional", {"power": 1.5})])
+def test_stage_kernel_parameters_pass_through(kernel, params):
+    m = randomize(nl.NonLocalStage(6, kernel=kernel, **params).double(), seed=19)
+    x = randn(*SHAPES[2], seed=20)
+    torch.testing.assert_close(m(x), dense_stage_kernel(m, x), rtol=1e-10, atol=1e-10)
+
+
+def test_spectral_fractional_kernel_takes_power():
+    m = nl.SpectralNonLocal(6, kernel="fractional", power=2.5, eps=1e-9)
+    assert m.kernel_params == {"scale": m.scale, "power": 2.5, "gamma": EULER_GAMMA, "eps": 1e-9}
+    assert torch.isfinite(m(torch.randn(*SHAPES[2]))).all()
+
+
+@pytest.mark.parametrize("layer", ["NonLocalStage", "SpectralNonLocal", "PIDENonLocal", "NonLocal2d"])
+def test_every_layer_takes_device_and_dtype(layer):
+    m = getattr(nl, layer)(8, dtype=torch.float64)
+    assert {t.dtype for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()} == {torch.float64}
+    meta = getattr(nl, layer)(8, device="meta")
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert m(randn(2, 8, 5, 6)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("layer,kwargs,error,argument", [
+    ("NonLocalStage", dict(backend="gpu"), ValueError, "backend"),
+    ("NonLocalStage", dict(kernel="softmax"), ValueError, "kernel"),
+    ("NonLocalStage", dict(kernel="fractional"), ValueError, "power"),
+    ("NonLocalStage", dict(kernel="gaussian", power=2.0), ValueError, "power"),
+    ("NonLocalStage", dict(kernel="log"), ValueError, "log"),
+    ("NonLocalStage", dict(scale="big"), TypeError, "scale"),
+    ("NonLocalStage", dict(scale=math.nan), ValueError, "scale"),
+    ("NonLocalStage", dict(kernel="fractional", power=1.0, eps=-1.0), ValueError, "eps"),
+    ("SpectralNonLocal", dict(backend="gpu"), ValueError, "backend"),
+    ("SpectralNonLocal", dict(kernel="softmax"), ValueError, "kernel"),
+    ("SpectralNonLocal", dict(kernel="log"), ValueError, "log"),
+    ("SpectralNonLocal", dict(kernel="fractional"), ValueError, "power"),
+    ("SpectralNonLocal", dict(normalize="none"), ValueError, "normalize"),
+    ("SpectralNonLocal", dict(generalized="yes"), TypeError, "generalized"),
+    ("SpectralNonLocal", dict(gamma="e"), TypeError, "gamma"),
+    ("PIDENonLocal", dict(backend="gpu"), ValueError, "backend"),
+    ("PIDENonLocal", dict(pool=0), ValueError, "pool"),
+    ("PIDENonLocal", dict(pool=(2, 0)), ValueError, "pool"),
+    ("PIDENonLocal", dict(pool=2.0), ValueError, "pool"),
+    ("PIDENonLocal", dict(pool=()), ValueError, "pool"),
+    ("PIDENonLocal", dict(h=0), ValueError, "h"),
+    ("PIDENonLocal", dict(h="0.1"), TypeError, "h"),
+    ("PIDENonLocal", dict(scale=-0.1), ValueError, "scale"),
+    ("PIDENonLocal", dict(s="half"), TypeError, "s"),
+    ("PIDENonLocal", dict(s=math.nan), ValueError, "s"),
+    ("PIDENonLocal", dict(n=0), ValueError, "n"),
+    ("PIDENonLocal", dict(n=True), TypeError, "n"),
+    ("PIDENonLocal", dict(stages=0), ValueError, "stages"),
+    ("PIDENonLocal", dict(operator="laplace"), ValueError, "operator"),
+    ("PIDENonLocal", dict(operator="inverse_fractional_laplacian", eps=-1.0), ValueError, "eps"),
+])
+def test_bad_layer_arguments_are_refused_at_construction_naming_them(layer, kwargs, error, argument):
+    with pytest.raises(error, match=argument):
+        getattr(nl, layer)(8, **kwargs)
+
+
+@pytest.mark.parametrize("layer", ["NonLocalStage", "SpectralNonLocal", "PIDENonLocal"])
+def test_wrong_channel_count_names_the_layer_expected_shape_and_in_channels(layer):
+    with pytest.raises(ValueError) as info:
+        getattr(nl, layer)(8)(torch.randn(2, 6, 5, 5))
+    for word in (layer, "(B, 8, H, W)", "in_channels=8", "(2, 6, 5, 5)"):
+        assert word in str(info.value)
+
+
+def test_pide_pool_tuple_must_match_the_spatial_dims():
+    with pytest.raises(ValueError, match="pool=.*spatial dims"):
+        nl.PIDENonLocal(8, pool=(2, 2))(torch.randn(2, 8, 3, 5, 5))
+
+
+def test_pide_eps_passes_through_to_the_op(monkeypatch):
+    seen = []
+    real = _common.nonlocal_aggregate
+
+    def spy(query, key, value, kernel, **kwargs):
+        seen.append(kwargs.get("eps"))
+        return real(query, key, value, kernel, **kwargs)
+
+    monkeypatch.setattr(_common, "nonlocal_aggregate", spy)
+    nl.PIDENonLocal(6, "fractional_laplacian", eps=1e-6, stages=1)(torch.randn(2, 6, 5, 5))
+    assert seen == [1e-6]

@@ -12,21 +12,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backends import BACKENDS
+from ..kernels import KERNELS, resolve_params
 from ..ops import nonlocal_aggregate
 
 
-def check_input(x: torch.Tensor, layer: str, dims=(1, 2, 3)) -> None:
+def check_input(x: torch.Tensor, layer: str, dims=(1, 2, 3), channels: int | None = None) -> None:
+    """A TypeError/ValueError naming ``layer``, the expected shape and ``in_channels`` for an input
+    that is not ``(B, channels, *spatial)`` with ``dims`` spatial dims."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{layer} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() - 2 not in dims:
         spatial = " or ".join(str(d) for d in dims)
         raise ValueError(f"{layer} expects input of shape (B, C, *spatial) with {spatial} spatial dims, "
                          f"got shape {tuple(x.shape)}")
+    if channels is not None and x.shape[1] != channels:
+        spatial = {1: "L", 2: "H, W", 3: "T, H, W"}[x.dim() - 2]
+        raise ValueError(f"{layer} expects input of shape (B, {channels}, {spatial}), got {tuple(x.shape)}: "
+                         f"{x.shape[1]} channels where the layer was built with in_channels={channels}")
 
 
 def positions(x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +79,45 @@ def max_pool(x: torch.Tensor, size) -> torch.Tensor:
     return pool(x, kernel_size=size, stride=size, ceil_mode=True)
 
 
-def zero_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
-    """A BatchNorm whose affine weight and bias start at 0: the residual branch it ends starts
-    at exactly 0, so the block starts as the identity (and stays trainable: ∂/∂weight ≠ 0)."""
-    nn.init.zeros_(bn.weight)
-    nn.init.zeros_(bn.bias)
-    return bn
+def zero_norm(norm: nn.Module) -> nn.Module:
+    """A BatchNorm or GroupNorm whose affine weight and bias start at 0: the residual branch it ends
+    starts at exactly 0, so the block starts as the identity (and stays trainable: ∂/∂weight ≠ 0)."""
+    nn.init.zeros_(norm.weight)
+    nn.init.zeros_(norm.bias)
+    return norm
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it names a backend of the op (or ``"auto"``), else a ValueError naming it.
+    Whether that backend can run a given input is the op's decision, at the call."""
+    names = ("auto", *BACKENDS)
+    if not isinstance(backend, str) or backend not in names:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, names))}, got {backend!r}")
+    return backend
+
+
+def check_kernel(kernel, layer: str, *, scale, power, gamma, eps) -> None:
+    """A ValueError/TypeError naming the argument for an unknown ``kernel`` or kernel parameters
+    that kernel does not accept (the op's own per-kernel rules, checked at construction)."""
+    if not isinstance(kernel, str) or kernel not in KERNELS:
+        raise ValueError(f"{layer}: kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+    resolve_params(KERNELS[kernel], torch.float32, scale=scale, power=power, gamma=gamma, eps=eps)
+
+
+def check_number(value, name: str, positive: bool = False) -> float:
+    """``float(value)`` for a finite real number (> 0 with ``positive``), else a TypeError/ValueError naming ``name``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return float(value)
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name`` (``"yes"`` or 1 are not flags)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
 
 
 def positive_int(value, name: str) -> int:

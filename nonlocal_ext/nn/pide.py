@@ -1,4 +1,4 @@
-r"""The PIDE nonlocal blocks of seed 003 (Eq. 4.1–4.8): ``PIDENonLocal``.
+r"""The PIDE nonlocal blocks of Kannan, “Deep Neural Networks and PIDE discretizations” (Eq. 4.1–4.8): ``PIDENonLocal``.
 
 A block of ``stages`` stages with identity skips to the block input X; one affinity between
 θ(X) (all N positions) and φ(X̂) (X̂ = X max-pooled by ``pool``, M positions) serves every stage:
@@ -18,10 +18,10 @@ stage; v = Bᵗ⁻¹ without pooling), is
 The normalizer is the number of keys M (the thesis' choice "N" of §4.2.1, ``normalize="count"``).
 The diffusion-like operators integrate against v_j − u_i with the full-resolution u = Bᵗ⁻¹ as the
 op's ``self_value`` (``update="diffusion"``); the fractional Laplacian uses the opposite sign
-(Bᵗ⁻¹_i − v_j), in line with the definition of (−Δ)ˢ (seed 003 §4.2.2). Coincident pairs
+(Bᵗ⁻¹_i − v_j), in line with the definition of (−Δ)ˢ (Kannan, “Deep Neural Networks and PIDE discretizations”, §4.2.2). Coincident pairs
 (ρ = 0) get weight 0 (the thesis' safe divide; for the log kernel this is its −γ/(2λ) rule).
 
-Constants (seed 003 §3.2), from the gamma function:
+Constants (Kannan, “Deep Neural Networks and PIDE discretizations”, §3.2), from the gamma function:
 
     c_{n,s}  = 4ˢ Γ(n/2 + s) / (π^{n/2} |Γ(−s)|)
     c_{n,−s} = Γ(n/2 − s) / (4ˢ π^{n/2} Γ(s))
@@ -41,7 +41,8 @@ import math
 import torch
 from torch import nn
 
-from ._common import aggregate, channel_counts, check_input, max_pool, positions, positive_int
+from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, check_number, max_pool,
+                      positions, positive_int)
 
 OPERATORS = ("diffusion", "fractional_laplacian", "inverse_fractional_laplacian")
 EULER_GAMMA = 0.5772156649015329
@@ -75,7 +76,7 @@ def operator_call(operator: str, s: float, n: float, scale: float) -> tuple[floa
 
 
 class PIDENonLocal(nn.Module):
-    r"""PIDE nonlocal block (seed 003 §4.2) on ``(B, C, *spatial)`` with 1, 2 or 3 spatial dims.
+    r"""PIDE nonlocal block (Kannan, “Deep Neural Networks and PIDE discretizations”, §4.2) on ``(B, C, *spatial)`` with 1, 2 or 3 spatial dims.
 
     Args:
         in_channels: C (also the channels of the values).
@@ -89,32 +90,48 @@ class PIDENonLocal(nn.Module):
         pool: max-pool window (int, or one per spatial dim) of the keys X̂; None: no sub-sampling.
         inter_channels: channels of θ and φ; default C // 2 (at least 1).
         backend: the op's ``backend=``.
+        eps: the op's coincident-pair threshold of the fractional and log kernels (``None``: its default).
+        device, dtype: factory keyword arguments of the parameters.
     """
 
     def __init__(self, in_channels: int, operator: str = "diffusion", s: float = 0.5, n: float = 2,
                  scale: float = 0.1, h: float = 0.05, stages: int = 2, pool=None,
-                 inter_channels: int | None = None, backend: str = "auto"):
+                 inter_channels: int | None = None, backend: str = "auto", *, eps: float | None = None,
+                 device=None, dtype=None):
         super().__init__()
         c, ci = channel_counts(in_channels, inter_channels)
-        if operator not in OPERATORS:
-            raise ValueError(f"unknown operator={operator!r}; expected one of {', '.join(map(repr, OPERATORS))}")
-        if not (isinstance(n, (int, float)) and n > 0):
-            raise ValueError(f"n must be a positive number, got {n!r}")
+        if not isinstance(operator, str) or operator not in OPERATORS:
+            raise ValueError(f"PIDENonLocal: unknown operator={operator!r}; expected one of "
+                             f"{', '.join(map(repr, OPERATORS))}")
+        n = check_number(n, "n", positive=True)
+        s = check_number(s, "s")
         if operator == "fractional_laplacian" and not 0 < s < 1:
-            raise ValueError(f"the fractional Laplacian needs 0 < s < 1, got s={s!r}")
+            raise ValueError(f"PIDENonLocal: the fractional Laplacian needs 0 < s < 1, got s={s!r}")
         if operator == "inverse_fractional_laplacian" and not (0 < s < n / 2 or math.isclose(s, n / 2)):
-            raise ValueError(f"the inverse fractional Laplacian needs 0 < s <= n/2 = {n / 2:g}, got s={s!r}")
+            raise ValueError(f"PIDENonLocal: the inverse fractional Laplacian needs 0 < s <= n/2 = {n / 2:g}, "
+                             f"got s={s!r}")
+        scale = check_number(scale, "scale", positive=True)
+        h = check_number(h, "h", positive=True)
         positive_int(stages, "stages")
-        if pool is not None and not (isinstance(pool, int) or isinstance(pool, tuple)):
-            raise TypeError(f"pool must be None, an int or a tuple of ints, got {pool!r}")
+        if pool is not None:
+            sizes = pool if isinstance(pool, tuple) else (pool,)
+            if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+                raise ValueError(f"PIDENonLocal: pool must be None, a positive int or a tuple of positive ints "
+                                 f"(one per spatial dim), got {pool!r}")
         self.in_channels, self.inter_channels = c, ci
-        self.operator, self.s, self.n, self.scale, self.h, self.pool, self.backend = (
-            operator, float(s), float(n), float(scale), float(h), pool, backend)
+        self.operator, self.s, self.n, self.scale, self.h, self.pool = operator, s, n, scale, h, pool
+        self.backend = check_backend(backend)
         self.constant, self.op_kwargs = operator_call(operator, self.s, self.n, self.scale)
-        self.theta = nn.Conv1d(c, ci, kernel_size=1)
-        self.phi = nn.Conv1d(c, ci, kernel_size=1)
+        if eps is not None:
+            self.op_kwargs["eps"] = eps
+        check_kernel(self.op_kwargs["kernel"], "PIDENonLocal", scale=scale, power=self.op_kwargs.get("power"),
+                     gamma=self.op_kwargs.get("gamma", EULER_GAMMA), eps=eps)
+        factory = {"device": device, "dtype": dtype}
+        self.theta = nn.Conv1d(c, ci, kernel_size=1, **factory)
+        self.phi = nn.Conv1d(c, ci, kernel_size=1, **factory)
         self.K = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(c, c, kernel_size=1), nn.ReLU(), nn.BatchNorm1d(c)) for _ in range(stages))
+            nn.Sequential(nn.Conv1d(c, c, kernel_size=1, **factory), nn.ReLU(), nn.BatchNorm1d(c, **factory))
+            for _ in range(stages))
 
     def extra_repr(self) -> str:
         return (f"operator={self.operator!r}, s={self.s:g}, n={self.n:g}, scale={self.scale:g}, h={self.h:g}, "
@@ -125,7 +142,11 @@ class PIDENonLocal(nn.Module):
         return positions(t if self.pool is None else max_pool(t, self.pool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, "PIDENonLocal")
+        check_input(x, "PIDENonLocal", channels=self.in_channels)
+        if isinstance(self.pool, tuple) and len(self.pool) != x.dim() - 2:
+            raise ValueError(f"PIDENonLocal: pool={self.pool} has {len(self.pool)} sizes but the input "
+                             f"{tuple(x.shape)} has {x.dim() - 2} spatial dims; pass one size per spatial dim "
+                             f"or an int")
         spatial = x.shape[2:]
         flat = x.flatten(2)                                             # (B, C, N)
         query = positions(self.theta(flat))                             # θ(X):  (B, N, Ci)
