@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from . import chunked, cpu, linear, reference, triton
+from . import chunked, cpu, cuda_choice, linear, reference, triton
 
 BACKENDS = {b.NAME: b for b in (reference, chunked, linear, cpu, triton)}
 
@@ -49,6 +49,8 @@ def select(name: str, spec, query, key):
     if name == "auto":
         if spec.kernel.name == "dot":
             return linear
+        if query.device.type == "cuda":  # the work model decides per call (cuda_choice.decide)
+            return cuda_choice.AUTO
         affinities = math.prod(query.shape[:-1]) * key.shape[-2]  # B·N·M
         fused = triton if query.device.type == "cuda" else cpu
         if fused.unsupported_reason(spec, query) is None:
