@@ -135,10 +135,10 @@ def test_dense_wins_where_predicted_faster_and_only_within_budget(monkeypatch):
     assert cuda_choice.choose(call, True, budget_bytes=need - 1) == "triton"
 
 
-def test_without_fused_kernels_dense_within_budget_else_reference_only_if_nothing_else():
+def test_without_fused_kernels_dense_within_budget_else_chunked():
     call = Call(1, 512, 512, 64, 64, "log", "sym", dtype="fp16")
     assert cuda_choice.choose(call, True, 1 * GB, fused_available=False) == "reference"
-    assert cuda_choice.choose(call, True, 0, fused_available=False) == "reference"  # caller falls back
+    assert cuda_choice.choose(call, True, 0, fused_available=False) == "chunked"
 
 
 def test_sdpa_is_only_predicted_where_it_expresses_the_call():

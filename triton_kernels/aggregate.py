@@ -29,9 +29,9 @@ H_ij needs the whole T_j), then dk. Every pass recomputes its tiles; nothing N×
 
 Wide D and C: the second grid axis enumerates output feature blocks (forward BLOCK_C; backward
 OUT_D = OUT_C), and a program accumulates only its block of the outputs, recomputing the tile's GEMMs
-over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks feature blocks of the call's
-width class (:func:`.configs.configs_for`): one block, so each tile computed once per pass, up to
-D, C = 512; ⌈width / 512⌉ blocks above.
+over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks the feature blocks of the call's
+width class (:func:`.configs.configs_for`): the forward has one block (each tile computed once) up to
+C = 512, the backward up to D, C = 128 (wider output tiles spilled); more blocks above.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def forward_kernel(
         cols = j0 + tl.arange(0, BLOCK_J)
         col_mask = cols < M
         z, _, _, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                              scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                              SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                    scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                                    SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
         if LOG_DOMAIN:
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, 1))
@@ -196,8 +196,8 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
     ``WITH_H=False`` skips dâ and H (the first ``sym`` column pass, before T is known): dâ, C and C' are then 0.
     """
     z, g1, g2, dead1, dead2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                            scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                            SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                          scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                                          SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
     valid = row_mask[:, None] & col_mask[None, :]
     row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
     col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
@@ -233,7 +233,7 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
             else:
                 h = d_a_hat_centered * row_factor[:, None]
         h = tl.where(valid, h, 0.0)
-        c1 = tl.where(dead1, 0.0, h * g1)  # coincident pairs: exactly 0, as in the dense formula, even for NaN H
+        c1 = tl.where(dead1, 0.0, h * g1)  # dead pairs: exactly 0, as in the dense formula, even for NaN H
         c2 = tl.where(dead2, 0.0, h * g2)
     else:
         d_a_hat = tl.zeros_like(a_hat)

@@ -81,7 +81,7 @@ FORWARD_CONFIGS_FP32 = [
 # column passes without `symmetric` take 4 warps: at 8, ptxas capped four `sym` variants on sm_90 at 128
 # registers and they spilled 8–16 bytes.
 COLUMN_CONFIGS = [_config(32, 16, 32, 32, 8, 1, out=64)]
-COLUMN_CONFIGS_NONSYMMETRIC = [_config(32, 16, 32, 32, 4, 1, out=64)]
+COLUMN_CONFIGS_NONSYMMETRIC = [_config(16, 16, 32, 32, 4, 1, out=64)]
 ROW_CONFIGS = [_config(32, 32, 64, 64, 8, 1, out=64)]
 BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
 

@@ -253,7 +253,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
                            p.params, dv, dk, dq_swap, p.n, p.m, p.d, p.c)
     column_grid = lambda blk: (triton.cdiv(p.m, blk["BLOCK_J"]), nd_chunks(blk), p.b)  # noqa: E731
     for with_dv_t, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-        if sym and with_dk:  # T_j = Σ_i dâ_ij â_ij = v_j·dv_j − Σ_i â_ij gu_i (the first pass wrote the last sum)
+        if sym and with_dk:  # T_j = Σ_i dâ_ij â_ij = v_j·dv_j − Σ_i â_ij gu_i (the first pass wrote the sum)
             t = (p.v.to(p.acc) * dv).sum(-1)
             t_cols.copy_(t - t_cols if spec.diffusion else t)
         _launch(kernels.column_kernel, configs_for("column", p.fp32, spec.symmetric, width), column_grid, column_args(),

@@ -242,8 +242,9 @@ def predict_sdpa(call: Call, pass_: str = "forward") -> float | None:
     b, n, m, d, c = call.batch, call.n, call.m, call.d, call.c
     if pass_ == "forward":
         return LAUNCH_SECONDS + 2 * b * n * m * (d + c) / (PEAK_TENSOR[call.dtype] * EFFICIENCY["sdpa_forward"])
-    # FlashAttention-2's backward recomputes S and does four more products: 2·N·M·(2D + 3C) at D = C
-    return 3 * LAUNCH_SECONDS + 2 * b * n * m * (2 * d + 3 * c) / (PEAK_TENSOR[call.dtype] * EFFICIENCY["sdpa_backward"])
+    # FlashAttention-2's backward recomputes S = q kᵀ and forms dP = dO vᵀ, dv, dq and dk: 2·N·M·(3D + 2C)
+    flops = 2 * b * n * m * (3 * d + 2 * c)
+    return 3 * LAUNCH_SECONDS + flops / (PEAK_TENSOR[call.dtype] * EFFICIENCY["sdpa_backward"])
 
 
 def predictions(call: Call, training: bool = True) -> dict:

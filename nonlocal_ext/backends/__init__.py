@@ -39,8 +39,9 @@ SMALL_GAUSSIAN_DENSE_MAX = 1 << 19
 def select(name: str, spec, query, key):
     """The backend module for ``backend=name``.
 
-    ``auto``: ``kernel="dot"`` always takes the exact linear-time path; every other kernel
-    takes the fused backend of the device (``triton`` on CUDA, ``cpu`` on CPU) when it is
+    ``auto``: ``kernel="dot"`` always takes the exact linear-time path; on CUDA every other kernel
+    goes to the work model's per-call decision (``cuda_choice``: fused, dense within a memory
+    budget, or SDPA); on CPU it takes the fused backend of the device (``cpu``) when it is
     available (except small ``gaussian`` problems on CPU: dense, see SMALL_GAUSSIAN_DENSE_MAX),
     else the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS) and
     ``chunked`` for the rest. A backend asked for by name is used or refused with the reason

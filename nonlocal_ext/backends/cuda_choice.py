@@ -37,7 +37,8 @@ def call_of(spec, query, key, value):
 
 
 def choose(call, training: bool, budget_bytes: float, fused_available: bool = True) -> str:
-    """``"triton"``, ``"reference"`` or ``"sdpa"`` for a work-model call (see the module docstring)."""
+    """``"triton"``, ``"reference"``, ``"sdpa"`` or ``"chunked"`` for a work-model call (see the module
+    docstring); ``chunked`` only when neither the fused kernels nor a dense path within the budget is there."""
     from ..triton_kernels import work_model
     times = work_model.predictions(call, training)
     candidates = {}
@@ -47,8 +48,8 @@ def choose(call, training: bool, budget_bytes: float, fused_available: bool = Tr
         candidates["reference"] = times["dense"]
     if times["sdpa"] is not None:
         candidates["sdpa"] = times["sdpa"]
-    if not candidates:  # nothing fits and no fused path: the dense path is the only one that runs at all
-        return "reference"
+    if not candidates:  # no fused kernels and the dense buffers over the budget: bounded memory, slowly
+        return "chunked"
     order = ["triton", "sdpa", "reference"]  # ties: the path with the smallest memory first
     return min(candidates, key=lambda name: (candidates[name], order.index(name)))
 
@@ -68,12 +69,8 @@ def decide(spec, query, key, value) -> str:
     call = call_of(spec, query, key, value)
     limit = budget(query.device)
     choice = choose(call, training, limit, fused_available)
-    if choice == "sdpa" and not expresses(spec):  # the model's case is narrower; kept in step by a test
-        choice = "triton" if fused_available else "reference"
-    if choice == "reference" and not fused_available:
-        from ..triton_kernels import work_model
-        if work_model.dense_bytes(call, training) > limit:
-            return "chunked"
+    if choice == "sdpa" and not expresses(spec):  # never taken: sdpa_applies ⊂ expresses (tested)
+        raise AssertionError(f"the work model predicted SDPA for {spec}, which SDPA does not compute")
     return choice
 
 
