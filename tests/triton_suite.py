@@ -90,8 +90,9 @@ def test_every_combination_matches_reference(combo):
 
 
 # Odd sizes from the issue (N ∈ {1, 67, 130}, M ∈ {1, 33, 130}, D ∈ {5, 200}, C ∈ {3, 300}), a covering
-# subset: each size, each affinity kernel, normalization, update and symmetric at least once. D = 200 and
-# C = 300 span 4 and 5 feature tiles of 64 (the second grid axis).
+# subset: each size, each affinity kernel, normalization, update and symmetric at least once. C = 300 is
+# masked in one 512-wide forward value tile; D = 200 and C = 300 span 2 and 3 backward output tiles of 128
+# (the second grid axis); the GEMM slices of 64 have tails.
 ODD_CASES = [
     (("gaussian", "row", "aggregate", False, False), ((), 67, 33, 200, 3), torch.float32),
     (("fractional", "sym", "diffusion", False, True), ((), 130, 1, 5, 300), torch.float32),

@@ -188,6 +188,9 @@ def interpreter_blocks(config) -> dict:
     return blocks
 
 
+_BY_TARGET = {}
+
+
 def for_target(configs: list, target: str) -> list:
     """The entries of ``configs`` verified for ``target`` (``sm_80`` or ``sm_90``), the default first;
     the same list object for the same arguments (the autotuner cache is keyed by it)."""
