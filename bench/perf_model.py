@@ -1,121 +1,113 @@
-"""Static performance model of the Triton kernels: FLOPs and bytes per call, and H100 peak time.
+"""The work-model report: executed/needed tensor-core work of the fused kernels, and predicted H100 times.
 
-    .venv/bin/python bench/perf_model.py [--n 4096] [--m N] [--d 64] [--c 64] [--batch 1] [--dtype fp16]
+    .venv/bin/python bench/perf_model.py                 # the whole report (no GPU needed)
+    .venv/bin/python bench/perf_model.py --shape 16,196,49,512,512 --kernel fractional --normalize count
 
-For each variant (affinity kernel × normalization × update × symmetric) and pass (forward, backward)
-this counts the work the fused kernels of nonlocal_ext/triton_kernels/aggregate.py do — including the
-recomputation of tiles in the backward — and divides by an H100 SXM's peak (DESIGN §3):
-990 TFLOP/s dense bf16/fp16 tensor-core math (float32 inputs: tf32x3, three tf32 products at 495
-TFLOP/s, so 165 TFLOP/s effective), 3.35 TB/s HBM3. A GPU owner reads the achieved fraction as
-``peak time / measured time`` (``nonlocal-bench --device cuda`` measures the time).
+The model is :mod:`nonlocal_ext.triton_kernels.work_model` (its docstring says what is counted and
+which efficiencies are assumed); tests/test_triton.py checks its FLOP counts against the interpreter's
+exact count of ``tl.dot`` work, tests/test_work_model.py its ratios and ``auto``'s decisions. Sections:
 
-Counting (multiply-add = 2 FLOPs; per batch element; "GEMM" = tensor-core work):
-    one tile recomputation  S = q kᵀ: 2·N·M·D (×2 with symmetric: the swapped pair k qᵀ)
-    forward                 [sym: + column-sum pass, one recomputation] + recomputation + Â v: 2·N·M·C
-    backward                preprocess (no GEMM) + column pass(es) + row pass, each pass:
-                            recomputation + dâ = G vᵀ: 2·N·M·C, and
-                              column: dv = Âᵀ G: 2·N·M·C, dk = Cᵀ q: 2·N·M·D (+ dq' with symmetric)
-                              row:    dq = C k: 2·N·M·D (+ dk' with symmetric)
-                            sym runs the column pass twice (T first, then dk)
-    elementwise (exp/log/pow per pair) is not counted as FLOPs: it runs on the SFU/FMA pipes,
-    beside the tensor cores, and is reported as "pair evaluations" instead.
-Bytes: each input read once per pass and each output written once (the ideal of a fused kernel
-whose tiles stay in L2/shared memory); wide D or C tiled over the grid re-read their inputs once per
-feature tile, which is counted.
-The peak time is max(FLOPs / 990e12, bytes / 3.35e12): a roofline bound, not a prediction.
+1. executed / needed tensor-core work at D = C ∈ {64, …, 1024}, before (the tiling of the previous
+   kernels: 64-wide feature tiles, every program recomputing the tile over all of D) and now, over
+   every kernel × normalization × update × symmetric × dtype (max over them, and gaussian + row);
+2. the nonlocal-block suite (B, N, M, D = C): predicted H100 forward + backward times of the fused,
+   dense and SDPA paths, the dense path's N×M memory and ``auto``'s choice (budget: 80 GB × the
+   default fraction of free memory; a real call uses the device's free memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import math
 
-PEAK_FLOPS = 990e12   # H100 SXM, dense fp16/bf16 tensor cores
-#: float32 inputs run every product as tf32x3: three tf32 MMAs (dense tf32 peak 495 TFLOP/s).
-PEAK_FLOPS_BY_DTYPE = {"fp16": PEAK_FLOPS, "bf16": PEAK_FLOPS, "fp32": 495e12 / 3}
-PEAK_BYTES = 3.35e12  # H100 SXM HBM3
-FEATURE_TILE = 64     # BLOCK_D = BLOCK_C of the default configurations
+from nonlocal_ext.backends import cuda_choice
+from nonlocal_ext.triton_kernels import work_model
+from nonlocal_ext.triton_kernels.work_model import Call, fused_work
 
-AFFINITIES = ("gaussian", "rbf", "fractional", "log")
+KERNELS = ("gaussian", "rbf", "fractional", "log")
 NORMALIZATIONS = ("none", "count", "row", "sym")
+DTYPES = ("fp16", "bf16", "fp32")
+H100_BYTES = 80e9
+
+#: The tiles of the kernels before wide feature tiles (the interpreter's 32×32 rows × keys, 64-wide
+#: GEMM slices, 64-wide feature tiles for every output), as the issue counted them.
+BEFORE = {"forward": dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, BLOCK_C=64),
+          "column_sums": dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, BLOCK_C=64),
+          "column": dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, BLOCK_C=64, OUT_D=64, OUT_C=64),
+          "row": dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, BLOCK_C=64, OUT_D=64, OUT_C=64)}
 
 
-def _feature_tiles(d, c):
-    return max(math.ceil(c / FEATURE_TILE), math.ceil(d / FEATURE_TILE), 1)
+def _calls(width, n=4096, m=1024):
+    for kernel, normalize, update, symmetric, dtype in itertools.product(
+            KERNELS, NORMALIZATIONS, ("aggregate", "diffusion"), (False, True), DTYPES):
+        yield Call(1, n, n if symmetric else m, width, width, kernel, normalize, update, symmetric, dtype)
 
 
-def forward_cost(n, m, d, c, normalize, symmetric, element_bytes, batch=1):
-    """(flops, bytes, pair evaluations) of one forward call."""
-    pairs = 2 if symmetric else 1
-    c_tiles = max(math.ceil(c / FEATURE_TILE), 1)
-    recompute = 2 * n * m * d * pairs
-    flops = c_tiles * (recompute + 2 * n * m * min(c, FEATURE_TILE)) if c > FEATURE_TILE else recompute + 2 * n * m * c
-    evaluations = n * m * pairs * c_tiles
-    read = (n + m) * d + m * c + n * c  # q, k, v, u (u: diffusion; counted always, an upper bound)
-    written = n * c + n
-    if normalize == "sym":
-        flops += recompute
-        evaluations += n * m * pairs
-        read += (n + m) * d
-        written += m
-    return batch * flops, batch * (read + written) * element_bytes, batch * evaluations
+def ratio_table(widths=(64, 128, 256, 512, 1024)) -> str:
+    lines = ["executed / needed tensor-core work (N = 4096, M = 1024; M = N with symmetric)",
+             f"{'D = C':>6}  {'gaussian+row fwd':>16} {'bwd':>5}  {'before fwd':>10} {'bwd':>5}  "
+             f"{'max over all variants fwd':>25} {'bwd':>5}"]
+    for width in widths:
+        base = Call(1, 4096, 1024, width, width, "gaussian", "row", "aggregate", False, "fp16")
+        now = [fused_work(base, p)["ratio"] for p in ("forward", "backward")]
+        before = [fused_work(base, p, blocks=BEFORE)["ratio"] for p in ("forward", "backward")]
+        worst = [max(fused_work(call, p)["ratio"] for call in _calls(width)) for p in ("forward", "backward")]
+        lines.append(f"{width:>6}  {now[0]:>16.2f} {now[1]:>5.2f}  {before[0]:>10.2f} {before[1]:>5.2f}  "
+                     f"{worst[0]:>25.2f} {worst[1]:>5.2f}")
+    return "\n".join(lines)
 
 
-def backward_cost(n, m, d, c, normalize, symmetric, element_bytes, batch=1):
-    """(flops, bytes, pair evaluations) of one backward call."""
-    pairs = 2 if symmetric else 1
-    tiles = _feature_tiles(d, c)
-    recompute = 2 * n * m * d * pairs + 2 * n * m * c  # S (and S'), dâ = G vᵀ
-    column_passes = 2 if normalize == "sym" else 1
-    flops = tiles * (column_passes * recompute + recompute)
-    flops += 2 * n * m * c  # dv = Âᵀ G (column pass)
-    flops += 2 * n * m * d * pairs * 2  # dk (+dq') in the column pass, dq (+dk') in the row pass
-    evaluations = tiles * (column_passes + 1) * n * m * pairs
-    read = (column_passes + 1) * tiles * ((n + m) * d + m * c + n * c) + 2 * n * c
-    written = m * c + 2 * (n + m) * d + n * c + n
-    return batch * flops, batch * (read + written) * element_bytes, batch * evaluations
+def _us(seconds):
+    return "n/a" if seconds is None else f"{seconds * 1e6:.0f}"
 
 
-def peak_time(flops, nbytes, peak_flops=PEAK_FLOPS):
-    return max(flops / peak_flops, nbytes / PEAK_BYTES)
+def suite_table(kernel="gaussian", normalize="row", dtype="fp16") -> str:
+    budget = cuda_choice.DENSE_BUDGET_FRACTION * H100_BYTES
+    lines = [f"nonlocal-block suite, {kernel} + {normalize}, {dtype}, forward + backward, predicted H100 µs "
+             f"(dense budget {budget / 1e9:.0f} GB)",
+             f"{'shape':<13} {'B':>3} {'N':>5} {'M':>5} {'D=C':>5} {'fused':>7} {'ratio f/b':>10} "
+             f"{'dense':>7} {'dense GB':>8} {'sdpa':>6}  auto"]
+    for name, call in work_model.suite_calls(kernel, normalize, dtype).items():
+        times = work_model.predictions(call, training=True)
+        ratios = "/".join(f"{fused_work(call, p)['ratio']:.2f}" for p in ("forward", "backward"))
+        choice = cuda_choice.choose(call, True, budget)
+        lines.append(f"{name:<13} {call.batch:>3} {call.n:>5} {call.m:>5} {call.d:>5} {_us(times['fused']):>7} "
+                     f"{ratios:>10} {_us(times['dense']):>7} {work_model.dense_bytes(call) / 1e9:>8.2f} "
+                     f"{_us(times['sdpa']):>6}  {choice}")
+    return "\n".join(lines)
 
 
-def rows(n, m, d, c, element_bytes, batch=1, peak_flops=PEAK_FLOPS):
-    for kernel, normalize, symmetric in itertools.product(AFFINITIES, NORMALIZATIONS, (False, True)):
-        if symmetric and n != m:
-            continue
-        for name, cost in (("fwd", forward_cost), ("bwd", backward_cost)):
-            flops, nbytes, evaluations = cost(n, m, d, c, normalize, symmetric, element_bytes, batch)
-            yield dict(kernel=kernel, normalize=normalize, symmetric=symmetric, pass_=name, flops=flops,
-                       bytes=nbytes, pair_evaluations=evaluations, peak_seconds=peak_time(flops, nbytes, peak_flops))
+def shape_table(call: Call) -> str:
+    lines = [f"{call}",
+             f"{'pass':<9} {'dot GFLOP':>9} {'tensor GFLOP':>12} {'needed':>8} {'ratio':>6} {'HBM MB':>8} "
+             f"{'L2 MB':>8} {'fused us':>8} {'dense us':>8} {'sdpa us':>8}"]
+    for p in ("forward", "backward"):
+        w = fused_work(call, p)
+        lines.append(f"{p:<9} {w['dot_flops'] / 1e9:>9.2f} {w['tensor_flops'] / 1e9:>12.2f} "
+                     f"{w['needed_flops'] / 1e9:>8.2f} {w['ratio']:>6.2f} {w['hbm_bytes'] / 1e6:>8.1f} "
+                     f"{w['loaded_bytes'] / 1e6:>8.1f} {_us(work_model.predict_fused(call, p)):>8} "
+                     f"{_us(work_model.predict_dense(call, p)):>8} {_us(work_model.predict_sdpa(call, p)):>8}")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=4096)
-    parser.add_argument("--m", type=int, default=None)
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--c", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--shape", help="B,N,M,D,C: one call's table instead of the report")
+    parser.add_argument("--kernel", default="gaussian", choices=KERNELS)
+    parser.add_argument("--normalize", default="row", choices=NORMALIZATIONS)
+    parser.add_argument("--update", default="aggregate", choices=("aggregate", "diffusion"))
+    parser.add_argument("--symmetric", action="store_true")
+    parser.add_argument("--dtype", default="fp16", choices=DTYPES)
     args = parser.parse_args(argv)
-    m = args.n if args.m is None else args.m
-    element_bytes = 4 if args.dtype == "fp32" else 2
-    peak_flops = PEAK_FLOPS_BY_DTYPE[args.dtype]
-    print(f"H100 peak model: {peak_flops / 1e12:.0f} TFLOP/s, {PEAK_BYTES / 1e12:.2f} TB/s; "
-          f"N={args.n} M={m} D={args.d} C={args.c} batch={args.batch} {args.dtype} "
-          "(update does not change the counts; affinity kernels differ only in pair evaluations' cost)")
-    print(f"{'normalize':<9} {'symm':<5} {'pass':<4} {'GFLOP':>9} {'MB':>9} {'Gpairs':>8} {'peak us':>9} {'bound':>7}")
-    seen = set()
-    for r in rows(args.n, m, args.d, args.c, element_bytes, args.batch, peak_flops):
-        key = (r["normalize"], r["symmetric"], r["pass_"])
-        if key in seen:  # identical for every affinity kernel
-            continue
-        seen.add(key)
-        bound = "math" if r["flops"] / peak_flops >= r["bytes"] / PEAK_BYTES else "memory"
-        print(f"{r['normalize']:<9} {str(r['symmetric']):<5} {r['pass_']:<4} {r['flops'] / 1e9:>9.2f} "
-              f"{r['bytes'] / 1e6:>9.2f} {r['pair_evaluations'] / 1e9:>8.3f} {r['peak_seconds'] * 1e6:>9.1f} {bound:>7}")
+    if args.shape:
+        b, n, m, d, c = (int(x) for x in args.shape.split(","))
+        print(shape_table(Call(b, n, m, d, c, args.kernel, args.normalize, args.update, args.symmetric, args.dtype)))
+        return
+    print(ratio_table())
+    for kernel, normalize, dtype in (("gaussian", "row", "fp16"), ("fractional", "count", "fp16"),
+                                     ("rbf", "row", "fp32")):
+        print()
+        print(suite_table(kernel, normalize, dtype))
 
 
 if __name__ == "__main__":

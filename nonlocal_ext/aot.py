@@ -76,11 +76,15 @@ def _spec(kernel, normalize, diffusion, symmetric):
                          "diffusion" if diffusion else "aggregate", symmetric)
 
 
-def variants(which: str = "full"):
-    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even)`` to compile.
+def variants(which: str = "full", widths=None):
+    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width)`` to compile.
 
     ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick set adds
-    the masked ("tail") build of its first two combinations, the heavy set that of each dtype's first."""
+    the masked ("tail") build of its first two combinations, the heavy set that of each dtype's first.
+    ``width``: the feature-width class whose tiles are compiled (:data:`~.triton_kernels.configs.WIDTH_CLASSES`;
+    names carry ``-w<width>`` except for 64). ``widths`` None: every class; the quick set instead gives
+    its combinations the classes in turn, so every class is compiled once."""
+    from .triton_kernels.configs import WIDTH_CLASSES
     rows = []
     combos = list(itertools.product(AFFINITIES, NORMALIZATIONS, (False, True), (False, True), DTYPES))
     if which == "quick":  # CI: every affinity, normalization, flag and dtype at least once
@@ -93,19 +97,41 @@ def variants(which: str = "full"):
         tails = [next(c for c in combos if c[4] == dtype) for dtype in DTYPES]
     else:
         tails = combos[:2] if which == "quick" else []  # also compile masked feature tiles (EVEN_D = EVEN_C = False)
-    for (kernel, normalize, diffusion, symmetric, dtype), even in [(c, True) for c in combos] + [(c, False) for c in tails]:
-        name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
+    builds = [(c, True) for c in combos] + [(c, False) for c in tails]
+    if widths is None and which == "quick":
+        builds = [(c, even, WIDTH_CLASSES[i % len(WIDTH_CLASSES)]) for i, (c, even) in enumerate(builds)]
+    else:
+        builds = [(c, even, w) for w in (WIDTH_CLASSES if widths is None else widths) for c, even in builds]
+    from .triton_kernels.configs import configs_for
+    compiled_lists = set()  # a backward list shared by several width classes is compiled once
+
+    def first_time(family, combo_name, dtype, symmetric, width):
+        key = (family, combo_name, id(configs_for(family, dtype == "fp32", symmetric, width)))
+        new = key not in compiled_lists
+        compiled_lists.add(key)
+        return new
+
+    for (kernel, normalize, diffusion, symmetric, dtype), even, width in builds:
+        base = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
                         + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"]))
-        rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
-        if normalize == "sym":  # the column-sum pass: the forward kernel without values
+        backward = first_time("column", base, dtype, symmetric, width) | first_time("row", base, dtype, symmetric,
+                                                                                    width)
+        name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate"]
+                        + (["symmetric"] if symmetric else []) + [dtype] + ([] if even else ["tail"])
+                        + ([] if width == 64 else [f"w{width}"]))
+        rows.append(("forward", name, kernel, normalize, diffusion, symmetric, dtype, None, even, width))
+        if normalize == "sym" and width == WIDTH_CLASSES[0]:  # the column-sum pass: no value tile, one build
             rows.append(("forward", f"{name}-column_sums", kernel, normalize, diffusion, symmetric, dtype,
-                         "column_sums", even))
+                         "column_sums", even, width))
         phases = ["dv_t", "dk"] if normalize == "sym" else ["dv_dk"]
+        if not backward:
+            continue
         for phase in phases:
-            rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase, even))
-        rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None, even))
-    rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None, False))
-    rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None, False))
+            rows.append(("column", f"{name}-{phase}", kernel, normalize, diffusion, symmetric, dtype, phase, even,
+                         width))
+        rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None, even, width))
+    rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None, False, 64))
+    rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None, False, 64))
     return rows
 
 
@@ -133,7 +159,7 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
     from .triton_kernels import aggregate, configs
     from .triton_kernels.launchers import variant_constexprs
 
-    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even = row
+    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width = row
     cap = int(arch.split("_")[1])
     input_type = dtype  # the Triton pointer type: fp16, bf16 or fp32
     if family == "preprocess":
@@ -143,7 +169,7 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
         pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
     else:
         fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
-        config = configs.configs_for(family, dtype == "fp32", symmetric)[config_index]
+        config = configs.configs_for(family, dtype == "fp32", symmetric, width)[config_index]
         torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
         if family == "forward":
@@ -214,14 +240,14 @@ def config_indices(row, arch: str) -> list[int]:
     family, dtype, symmetric = row[0], row[6], row[5]
     cap = int(arch.split("_")[1])
     target = configs.target_of((cap // 10, cap % 10))
-    return [i for i, c in enumerate(configs.configs_for(family, dtype == "fp32", symmetric))
+    return [i for i, c in enumerate(configs.configs_for(family, dtype == "fp32", symmetric, row[9]))
             if target in configs.archs_of(c)]
 
 
-def run(archs, which="full", jobs=None, all_configs=False):
+def run(archs, which="full", jobs=None, all_configs=False, widths=None):
     """Compile the set ``which`` for ``archs``: each variant at its default configuration, or at every
     configuration of its autotune list verified for the arch with ``all_configs``."""
-    rows = [(row, arch, index) for row in variants(which) for arch in archs
+    rows = [(row, arch, index) for row in variants(which, widths) for arch in archs
             for index in (config_indices(row, arch) if all_configs else [0])]
     jobs = jobs or max(1, min(len(rows), os.cpu_count() or 1))
     if jobs == 1:
@@ -241,6 +267,7 @@ def table(results) -> str:
             continue
         b = r["blocks"]
         tiles = "×".join(str(b[k]) for k in ("BLOCK_I", "BLOCK_J", "BLOCK_D", "BLOCK_C") if k in b)
+        tiles += f"→{b['OUT_D']}" if "OUT_D" in b else ""
         tiles += f"/{r['num_warps']}/{r['num_stages']}"
         lines.append(f"{head} {tiles:<28} {r['registers']:>4} {r['spill_bytes']:>5} "
                      f"{r['shared_bytes']:>6} {r['shared_dynamic_bytes']:>8} {r['mma_instructions']:>5} "
@@ -255,15 +282,16 @@ def summary(results) -> str:
         if "error" in r:
             continue
         dtype = next(part for part in r["variant"].split("-") if part in DTYPES)
-        groups.setdefault((r["kernel"], dtype, r["arch"], r.get("config", 0)), []).append(r)
-    header = (f"{'kernel':<10} {'dtype':<5} {'arch':<6} {'cfg':>3} {'variants':>8} {'registers':>9} {'max spill':>9} "
-              f"{'max smem+dyn':>12} {'mma':>7}")
+        width = next((int(p[1:]) for p in r["variant"].split("-") if p[0] == "w" and p[1:].isdigit()), 64)
+        groups.setdefault((r["kernel"], dtype, width, r["arch"], r.get("config", 0)), []).append(r)
+    header = (f"{'kernel':<10} {'dtype':<5} {'width':>5} {'arch':<6} {'cfg':>3} {'variants':>8} {'registers':>9} "
+              f"{'max spill':>9} {'max smem+dyn':>12} {'mma':>7}")
     lines = [header, "-" * len(header)]
-    for (kernel, dtype, arch, config), rows in sorted(groups.items()):
+    for (kernel, dtype, width, arch, config), rows in sorted(groups.items()):
         regs = [r["registers"] for r in rows]
         mma = [r["mma_instructions"] for r in rows]
         smem = max(r["shared_bytes"] + r["shared_dynamic_bytes"] for r in rows)
-        lines.append(f"{kernel:<10} {dtype:<5} {arch:<6} {config:>3} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
+        lines.append(f"{kernel:<10} {dtype:<5} {width:>5} {arch:<6} {config:>3} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
                      f"{max(r['spill_bytes'] for r in rows):>9} {smem:>12} {min(mma):>3}–{max(mma):<3}")
     return "\n".join(lines)
 
@@ -280,12 +308,16 @@ def main(argv=None):
     parser.add_argument("--configs", choices=["default", "all"], default="default",
                         help="default: each variant at the first configuration of its autotune list; all: at "
                              "every configuration listed for the target")
+    parser.add_argument("--widths", default=None,
+                        help="comma-separated feature-width classes (64,128,256,512); default: all (the quick "
+                             "set: each class once)")
     args = parser.parse_args(argv)
+    widths = None if args.widths is None else [int(w) for w in args.widths.split(",")]
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
     for arch in archs:
         if not re.fullmatch(r"sm_\d+", arch):
             parser.error(f"--arch takes targets like sm_80, got {arch!r}")
-    results = run(archs, which=args.which, jobs=args.jobs, all_configs=args.configs == "all")
+    results = run(archs, which=args.which, jobs=args.jobs, all_configs=args.configs == "all", widths=widths)
     print(table(results))
     print()
     print(summary(results))

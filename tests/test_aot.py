@@ -80,10 +80,12 @@ def test_tensor_core_operands_follow_the_input_dtype(report):
 
 
 def _list_of(row):
-    """The autotune list a report row was compiled from."""
+    """The autotune list a report row was compiled from (the width class is the name's ``-w<width>``, else 64)."""
     from nonlocal_ext.triton_kernels import configs
     parts = row["variant"].split("-")
-    return configs.configs_for(row["kernel"], "fp32" in parts, "symmetric" in parts or row["kernel"] == "preprocess")
+    width = next((int(p[1:]) for p in parts if p[0] == "w" and p[1:].isdigit()), 64)
+    return configs.configs_for(row["kernel"], "fp32" in parts, "symmetric" in parts or row["kernel"] == "preprocess",
+                               width)
 
 
 def _same(config, row):
@@ -92,17 +94,18 @@ def _same(config, row):
 
 
 def test_autotune_entries_compiled_without_spills_on_their_targets():
-    """bench/results/aot_configs.json (`--set heavy --configs all` + `--set targets --configs all`):
-    every entry of every autotune list compiled on each target it is listed for, with no spills."""
+    """bench/results/aot_configs.json (`--set heavy --configs all` + `--set targets --configs all`, every
+    width class): every entry of every autotune list compiled on each target it is listed for, with no spills."""
     import triton
     from nonlocal_ext.triton_kernels import configs
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
         rows = json.load(f)
     assert not [r for r in rows if "error" in r]
-    lists = {id(lst): lst for lst in (configs.configs_for(family, fp32, symmetric)
+    lists = {id(lst): lst for lst in (configs.configs_for(family, fp32, symmetric, width)
                                       for family in ("forward", "column", "row", "preprocess")
-                                      for fp32 in (False, True) for symmetric in (False, True))}
+                                      for fp32 in (False, True) for symmetric in (False, True)
+                                      for width in configs.WIDTH_CLASSES)}
     for lst in lists.values():
         assert set(configs.archs_of(lst[0])) == {configs.SM80, configs.SM90}, "the default must be verified on both"
         for config in lst:
@@ -121,13 +124,13 @@ def test_each_gpu_autotunes_over_its_targets_list():
     assert [configs.target_of(c) for c in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]] == \
         ["sm_80", "sm_80", "sm_80", "sm_90", "sm_90", "sm_90"]
     for target in ("sm_80", "sm_90"):
-        for lst in (configs.FORWARD_CONFIGS, configs.ROW_CONFIGS, configs.COLUMN_CONFIGS_NONSYMMETRIC):
+        for lst in (configs.FORWARD_CONFIGS, configs.FORWARD_CONFIGS_FP32, configs.ROW_CONFIGS):
             kept = configs.for_target(lst, target)
             assert kept is configs.for_target(lst, target)  # one object: the autotuner cache is keyed by it
             assert kept[0] is lst[0] and all(target in configs.archs_of(c) for c in kept)
             assert len(kept) == sum(target in configs.archs_of(c) for c in lst)
     assert len(configs.for_target(configs.FORWARD_CONFIGS, "sm_80")) < len(configs.FORWARD_CONFIGS)
-    assert len(configs.for_target(configs.ROW_CONFIGS, "sm_90")) < len(configs.ROW_CONFIGS)
+    assert len(configs.for_target(configs.FORWARD_CONFIGS_FP32, "sm_80")) < len(configs.FORWARD_CONFIGS_FP32)
 
 
 @pytest.mark.parametrize("capability,target", [((8, 0), "sm_80"), ((9, 0), "sm_90")])

@@ -90,8 +90,9 @@ def test_every_combination_matches_reference(combo):
 
 
 # Odd sizes from the issue (N ∈ {1, 67, 130}, M ∈ {1, 33, 130}, D ∈ {5, 200}, C ∈ {3, 300}), a covering
-# subset: each size, each affinity kernel, normalization, update and symmetric at least once. D = 200 and
-# C = 300 span 4 and 5 feature tiles of 64 (the second grid axis).
+# subset: each size, each affinity kernel, normalization, update and symmetric at least once. C = 300 is
+# masked in one 512-wide forward value tile; D = 200 and C = 300 span 2 and 3 backward output tiles of 128
+# (the second grid axis); the GEMM slices of 64 have tails.
 ODD_CASES = [
     (("gaussian", "row", "aggregate", False, False), ((), 67, 33, 200, 3), torch.float32),
     (("fractional", "sym", "diffusion", False, True), ((), 130, 1, 5, 300), torch.float32),
@@ -268,3 +269,97 @@ def test_torch_compile_fullgraph_traces_the_op():
     expected.square().sum().backward()
     for a, b in zip(leaves, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+# ---- tensor-core work: the work model against the interpreter's exact count of tl.dot work -------------
+
+@pytest.fixture
+def dot_flops(monkeypatch):
+    """A list whose sum is 2·m·n·k over every ``tl.dot`` the interpreter runs from now on."""
+    counted = []
+    unpatched = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        (m, k), n = a.data.shape[-2:], b.data.shape[-1]
+        assert b.data.shape[-2] == k
+        counted.append(2 * m * n * k)
+        return unpatched(self, a, b, acc, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    return counted
+
+
+# (combo, (B, N, M, D, C), dtype): tails in every dimension, every normalization's pass structure,
+# symmetric, both tile families (float32 / float16), and the wide classes up to D = C = 1024.
+WORK_CASES = [
+    (("gaussian", "row", "aggregate", False, False), (2, 67, 33, 5, 3), torch.float32),
+    (("fractional", "count", "aggregate", False, False), (1, 64, 64, 64, 64), torch.float16),
+    (("rbf", "sym", "diffusion", True, False), (1, 40, 40, 130, 70), torch.float32),
+    (("log", "none", "diffusion", False, True), (1, 33, 70, 300, 200), torch.float16),
+    (("gaussian", "sym", "aggregate", False, False), (1, 33, 17, 512, 512), torch.float32),
+    (("fractional", "row", "aggregate", False, False), (1, 17, 33, 1024, 1024), torch.float16),
+]
+
+
+@pytest.mark.parametrize("combo,shape,dtype", WORK_CASES,
+                         ids=[f"{combo_id(c)}-{'x'.join(map(str, s))}-{str(dt)[6:]}" for c, s, dt in WORK_CASES])
+def test_work_model_counts_the_interpreters_dot_work(combo, shape, dtype, dot_flops):
+    """Forward and backward: the model's executed FLOPs equal Σ 2·m·n·k over the interpreter's tl.dot calls."""
+    from nonlocal_ext.triton_kernels.work_model import Call, fused_work
+    kernel, normalize, update, symmetric, with_self_value = combo
+    b, n, m, d, c = shape
+    q, k, v, u = make_inputs(kernel, normalize, (b,), n, m, d, c, with_self_value=with_self_value, dtype=dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, u) if t is not None]
+    out = nonlocal_ext.nonlocal_aggregate(q, k, v, kernel, normalize=normalize, update=update, symmetric=symmetric,
+                                          self_value=u, backend="triton", **kernel_kwargs(kernel))
+    forward = sum(dot_flops)
+    out.backward(torch.ones_like(out))
+    backward = sum(dot_flops) - forward
+    call = Call(b, n, m, d, c, kernel, normalize, update, symmetric, "fp16" if dtype == torch.float16 else "fp32")
+    assert forward == fused_work(call, "forward", interpreted=True)["dot_flops"]
+    assert backward == fused_work(call, "backward", interpreted=True)["dot_flops"]
+    assert all(x.grad is not None for x in leaves)
+
+
+# ---- wide feature dimensions: D, C ∈ {256, 512, 1024} against the reference -----------------------------
+
+WIDE_CASES = [
+    (("gaussian", "row", "aggregate", False, False), ((), 37, 19, 256, 256), torch.float32),
+    (("fractional", "sym", "diffusion", True, False), ((), 21, 21, 512, 300), torch.float32),
+    (("rbf", "count", "diffusion", False, True), ((), 19, 37, 1000, 1024), torch.float32),
+    (("log", "row", "aggregate", False, False), ((2,), 19, 17, 1024, 700), torch.float16),
+]
+
+
+@pytest.mark.parametrize("combo,shape,dtype", WIDE_CASES,
+                         ids=[f"{combo_id(c)}-{'x'.join(map(str, s[1:]))}-{str(dt)[6:]}" for c, s, dt in WIDE_CASES])
+def test_wide_features_match_reference(combo, shape, dtype):
+    check_against_reference(combo, shape, dtype)
+
+
+# ---- NaN propagation: exactly where the float64 reference has NaN ------------------------------------
+
+def _nan_pattern(backend, inputs, combo, where, grad_out, **kwargs):
+    kernel, normalize, update, symmetric, _ = combo
+    out, grads = run(backend, *inputs, kernel, normalize, update, symmetric, grad_out, **kwargs)
+    return [out.isnan()] + [g.isnan() for g in grads]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "rbf", "fractional", "log"])
+@pytest.mark.parametrize("normalize", ["none", "count", "row", "sym"])
+def test_nan_propagates_as_in_the_dense_formula(kernel, normalize):
+    """A NaN in one query row, key row or value row of one batch element: the outputs and gradients
+    that are NaN are exactly those of the float64 reference (and so, none of the other batch element's)."""
+    combo = (kernel, normalize, "diffusion", kernel == "log", False)  # symmetric once, on the log kernel
+    n = 21
+    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)
+    grad_out = torch.randn(2, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for position, which in ((0, 4), (1, 7), (2, 11)):  # query row 4, key row 7, value row 11 of batch element 1
+        inputs = make_inputs(kernel, normalize, (2,), n, n, 5, 3, with_self_value=False)
+        inputs[position][1, which, 2 if position < 2 else 1] = float("nan")
+        truth = _nan_pattern("reference", inputs, combo, which, grad_out, **kwargs)
+        ours = _nan_pattern("triton", [None if t is None else t.float() for t in inputs], combo, which, grad_out,
+                            **kwargs)
+        assert truth[0][1].any() and not truth[0][0].any()
+        for name, o, t in zip(["out", "grad query", "grad key", "grad value"], ours, truth):
+            assert torch.equal(o, t), f"{name}, NaN in input {position} row {which}: {o.sum()} vs {t.sum()} NaN"

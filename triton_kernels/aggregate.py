@@ -27,8 +27,11 @@ k_i part of C'. Each program reduces over the other index in a fixed order and s
 atomics, so the backward is deterministic. ``sym`` runs the column kernel twice: T first (every
 H_ij needs the whole T_j), then dk. Every pass recomputes its tiles; nothing N×M is stored.
 
-Wide D and C are tiled: the second grid axis enumerates feature blocks, and a program accumulates
-only its block of the outputs (recomputing the tile's GEMMs over all of D and C).
+Wide D and C: the second grid axis enumerates output feature blocks (forward BLOCK_C; backward
+OUT_D = OUT_C), and a program accumulates only its block of the outputs, recomputing the tile's GEMMs
+over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks the feature blocks of the call's
+width class (:func:`.configs.configs_for`): the forward has one block (each tile computed once) up to
+C = 512, the backward up to D, C = 128 (wider output tiles spilled); more blocks above.
 """
 
 from __future__ import annotations
@@ -50,22 +53,22 @@ def _row_factor(row_sums, M, NORMALIZE: tl.constexpr, LOG_DOMAIN: tl.constexpr):
     """A_i from r_i (log A_i from log r_i for log-domain kernels), a zero sum giving 0."""
     if LOG_DOMAIN:
         if NORMALIZE == NORM_COUNT:
-            return -tl.log(row_sums * 0 + M)
+            return -tl.log(tl.zeros_like(row_sums) + M)  # in the accumulator dtype (float64 too)
         elif NORMALIZE == NORM_ROW:
             return -row_sums
         elif NORMALIZE == NORM_SYM:
             return -0.5 * row_sums
         else:
-            return row_sums * 0
+            return tl.zeros_like(row_sums)
     else:
         if NORMALIZE == NORM_COUNT:
-            return 1.0 / (row_sums * 0 + M)
+            return 1.0 / (tl.zeros_like(row_sums) + M)
         elif NORMALIZE == NORM_ROW:
             return tl.where(row_sums == 0, 0.0, 1.0 / tl.where(row_sums == 0, 1.0, row_sums))
         elif NORMALIZE == NORM_SYM:
             return tl.where(row_sums == 0, 0.0, 1.0 / tl.sqrt(tl.where(row_sums == 0, 1.0, row_sums)))
         else:
-            return row_sums * 0 + 1.0
+            return tl.zeros_like(row_sums) + 1.0
 
 
 @triton.jit
@@ -104,9 +107,9 @@ def forward_kernel(
     for j0 in tl.range(0, M, BLOCK_J):
         cols = j0 + tl.arange(0, BLOCK_J)
         col_mask = cols < M
-        z, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                              scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                              SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+        z, _, _, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
+                                    scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                                    SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
         if LOG_DOMAIN:
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, 1))
@@ -190,11 +193,11 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """Recompute one tile: ``(â, dâ, C = H·g1, C' = H·g2)``, all zero outside the valid rows and columns.
 
-    ``WITH_H=False`` skips H (the first ``sym`` column pass, before T is known); C and C' are then 0.
+    ``WITH_H=False`` skips dâ and H (the first ``sym`` column pass, before T is known): dâ, C and C' are then 0.
     """
-    z, g1, g2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                            scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                            SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+    z, g1, g2, dead1, dead2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
+                                          scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
+                                          SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
     valid = row_mask[:, None] & col_mask[None, :]
     row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
     col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
@@ -203,12 +206,12 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
     else:
         a_hat = tl.where(valid, row_factor[:, None] * z * col_factor[None, :], 0.0)
 
-    d_a_hat = tile_dot(g_ptr, v_ptr, rows, cols, row_mask, col_mask, C, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
-                       EVEN_C, QK_PRECISION, BLOCK_C)
-    if DIFFUSION:
-        d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
-
     if WITH_H:
+        d_a_hat = tile_dot(g_ptr, v_ptr, rows, cols, row_mask, col_mask, C,
+                           tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_C, QK_PRECISION, BLOCK_C)
+        if DIFFUSION:
+            d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
+
         s_rows = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
         if NORMALIZE == NORM_SYM:
             t_cols = tl.load(t_ptr + cols, mask=col_mask, other=0.0)
@@ -230,11 +233,12 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
             else:
                 h = d_a_hat_centered * row_factor[:, None]
         h = tl.where(valid, h, 0.0)
-        c1 = h * g1
-        c2 = h * g2
+        c1 = tl.where(dead1, 0.0, h * g1)  # dead pairs: exactly 0, as in the dense formula, even for NaN H
+        c2 = tl.where(dead2, 0.0, h * g2)
     else:
-        c1 = a_hat * 0
-        c2 = a_hat * 0
+        d_a_hat = tl.zeros_like(a_hat)
+        c1 = tl.zeros_like(a_hat)
+        c2 = tl.zeros_like(a_hat)
     return a_hat, d_a_hat, c1, c2
 
 
@@ -248,9 +252,12 @@ def column_kernel(
         WITH_DV_T: tl.constexpr, WITH_DK: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Column pass over key block J and feature block f: dv[J, f] and T[J] (``WITH_DV_T``);
-    dk[J, f] and, with ``symmetric``, the swapped pair's dq[J, f] (``WITH_DK``)."""
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr):
+    """Column pass over key block J and feature block f: dv[J, f] and, for ``sym`` + diffusion,
+    Σ_i â_ij gu_i into t (``WITH_DV_T``); dk[J, f] and, with ``symmetric``, the swapped pair's dq[J, f]
+    (``WITH_DK``). The launcher completes T_j = v_j·dv_j − Σ_i â_ij gu_i (= Σ_i dâ_ij â_ij) between the
+    two ``sym`` passes, so the first needs no dâ = G vᵀ product."""
     pid_j = tl.program_id(0)
     pid_f = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
@@ -264,14 +271,14 @@ def column_kernel(
 
     cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < M
-    offs_c = pid_f * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_f * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = pid_f * OUT_C + tl.arange(0, OUT_C)
+    offs_d = pid_f * OUT_D + tl.arange(0, OUT_D)
 
-    dv = tl.zeros([BLOCK_J, BLOCK_C], dtype=ACC_DTYPE)
+    dv = tl.zeros([BLOCK_J, OUT_C], dtype=ACC_DTYPE)
     t_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
-    dk = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC_DTYPE)      # Σ_i C_ij q_i
+    dk = tl.zeros([BLOCK_J, OUT_D], dtype=ACC_DTYPE)      # Σ_i C_ij q_i
     c_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)           # Σ_i C_ij
-    dq_swap = tl.zeros([BLOCK_J, BLOCK_D], dtype=ACC_DTYPE)  # Σ_i C'_ij k_i
+    dq_swap = tl.zeros([BLOCK_J, OUT_D], dtype=ACC_DTYPE)  # Σ_i C'_ij k_i
     c_swap_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)      # Σ_i C'_ij
     for i0 in tl.range(0, N, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
@@ -284,8 +291,8 @@ def column_kernel(
         if WITH_DV_T:
             g = load_rows(g_ptr, rows, row_mask, offs_c, C, False)
             dv = value_dot(tl.trans(a_hat), g, dv, LOW_PRECISION_VALUES, VALUE_PRECISION)
-            if NORMALIZE == NORM_SYM:
-                t_cols += tl.sum(a_hat * d_a_hat, 0)
+            if NORMALIZE == NORM_SYM and DIFFUSION:  # Σ_i â_ij gu_i, the diffusion part of T_j (launcher)
+                t_cols += tl.sum(a_hat * tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None], 0)
         if WITH_DK:
             q = load_rows(q_ptr, rows, row_mask, offs_d, D, False)
             dk = value_dot(tl.trans(c1), q, dk, LOW_PRECISION_VALUES, VALUE_PRECISION)
@@ -297,7 +304,7 @@ def column_kernel(
 
     if WITH_DV_T:
         store_rows(dv_ptr, cols, col_mask, offs_c, C, dv)
-        if NORMALIZE == NORM_SYM:
+        if NORMALIZE == NORM_SYM and DIFFUSION:
             if pid_f == 0:
                 tl.store(t_ptr + cols, t_cols.to(t_ptr.dtype.element_ty), mask=col_mask)
     if WITH_DK:
@@ -322,7 +329,8 @@ def row_kernel(
         LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr):
     """Row pass over query block I and feature block f: dq[I, f], du[I, f] (diffusion) and, with
     ``symmetric``, the swapped pair's dk[I, f]."""
     pid_i = tl.program_id(0)
@@ -338,12 +346,12 @@ def row_kernel(
 
     rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < N
-    offs_c = pid_f * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_f * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = pid_f * OUT_C + tl.arange(0, OUT_C)
+    offs_d = pid_f * OUT_D + tl.arange(0, OUT_D)
 
-    dq = tl.zeros([BLOCK_I, BLOCK_D], dtype=ACC_DTYPE)       # Σ_j C_ij k_j
+    dq = tl.zeros([BLOCK_I, OUT_D], dtype=ACC_DTYPE)       # Σ_j C_ij k_j
     c_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)            # Σ_j C_ij
-    dk_swap = tl.zeros([BLOCK_I, BLOCK_D], dtype=ACC_DTYPE)  # Σ_j C'_ij q_j
+    dk_swap = tl.zeros([BLOCK_I, OUT_D], dtype=ACC_DTYPE)  # Σ_j C'_ij q_j
     c_swap_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)       # Σ_j C'_ij
     a_hat_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)        # Σ_j â_ij
     for j0 in tl.range(0, M, BLOCK_J):

@@ -30,10 +30,12 @@ SM80, SM90 = "sm_80", "sm_90"
 _ARCHS: dict[int, tuple[str, ...]] = {}
 
 
-def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90)):
+def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None):
     """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
-    compiled without spills (see below)."""
-    blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c}
+    compiled without spills (see below). ``out``: the backward kernels' output feature tile
+    (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs."""
+    blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c,
+              "OUT_D": out, "OUT_C": out}
     config = triton.Config({name: size for name, size in blocks.items() if size is not None},
                            num_warps=warps, num_stages=stages)
     _ARCHS[id(config)] = archs
@@ -54,64 +56,84 @@ def archs_of(config) -> tuple[str, ...]:
 # (576/408); column half 64×32×64×64 (240/96) and 32×64×64×64 (504/456); float32 backward 32×32 tiles
 # (264–800); row half 64×32 and 64×64 (480–1352).
 
+# Width class 64 (the lists autotuned before wide tiles; every forward entry's BLOCK_C is ≥ 64).
 FORWARD_CONFIGS = [
     _config(64, 32, 64, 64, 8, 1),
     _config(64, 64, 64, 64, 8, 2, archs=(SM90,)),  # 120 spill bytes on sm_80
     _config(64, 32, 32, 64, 4, 3),
-    _config(32, 32, 32, 32, 4, 2),
     _config(64, 64, 32, 128, 8, 2),
 ]
 
-COLUMN_CONFIGS = [
-    _config(32, 32, 32, 32, 8, 1),
-    _config(32, 32, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 1, archs=(SM90,)),  # 8 spill bytes on sm_80
-]
-
-ROW_CONFIGS = [
-    _config(32, 32, 64, 64, 8, 1),
-    _config(32, 32, 32, 32, 4, 1, archs=(SM80,)),  # 120 spill bytes on sm_90
-]
-
 # float32 inputs: every tl.dot is tf32x3 (three tensor-core products on split operands), and the
-# register use grows accordingly. Measured (sm_80, log + count + symmetric, fp32): backward 32×32 tiles
-# with 32-wide feature tiles spill 624 bytes at 4 warps and 400 at 8; 16×16 tiles spill nothing
-# (255 and 222 registers). Forward 32×32×32×32 spills at 4 warps (56 / 96 bytes on sm_80 / sm_90 in
-# the heavy variants); 64×32 at 8 warps none.
-# The full AOT set showed 24–40 byte spills on sm_90 for 16×16 backward tiles at 4 warps: 8 warps.
-# Wider value tiles (BLOCK_C 64, 128) let one program cover C = 64…128, so the pair tile is computed
-# once per row block instead of once per 32 output columns (bench/NOTES_triton.md).
+# register use grows accordingly. Forward 32×32×32×32 spills at 4 warps (56 / 96 bytes on sm_80 /
+# sm_90 in the heavy variants); 64×32 at 8 warps none. BLOCK_C 32 (the default before wide tiles)
+# is gone: at C = 64 it computed every pair tile twice.
 FORWARD_CONFIGS_FP32 = [
-    _config(32, 32, 32, 32, 8, 1),
-    _config(64, 32, 32, 32, 8, 1),
     _config(32, 32, 32, 64, 8, 1),
     _config(32, 32, 32, 128, 8, 1),
     _config(64, 32, 32, 64, 8, 1, archs=(SM90,)),  # 24 spill bytes on sm_80
 ]
 
-# Half column passes without `symmetric` (one recomputed product per tile): at 8 warps ptxas caps
-# four `sym` variants on sm_90 at 128 registers and they spill 8–16 bytes; at 4 warps all 40 such
-# variants compile spill-free on sm_80 and sm_90 (while 4 warps make 21 symmetric ones spill up to
-# 216 bytes, hence a separate default).
-COLUMN_CONFIGS_NONSYMMETRIC = [
-    _config(32, 32, 32, 32, 4, 1),
-    _config(32, 32, 32, 32, 8, 1),
-    _config(32, 32, 64, 64, 8, 1),
-    _config(64, 32, 64, 64, 8, 1, archs=(SM90,)),  # 72 spill bytes on sm_80
-]
+# Backward, width class 64: output feature tiles OUT_D = OUT_C = 64 (one program per row or column block
+# for D, C ≤ 64), GEMM slices BLOCK_D = BLOCK_C of 32 (half column pass, float32) or 64 (half row pass).
+# Each accumulator keeps the footprint (rows × output width) of the tiles the full AOT set verified before
+# wide tiles: 32 × 32 in the half column pass (hence BLOCK_J 16), 32 × 64 in the half row pass. Half
+# column passes without `symmetric` take 4 warps: at 8, ptxas capped four `sym` variants on sm_90 at 128
+# registers and they spilled 8–16 bytes.
+COLUMN_CONFIGS = [_config(32, 16, 32, 32, 8, 1, out=64)]
+COLUMN_CONFIGS_NONSYMMETRIC = [_config(16, 16, 32, 32, 4, 1, out=64)]
+ROW_CONFIGS = [_config(32, 32, 64, 64, 8, 1, out=64)]
+BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
 
-# Both float32 backward passes: the same register budget (one recomputed tile, two accumulators).
-BACKWARD_CONFIGS_FP32 = [
-    _config(16, 16, 32, 32, 8, 1),
-    _config(16, 16, 32, 32, 4, 1),
-]
+# Backward, width classes 128 and above: 128-wide output tiles at 16 rows (16 × 128 = the row pass's
+# verified 32 × 64). Wider output tiles spilled in the heaviest variants (bench/NOTES_triton.md: OUT 256
+# and 512 with two or three accumulators, 8–288 bytes), so from D or C = 256 on the backward runs
+# ⌈width / 128⌉ feature programs per row (column) block, each recomputing the tile.
+BACKWARD_CONFIGS_WIDE = [_config(16, 16, 32, 32, 8, 1, out=128)]
 
 PREPROCESS_CONFIGS = [
     _config(32, None, None, 64, 4, 1),
     _config(64, None, None, 64, 8, 1),
 ]
 
-#: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles.
+#: Feature-width classes. A call's class is the next power of two of its feature width (C for the
+#: forward, max(D, C) for the backward passes), clamped to 64…512. Every forward configuration of a
+#: class's list covers the class width in one program (BLOCK_C), so the forward computes each affinity
+#: tile once per row block for C ≤ 512 and ⌈C / 512⌉ times above; the backward's output tiles
+#: (OUT_D = OUT_C) cover 64 and 128, and ⌈width / 128⌉ feature programs beyond (the work model,
+#: :mod:`.work_model`, counts it). Wider value tiles are paid with fewer rows per program.
+WIDTH_CLASSES = (64, 128, 256, 512)
+
+_WIDE = {
+    # family, fp32, symmetric: {width class: list}
+    ("forward", False): {
+        64: FORWARD_CONFIGS,
+        128: [_config(64, 32, 64, 128, 8, 1), _config(64, 64, 32, 128, 8, 2)],
+        256: [_config(32, 32, 64, 256, 8, 1)],
+        512: [_config(16, 32, 64, 512, 8, 1)],
+    },
+    ("forward", True): {
+        64: FORWARD_CONFIGS_FP32,
+        128: [_config(32, 32, 32, 128, 8, 1)],
+        256: [_config(16, 32, 32, 256, 8, 1)],
+        512: [_config(16, 16, 32, 512, 8, 1)],
+    },
+    # backward: (family, fp32, symmetric); one list object for the wide classes (the same kernels)
+    ("column", False, True): {64: COLUMN_CONFIGS},
+    ("column", False, False): {64: COLUMN_CONFIGS_NONSYMMETRIC},
+    ("row", False, False): {64: ROW_CONFIGS},
+    ("row", False, True): {64: ROW_CONFIGS},
+    ("column", True, True): {64: BACKWARD_CONFIGS_FP32},
+    ("column", True, False): {64: BACKWARD_CONFIGS_FP32},
+    ("row", True, False): {64: BACKWARD_CONFIGS_FP32},
+    ("row", True, True): {64: BACKWARD_CONFIGS_FP32},
+}
+for _key, _lists in _WIDE.items():
+    if _key[0] != "forward":
+        _lists.update({width: BACKWARD_CONFIGS_WIDE for width in WIDTH_CLASSES[1:]})
+
+#: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
+#: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.
 INTERPRETER_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_D": 64, "BLOCK_C": 64}
 
 #: Keys of the bucketed autotune cache (besides the variant's constexprs).
@@ -124,6 +146,16 @@ def bucket(size: int) -> int:
     return max(16, triton.next_power_of_2(max(1, size)))
 
 
+def width_class(width: int) -> int:
+    """The feature-width class of a call (see :data:`WIDTH_CLASSES`)."""
+    return min(WIDTH_CLASSES[-1], max(WIDTH_CLASSES[0], triton.next_power_of_2(max(1, width))))
+
+
+def family_width(family: str, d: int, c: int) -> int:
+    """The feature width a kernel family's tiles must cover: C for the forward, max(D, C) for the backward."""
+    return c if family == "forward" else max(d, c)
+
+
 def even_heuristics():
     """Tail-tile heuristics: a feature dimension that the tile divides needs no mask."""
     return {
@@ -132,25 +164,31 @@ def even_heuristics():
     }
 
 
-_CONFIGS = {
-    ("forward", False): FORWARD_CONFIGS, ("forward", True): FORWARD_CONFIGS_FP32,
-    ("column", False): COLUMN_CONFIGS, ("column", True): BACKWARD_CONFIGS_FP32,
-    ("row", False): ROW_CONFIGS, ("row", True): BACKWARD_CONFIGS_FP32,
-    ("preprocess", False): PREPROCESS_CONFIGS, ("preprocess", True): PREPROCESS_CONFIGS,
-}
-
-_BY_TARGET = {}
-
-
-def configs_for(family: str, fp32: bool, symmetric: bool = True) -> list:
-    """The autotune list of a kernel family (forward, column, row, preprocess); the first is the default.
+def configs_for(family: str, fp32: bool, symmetric: bool = True, width: int = 64) -> list:
+    """The autotune list of a kernel family (forward, column, row, preprocess) for feature ``width``
+    (any size; its class is taken); the first is the default.
 
     ``fp32``: float32 (or float64) inputs, whose tf32x3 products need smaller tiles than half inputs.
     ``symmetric``: the variant's ``symmetric`` flag (half column passes without it default to 4 warps).
     """
-    if family == "column" and not fp32 and not symmetric:
-        return COLUMN_CONFIGS_NONSYMMETRIC
-    return _CONFIGS[(family, fp32)]
+    if family == "preprocess":
+        return PREPROCESS_CONFIGS
+    key = (family, fp32) if family == "forward" else (family, fp32, symmetric)
+    return _WIDE[key][width_class(width)]
+
+
+def interpreter_blocks(config) -> dict:
+    """The tiles the interpreter runs a kernel with: :data:`INTERPRETER_BLOCKS`, with the feature tiles
+    of ``config`` (the default of the call's list)."""
+    blocks = {name: INTERPRETER_BLOCKS[name] for name in config.kwargs if name in INTERPRETER_BLOCKS}
+    if "OUT_D" in config.kwargs:  # backward: output feature tiles of the class
+        blocks.update(OUT_D=config.kwargs["OUT_D"], OUT_C=config.kwargs["OUT_C"])
+    elif "BLOCK_I" in config.kwargs and "BLOCK_J" in config.kwargs:  # forward: the value tile of the class
+        blocks["BLOCK_C"] = config.kwargs["BLOCK_C"]
+    return blocks
+
+
+_BY_TARGET = {}
 
 
 def for_target(configs: list, target: str) -> list:

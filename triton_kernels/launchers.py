@@ -8,7 +8,8 @@ outputs and gradients. The kernels are in :mod:`.aggregate`; the grid's first ax
 (or column) tiles, the second over feature tiles, the third over the batch.
 
 Under ``TRITON_INTERPRET=1`` (CPU tensors, tests) the kernels run with the fixed
-:data:`~.configs.INTERPRETER_BLOCKS`; on CUDA they are autotuned over :mod:`.configs`.
+:data:`~.configs.INTERPRETER_BLOCKS` (feature tiles of the call's width class); on CUDA they are
+autotuned over the width class's list in :mod:`.configs`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import triton.language as tl
 from nonlocal_ext.backends._common import compute_dtype, safe_inverse_power
 
 from . import aggregate as kernels
-from .configs import (BUCKET_KEYS, INTERPRETER_BLOCKS, VARIANT_KEYS, bucket, configs_for, even_heuristics, for_target,
-                      target_of)
+from .configs import (BUCKET_KEYS, VARIANT_KEYS, bucket, configs_for, even_heuristics, family_width, for_target,
+                      interpreter_blocks, target_of)
 from .tiles import KERNEL_IDS, NORMALIZE_IDS
 
 #: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
@@ -60,7 +61,7 @@ def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
     n, m, d, c = sizes
     buckets = dict(zip(BUCKET_KEYS, (bucket(n), bucket(m), bucket(d), bucket(c))))
     if INTERPRETED:
-        blocks = {name: INTERPRETER_BLOCKS[name] for name in _block_names(configs)}
+        blocks = interpreter_blocks(configs[0])
         even = {}
         if with_even:
             even = {"EVEN_D": d % blocks["BLOCK_D"] == 0, "EVEN_C": c % blocks["BLOCK_C"] == 0}
@@ -96,10 +97,6 @@ def interpreter_takes_bfloat16() -> bool:
         _dot_probe_kernel[(1,)](a, b, c, SIZE=16)
         _BFLOAT16_DOT_EXACT = torch.equal(c, a.float() @ b.float())
     return _BFLOAT16_DOT_EXACT
-
-
-def _block_names(configs):
-    return list(configs[0].kwargs)
 
 
 def _new(shape, dtype, device):
@@ -150,7 +147,7 @@ def _sqnorms(spec, x, dtype):
 def row_factor(spec, row_stats, m):
     """A_i (log A_i for log-domain kernels) from the saved row statistics (r_i or log r_i)."""
     if spec.kernel.log_domain:
-        return {"none": 0.0 * row_stats, "count": torch.full_like(row_stats, -math.log(m)),
+        return {"none": torch.zeros_like(row_stats), "count": torch.full_like(row_stats, -math.log(m)),
                 "row": -row_stats, "sym": -0.5 * row_stats}[spec.normalize]
     return {"none": torch.ones_like(row_stats), "count": torch.full_like(row_stats, 1.0 / m),
             "row": safe_inverse_power(row_stats, 1.0), "sym": safe_inverse_power(row_stats, 0.5)}[spec.normalize]
@@ -193,7 +190,7 @@ def _row_sums(p: _Prepared, swapped: bool):
         (p.q, p.k, p.q_sq, p.k_sq, p.n, p.m)
     stats = p.new(p.b, rows)
     constexprs = dict(p.constexprs, WITH_VALUES=False, DIFFUSION=False)
-    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32, width=0),
             lambda blk: (triton.cdiv(rows, blk["BLOCK_I"]), 1, p.b),
             (a, b_, p.dummy, p.dummy, a_sq, b_sq, p.dummy, p.params, p.dummy, stats, rows, cols, p.d, 0),
             constexprs, (rows, cols, p.d, 0))
@@ -215,7 +212,7 @@ def forward(query, key, value, self_value, spec):
     out = p.new(p.b, p.n, p.c)
     row_stats = p.new(p.b, p.n)
     factor = col_factor(spec, col_stats) if spec.normalize == "sym" else p.dummy
-    _launch(kernels.forward_kernel, configs_for("forward", p.fp32),
+    _launch(kernels.forward_kernel, configs_for("forward", p.fp32, width=p.c),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), triton.cdiv(p.c, blk["BLOCK_C"]), p.b),
             (p.q, p.k, p.v, p.u if p.u is not None else p.dummy, p.q_sq, p.k_sq, factor, p.params, out, row_stats,
              p.n, p.m, p.d, p.c),
@@ -233,7 +230,8 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
     g = grad_out.to(p.dtype).contiguous()
     out = out.contiguous()
     u_or_dummy = p.u if p.u is not None else p.dummy
-    nd_chunks = lambda blk: max(triton.cdiv(p.c, blk["BLOCK_C"]), triton.cdiv(p.d, blk["BLOCK_D"]), 1)  # noqa: E731
+    nd_chunks = lambda blk: max(triton.cdiv(p.c, blk["OUT_C"]), triton.cdiv(p.d, blk["OUT_D"]), 1)  # noqa: E731
+    width = family_width("column", p.d, p.c)
 
     # δ preprocess: S_i = G_i·out_i, gu_i = G_i·u_i
     s_rows = p.new(p.b, p.n)
@@ -255,13 +253,16 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
                            p.params, dv, dk, dq_swap, p.n, p.m, p.d, p.c)
     column_grid = lambda blk: (triton.cdiv(p.m, blk["BLOCK_J"]), nd_chunks(blk), p.b)  # noqa: E731
     for with_dv_t, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-        _launch(kernels.column_kernel, configs_for("column", p.fp32, spec.symmetric), column_grid, column_args(),
+        if sym and with_dk:  # T_j = Σ_i dâ_ij â_ij = v_j·dv_j − Σ_i â_ij gu_i (the first pass wrote the sum)
+            t = (p.v.to(p.acc) * dv).sum(-1)
+            t_cols.copy_(t - t_cols if spec.diffusion else t)
+        _launch(kernels.column_kernel, configs_for("column", p.fp32, spec.symmetric, width), column_grid, column_args(),
                 dict(p.constexprs, WITH_DV_T=with_dv_t, WITH_DK=with_dk), (p.n, p.m, p.d, p.c))
 
     dq = p.new(p.b, p.n, p.d)
     dk_swap = p.new(p.b, p.n, p.d) if spec.symmetric else p.dummy
     du = p.new(p.b, p.n, p.c) if spec.diffusion else p.dummy
-    _launch(kernels.row_kernel, configs_for("row", p.fp32),
+    _launch(kernels.row_kernel, configs_for("row", p.fp32, width=width),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), nd_chunks(blk), p.b),
             (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols, p.params,
              dq, dk_swap, du, p.n, p.m, p.d, p.c),

@@ -50,7 +50,7 @@ def affinity(x, KERNEL: tl.constexpr, scale, power, gamma):
     """
     if KERNEL == DOT_KERNEL:
         w = scale * x
-        slope = w * 0 + scale
+        slope = tl.zeros_like(x) + scale
     elif KERNEL == RBF_KERNEL:
         w = tl.exp(-scale * x)
         slope = -scale * w
@@ -98,23 +98,32 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
               IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr, EVEN_D: tl.constexpr,
               QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``(x, coincident)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖²."""
+    """``(x, coincident, dead)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖².
+
+    ``dead``: pairs whose gradient is exactly 0 in the dense formula: the coincident ones, and for
+    distance kernels those where ‖q‖² + ‖k‖² − 2q·k is negative (round-off) or NaN — the clamp at 0
+    passes no gradient there, so a NaN in one coordinate of q_i leaves the other coordinates of dq_i finite.
+    """
     s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
                  EVEN_D, QK_PRECISION, BLOCK_D)
     if IS_DISTANCE:
         a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
         b_sq = tl.load(b_sq_ptr + cols, mask=col_mask, other=0.0)
         norms = a_sq[:, None] + b_sq[None, :]
-        x = tl.maximum(norms - 2.0 * s, 0.0)
+        raw = norms - 2.0 * s
+        clamped = ~(raw >= 0.0)  # negative or NaN
+        x = tl.where(raw < 0.0, 0.0, raw)  # clamp round-off at 0; NaN stays NaN (tl.maximum may drop it)
         if MASKS_COINCIDENT:
             coincident = x <= eps * norms
             x = tl.where(coincident, 1.0, x)
         else:
-            coincident = s != s  # no coincident pairs (all False for finite data)
+            coincident = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int1)  # no coincident pairs (not `s != s`: NaN)
+        dead = coincident | clamped
     else:
         x = s
-        coincident = s != s
-    return x, coincident
+        coincident = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int1)
+        dead = coincident
+    return x, coincident, dead
 
 
 @triton.jit
@@ -124,43 +133,49 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
                 LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
                 QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``(w̃ or log w̃, g1, g2)`` of one tile; ``g2`` is 0 without ``symmetric``."""
-    x1, coincident1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+    """``(w̃ or log w̃, g1, g2, dead1, dead2)`` of one tile; ``g2`` is 0 without ``symmetric``.
+
+    ``dead1`` / ``dead2``: the pairs of (q_i, k_j) / (k_i, q_j) whose gradient is exactly 0 (see
+    :func:`pair_tile`); the backward zeroes H·g there instead of multiplying (a NaN must not leak through).
+    """
+    x1, coincident1, dead1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
                                 IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
                                 BLOCK_I, BLOCK_J, BLOCK_D)
     if LOG_DOMAIN:
         z1 = scale * x1
         if SYMMETRIC:
-            x2, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+            x2, _, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
                               IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
                               BLOCK_I, BLOCK_J, BLOCK_D)
             z2 = scale * x2
-            # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2)
-            high = tl.maximum(z1, z2)
-            low = tl.minimum(z1, z2)
+            # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2). Selected with
+            # where, not tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
+            first_high = z1 >= z2
+            high = tl.where(first_high, z1, z2)
+            low = tl.where(first_high, z2, z1)
             ratio = tl.exp(low - high)  # ≤ 1: no overflow
             z = high + tl.log(0.5 + 0.5 * ratio)
-            share1 = tl.where(z1 >= z2, 1.0, ratio) / (1.0 + ratio)
+            share1 = tl.where(first_high, 1.0, ratio) / (1.0 + ratio)
             g1 = scale * share1
             g2 = scale * (1.0 - share1)
         else:
             z = z1
-            g1 = z1 * 0 + scale
-            g2 = z1 * 0
-        return z, g1, g2
+            g1 = tl.zeros_like(z1) + scale  # (not z1·0 + scale: a NaN z must not reach the slope)
+            g2 = tl.zeros_like(z1)
+        return z, g1, g2, dead1, dead1
     else:
         w1, d1 = affinity(x1, KERNEL, scale, power, gamma)
         w1 = tl.where(coincident1, 0.0, w1)
         d1 = tl.where(coincident1, 0.0, d1)
         if SYMMETRIC:
-            x2, coincident2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
+            x2, coincident2, dead2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
                                         IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
                                         BLOCK_I, BLOCK_J, BLOCK_D)
             w2, d2 = affinity(x2, KERNEL, scale, power, gamma)
             w2 = tl.where(coincident2, 0.0, w2)
             d2 = tl.where(coincident2, 0.0, d2)
-            return 0.5 * (w1 + w2), 0.5 * d1, 0.5 * d2
-        return w1, d1, d1 * 0
+            return 0.5 * (w1 + w2), 0.5 * d1, 0.5 * d2, dead1, dead2
+        return w1, d1, tl.zeros_like(d1), dead1, dead1
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import chunked, cost, cpu, linear, reference, triton
+from . import chunked, cost, cpu, cuda_choice, linear, reference, triton
 
 BACKENDS = {b.NAME: b for b in (reference, chunked, linear, cpu, triton)}
 
@@ -38,29 +38,30 @@ DENSE_TEMPORARIES = 8
 def select(name: str, spec, query, key, value=None, backward: bool = False):
     """The backend module for ``backend=name``.
 
-    ``auto``: ``kernel="dot"`` always takes the exact linear-time path. Otherwise, where the fused
-    backend of the device is available (``triton`` on CUDA, ``cpu`` on CPU), the CPU choice between
-    it and the dense ``reference`` follows :mod:`.cost` (``backward``: whether a backward will run),
-    the dense path only while its N×M temporaries fit DENSE_MEMORY_BUDGET. Without fused kernels:
-    the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS), ``chunked`` for the
-    rest. A backend asked for by name is used or refused with the reason and the list of what is
-    available, never silently replaced.
+    ``auto``: ``kernel="dot"`` always takes the exact linear-time path. On CUDA every other kernel
+    goes to the work model's per-call decision (``cuda_choice``: fused, dense within a memory
+    budget, or SDPA). On CPU, where the fused ``cpu`` kernels are available, the choice between
+    them and the dense ``reference`` follows :mod:`.cost` (``backward``: whether a backward will
+    run), the dense path only while its N×M temporaries fit DENSE_MEMORY_BUDGET. Without fused
+    kernels: the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS), ``chunked``
+    for the rest. A backend asked for by name is used or refused with the reason and the list of
+    what is available, never silently replaced.
     """
     if name == "auto":
         if spec.kernel.name == "dot":
             return linear
+        if query.device.type == "cuda":  # the work model decides per call (cuda_choice.decide)
+            return cuda_choice.AUTO
         n, d = query.shape[-2:]
         m = key.shape[-2]
         c = d if value is None else value.shape[-1]
         affinities = math.prod(query.shape[:-1]) * m  # B·N·M
-        fused = triton if query.device.type == "cuda" else cpu
-        if fused.unsupported_reason(spec, query) is None:
-            if fused is cpu:
-                dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
-                if dense_bytes <= DENSE_MEMORY_BUDGET and cost.prefer_dense(
-                        affinities, m, d, c, spec.kernel.name, spec.normalize, backward):
-                    return reference
-            return fused
+        if cpu.unsupported_reason(spec, query) is None:
+            dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
+            if dense_bytes <= DENSE_MEMORY_BUDGET and cost.prefer_dense(
+                    affinities, m, d, c, spec.kernel.name, spec.normalize, backward):
+                return reference
+            return cpu
         return reference if affinities <= DENSE_MAX_ELEMENTS else chunked
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)
