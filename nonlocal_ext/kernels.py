@@ -296,11 +296,22 @@ def pair_variable(kernel: AffinityKernel, a: torch.Tensor, b: torch.Tensor, a_sq
     return torch.where(coincident, torch.ones_like(rho), rho), coincident
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values this process can read now: not meta, fake, traced, inside a
+    ``torch.func`` transform (vmap cannot branch on data) or being captured into a CUDA graph."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _certainly_finite(t: torch.Tensor) -> bool:
     """True only if every entry of ``t`` is finite, screened by one sum (a finite sum needs finite
     terms; an overflowing sum of finite terms only sends the caller down its general path). CPU
-    eager only: elsewhere it would cost a device sync or break a traced graph, and returns False."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or t.numel() == 0:
+    tensors with readable values only: elsewhere it would cost a device sync or break a traced
+    graph, and returns False."""
+    if t.device.type != "cpu" or not values_readable(t) or t.numel() == 0:
         return t.numel() == 0
     return bool(torch.isfinite(t.detach().sum()))
 

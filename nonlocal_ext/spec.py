@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import KERNELS, AffinityKernel, KernelParams, resolve_params, type_name
+from .kernels import KERNELS, AffinityKernel, KernelParams, resolve_params, type_name, values_readable
 
 NORMALIZATIONS = ("none", "count", "row", "sym")
 UPDATES = ("aggregate", "diffusion")
@@ -115,16 +115,6 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     return AggregateSpec(affinity, params, normalize, update, symmetric)
 
 
-def _values_readable(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds values this process can read now: not meta, fake, traced, inside a
-    ``torch.func`` transform (vmap cannot branch on data) or being captured into a CUDA graph."""
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
-        return False
-    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def check_sym_sums(spec: AggregateSpec, inputs, out: torch.Tensor) -> None:
     """The ``sym`` policy for kernels whose weights can take either sign (see the module docstring).
 
@@ -132,7 +122,7 @@ def check_sym_sums(spec: AggregateSpec, inputs, out: torch.Tensor) -> None:
     sum of the affinities was negative. NaN or Inf inputs propagate to the output by design and
     are not an error.
     """
-    if spec.normalize != "sym" or spec.kernel.weight_sign(spec.params) != "any" or not _values_readable(out):
+    if spec.normalize != "sym" or spec.kernel.weight_sign(spec.params) != "any" or not values_readable(out):
         return
     if not torch.isnan(out).any():
         return
