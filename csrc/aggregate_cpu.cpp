@@ -188,14 +188,41 @@ NLX_INLINE void weights_from_products(const Roles<T>& r, const KernelArgs<T>& p,
   }
 }
 
+// s ← ρ_ij = Σ_d (a_id − b_jd)² for rows i0.. of a (rows × d) and columns j0.. of b (cols × d).
+template <typename T>
+void squared_distances(const T* a, const T* b, int64_t d, int64_t i0, int64_t bi, int64_t j0, int64_t bj, T* s) {
+  for (int64_t i = 0; i < bi; ++i) {
+    const T* ai = a + (i0 + i) * d;
+    for (int64_t j = 0; j < bj; ++j) {
+      const T* bjp = b + (j0 + j) * d;
+      T rho = T(0);
+      for (int64_t e = 0; e < d; ++e) rho += (ai[e] - bjp[e]) * (ai[e] - bjp[e]);
+      s[i * bj + j] = rho;
+    }
+  }
+}
+
+// The pair variables' products of a tile, row-major with leading dimension bj: s1 = a_I b_Jᵀ (and
+// s2 = a2_I b2_Jᵀ when symmetric), or ρ itself under direct differences (p.direct).
+template <typename T>
+void tile_products(const Roles<T>& r, const KernelArgs<T>& p, bool symmetric, int64_t i0, int64_t bi,
+                   int64_t j0, int64_t bj, T* s1, T* s2) {
+  const int64_t d = r.d;
+  if (p.direct) {
+    squared_distances(r.a, r.b, d, i0, bi, j0, bj, s1);
+    if (symmetric) squared_distances(r.a2, r.b2, d, i0, bi, j0, bj, s2);
+    return;
+  }
+  gemm<T>(false, false, bi, bj, d, T(1), r.a + i0 * d, d, r.b_t + j0, r.ld_t, T(0), s1, bj);
+  if (symmetric) gemm<T>(false, false, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2_t + j0, r.ld_t, T(0), s2, bj);
+}
+
 // s1 ← W̃ (or log W̃ for gaussian) of the tile rows i0..i0+bi × columns j0..j0+bj, row-major
 // with leading dimension bj; s2 is scratch of the same size for the symmetric term.
 template <typename T, Kernel K, bool SYMM>
 NLX_INLINE void tile_weights(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
                              int64_t j0, int64_t bj, T* s1, T* s2) {
-  const int64_t d = r.d;
-  gemm<T>(false, false, bi, bj, d, T(1), r.a + i0 * d, d, r.b_t + j0, r.ld_t, T(0), s1, bj);
-  if constexpr (SYMM) gemm<T>(false, false, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2_t + j0, r.ld_t, T(0), s2, bj);
+  tile_products<T>(r, p, SYMM, i0, bi, j0, bj, s1, s2);
   weights_from_products<T, K, SYMM>(r, p, i0, bi, j0, bj, s1, s2);
 }
 
@@ -326,7 +353,7 @@ NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, co
       const T bj_ = bf[j];
       const T Yj = SYMNORM ? Y[j] : T(0);
       const WeightSlope<T> first = weight_and_slope<T, K>(s1r[j], an, bn, args);
-      WeightSlope<T> second{T(0), T(0)};
+      WeightSlope<T> second{T(0), T(0), true};
       if constexpr (SYMM) second = weight_and_slope<T, K>(s2r[j], a2n, b2n, args);
       const T w1 = first.weight, f1 = first.slope, w2 = second.weight, f2 = second.slope;
       const T da = gvr[j] - gui;
@@ -348,8 +375,8 @@ NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, co
         ar[j] = wt * ab;
         T dw = ab * (da - Ri);
         if constexpr (SYMNORM) dw -= Xi * ai * ai + Yj * bj_ * bj_;
-        c1r[j] = half * dw * f1;
-        if constexpr (SYMM) c2r[j] = half * dw * f2;
+        c1r[j] = first.coincident ? T(0) : half * dw * f1;
+        if constexpr (SYMM) c2r[j] = second.coincident ? T(0) : half * dw * f2;
       }
     }
   }
@@ -551,8 +578,9 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 }
 
 template <typename T>
-KernelArgs<T> kernel_args(const Options& o) {
-  return {static_cast<T>(o.scale), static_cast<T>(0.5 * o.power), static_cast<T>(o.gamma), static_cast<T>(o.eps)};
+KernelArgs<T> kernel_args(const Options& o, int64_t features) {
+  return {static_cast<T>(o.scale), static_cast<T>(0.5 * o.power), static_cast<T>(o.gamma), static_cast<T>(o.eps),
+          is_distance(o.kernel) && features <= kDirectMaxFeatures};
 }
 
 // Normalization factor from a statistic (log factor for gaussian), Â = diag(a) W diag(b):
@@ -611,7 +639,7 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
   const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
   const int64_t c = value.defined() ? value.size(2) : 0;
   const int64_t rb = o.row_block, blocks = (rows + rb - 1) / rb;
-  const KernelArgs<T> p = kernel_args<T>(o);
+  const KernelArgs<T> p = kernel_args<T>(o, d);
   const at::Tensor cols_t = transposed(cols_in), rows_t = o.symmetric ? transposed(rows_in) : at::Tensor();
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
@@ -656,7 +684,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   auto out = at::full({batch, n, c}, nan, q.options());
   auto row_stats = at::full({batch, n}, nan, q.options());
   auto col_stats = at::full({batch, o.normalize == Normalize::Sym ? m : 0}, nan, q.options());
-  if (n == 0) return {out, row_stats, col_stats};
+  if (batch == 0 || n == 0) return {out, row_stats, col_stats};
   if (m == 0) {  // empty sums: no affinity, zero output (validated upstream: normalize none/count)
     out.zero_();
     row_stats.fill_(log_domain ? -std::numeric_limits<double>::infinity() : 0.0);
@@ -724,7 +752,7 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
   const GroupSplit split(batch, n, m, o.row_block);
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
-  const KernelArgs<T> p = kernel_args<T>(o);
+  const KernelArgs<T> p = kernel_args<T>(o, d);
   const at::Tensor q_t = o.symmetric ? transposed(q) : at::Tensor(), k_t = transposed(k), v_t = transposed(v);
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
@@ -853,7 +881,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
     parts.dq_cols = at::zeros({batch, m, d}, opts);
     parts.dq_cols_sum = at::zeros({batch, m}, opts);
   }
-  const KernelArgs<T> p = kernel_args<T>(o);
+  const KernelArgs<T> p = kernel_args<T>(o, d);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     const int64_t tile = o.row_block * kColBlock;
@@ -876,9 +904,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
           const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
-          gemm<T>(false, false, bi, bj, d, T(1), qb + i0 * d, d, ktb + j0, m, T(0), s1.data(), bj);
-          if (o.symmetric)
-            gemm<T>(false, false, bi, bj, d, T(1), kb + i0 * d, d, qtb + j0, m, T(0), s2.data(), bj);
+          tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1.data(), s2.data());
           gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv.data(), bj);
           backward_tile_gradients(o, symnorm, r, p, vec, gb, c, i0, bi, j0, bj, s1.data(), s2.data(), gv.data(),
                                   scratch, sinks);
@@ -927,7 +953,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
   }
   auto S = at::zeros({batch, n}, opts);
   bv.R = S;  // filled per row block by the first sweep, before the second reads it
-  const KernelArgs<T> p = kernel_args<T>(o);
+  const KernelArgs<T> p = kernel_args<T>(o, d);
   const bool log_domain = o.kernel == Kernel::Gaussian;
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t tile = rb * kColBlock, cache = rb * m;
@@ -955,8 +981,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
         for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 1: products, S_i
           const int64_t bj = std::min(kColBlock, m - j0);
           T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
-          gemm<T>(false, false, bi, bj, d, T(1), qb + i0 * d, d, ktb + j0, m, T(0), s1, bj);
-          if (o.symmetric) gemm<T>(false, false, bi, bj, d, T(1), kb + i0 * d, d, qtb + j0, m, T(0), s2, bj);
+          tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1, s2);
           gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv, bj);
           std::copy(s1, s1 + bi * bj, w.begin());
           weights_from_products_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, w.data(), s2);
@@ -1013,7 +1038,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
     bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1);
-  if (n == 0 || m == 0) {
+  if (batch == 0 || n == 0 || m == 0) {
     std::optional<at::Tensor> grad_u;
     if (has_self_value) grad_u = at::zeros_like(u);
     return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), grad_u};

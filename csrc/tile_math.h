@@ -35,9 +35,16 @@ constexpr bool masks_coincident(Kernel k) {
   return k == Kernel::Fractional || k == Kernel::Log;
 }
 
+// Distance kernels with at most this many features form ρ from direct differences Σ_d (a_d − b_d)²
+// instead of ‖a‖² + ‖b‖² − 2 a·b, whose cancellation costs coordinates (D = 2, 3) their digits at
+// close pairs; the tile "products" then hold ρ itself. Mirrors DIRECT_DIFFERENCES_MAX_FEATURES of
+// nonlocal_ext/kernels.py (tested to agree).
+constexpr int64_t kDirectMaxFeatures = 3;
+
 template <typename T>
 struct KernelArgs {
   T scale, half_power, gamma, eps;  // half_power = power/2 (fractional)
+  bool direct;                      // s holds ρ (direct differences), not a·b
 };
 
 NLX_INLINE float bits_to_float(int32_t bits) {
@@ -122,19 +129,20 @@ struct Math<double> {  // float64 is the gradcheck precision: the C library's fu
 template <typename T>
 struct WeightSlope {
   T weight, slope;
+  bool coincident;  // a masked pair: it passes no gradient, not even a NaN one (as in the dense formula)
 };
 
 template <typename T, Kernel K>
 NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
   if constexpr (K == Kernel::Dot || K == Kernel::Gaussian) {
-    return {p.scale * s, p.scale};
+    return {p.scale * s, p.scale, false};
   } else {
     T norms = a_sqnorm + b_sqnorm;
-    T rho = norms - T(2) * s;
+    T rho = p.direct ? s : norms - T(2) * s;
     rho = rho < T(0) ? T(0) : rho;  // clamps rounding below 0; NaN stays NaN (a max would drop it)
     if constexpr (K == Kernel::Rbf) {
       T w = Math<T>::exp(-p.scale * rho);
-      return {w, -p.scale * w};
+      return {w, -p.scale * w, false};
     } else {
       bool coincident = rho <= p.eps * norms;
       T safe = coincident ? T(1) : rho;
@@ -146,7 +154,7 @@ NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const Ke
         w = -p.scale * Math<T>::log(safe) - p.gamma;
         d = -p.scale / safe;
       }
-      return {coincident ? T(0) : w, coincident ? T(0) : d};
+      return {coincident ? T(0) : w, coincident ? T(0) : d, coincident};
     }
   }
 }

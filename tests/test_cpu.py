@@ -160,3 +160,13 @@ def test_op_rejects_bad_arguments_by_name():
         OPS.aggregate_forward(q.half(), q.half(), q.half(), None, *args)
     with pytest.raises(RuntimeError, match="self_value needs update='diffusion'"):
         OPS.aggregate_forward(q, q, q, q, *args)
+
+
+def test_direct_differences_start_where_the_python_backends_start():
+    """csrc/tile_math.h mirrors kernels.DIRECT_DIFFERENCES_MAX_FEATURES (ρ from Σ_d (q_d − k_d)² up to it)."""
+    import pathlib
+    import re
+
+    header = (pathlib.Path(__file__).resolve().parent.parent / "csrc" / "tile_math.h").read_text()
+    mirrored = re.search(r"constexpr int64_t kDirectMaxFeatures = (\d+);", header)
+    assert mirrored and int(mirrored.group(1)) == nonlocal_ext.kernels.DIRECT_DIFFERENCES_MAX_FEATURES
