@@ -104,6 +104,8 @@ PREPROCESS_CONFIGS = [
 #: :mod:`.work_model`, counts it). Wider value tiles are paid with fewer rows per program.
 WIDTH_CLASSES = (64, 128, 256, 512)
 
+FORWARD_CONFIGS_FP32_WIDE = [_config(16, 32, 32, 256, 8, 1)]
+
 _WIDE = {
     # family, fp32, symmetric: {width class: list}
     ("forward", False): {
@@ -115,8 +117,8 @@ _WIDE = {
     ("forward", True): {
         64: FORWARD_CONFIGS_FP32,
         128: [_config(32, 32, 32, 128, 8, 1)],
-        256: [_config(16, 32, 32, 256, 8, 1)],
-        512: [_config(16, 16, 32, 512, 8, 1)],
+        256: FORWARD_CONFIGS_FP32_WIDE,
+        512: FORWARD_CONFIGS_FP32_WIDE,  # 16×16×32×512 spilled 336–1760 bytes (ptxas held it at 128 registers)
     },
     # backward: (family, fp32, symmetric); one list object for the wide classes (the same kernels)
     ("column", False, True): {64: COLUMN_CONFIGS},
@@ -131,6 +133,9 @@ _WIDE = {
 for _key, _lists in _WIDE.items():
     if _key[0] != "forward":
         _lists.update({width: BACKWARD_CONFIGS_WIDE for width in WIDTH_CLASSES[1:]})
+# The half row pass with `symmetric` (dq and dk′): 16×16→128 spilled 8–16 bytes (ptxas held it at 128
+# registers) in the heavy variants; it keeps the 64-wide output tiles of class 64.
+_WIDE[("row", False, True)].update({width: ROW_CONFIGS for width in WIDTH_CLASSES[1:]})
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.

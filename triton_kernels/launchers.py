@@ -262,7 +262,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
     dq = p.new(p.b, p.n, p.d)
     dk_swap = p.new(p.b, p.n, p.d) if spec.symmetric else p.dummy
     du = p.new(p.b, p.n, p.c) if spec.diffusion else p.dummy
-    _launch(kernels.row_kernel, configs_for("row", p.fp32, width=width),
+    _launch(kernels.row_kernel, configs_for("row", p.fp32, spec.symmetric, width),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), nd_chunks(blk), p.b),
             (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols, p.params,
              dq, dk_swap, du, p.n, p.m, p.d, p.c),
