@@ -250,9 +250,9 @@ def test_repeated_calls_do_not_grow_memory(backend):
     """200 forward+backward calls grow the resident set by less than 50 MB (after 20 warm-up calls)."""
     kernel = "dot" if backend == "linear" else "fractional"
     combo = (kernel, "sym", "diffusion", True, True)
-    q, k, v, u = (t.float().requires_grad_() for t in make_inputs(kernel, "sym", (2,), 200, 200, 8, 16,
+    q, k, v, u = (t.float().requires_grad_() for t in make_inputs(kernel, "sym", (2,), 64, 64, 8, 16,
                                                                   with_self_value=True))
-    grad_out = torch.randn(2, 200, 16)
+    grad_out = torch.randn(2, 64, 16)
 
     def step():
         torch.autograd.grad(call(backend, q, k, v, u, combo), (q, k, v, u), grad_out)
