@@ -94,7 +94,7 @@ def _typical_calls(device: str) -> tuple[list[str], list[dict]]:
     available, picks = set(), []
     for label, kernel, extra, b, n, m, d, c in TYPICAL_CALLS:
         q, k, v = (torch.empty(b, rows, cols, device=device) for rows, cols in ((n, d), (m, d), (m, c)))
-        spec = validate(q, k, v, kernel, scale=1.0, power=extra.get("power"), gamma=0.5772156649015329,
+        spec = validate(q, k, v, kernel, scale=1.0, power=extra.get("power"), gamma=extra.get("gamma"),
                         eps=None, normalize="row", update="aggregate", symmetric=False, self_value=None,
                         backend="auto")
         available.update(backends.available(spec, q))

@@ -677,7 +677,7 @@ def test_stage_kernel_parameters_pass_through(kernel, params):
 
 def test_spectral_fractional_kernel_takes_power():
     m = nl.SpectralNonLocal(6, kernel="fractional", power=2.5, eps=1e-9)
-    assert m.kernel_params == {"scale": m.scale, "power": 2.5, "gamma": EULER_GAMMA, "eps": 1e-9}
+    assert m.kernel_params == {"scale": m.scale, "power": 2.5, "gamma": None, "eps": 1e-9}
     assert torch.isfinite(m(torch.randn(*SHAPES[2]))).all()
 
 
@@ -705,7 +705,7 @@ def test_every_layer_takes_device_and_dtype(layer):
     ("SpectralNonLocal", dict(kernel="fractional"), ValueError, "power"),
     ("SpectralNonLocal", dict(normalize="none"), ValueError, "normalize"),
     ("SpectralNonLocal", dict(generalized="yes"), TypeError, "generalized"),
-    ("SpectralNonLocal", dict(gamma="e"), TypeError, "gamma"),
+    ("SpectralNonLocal", dict(gamma=0.5), ValueError, "gamma"),  # gamma belongs to log, which SNL refuses
     ("PIDENonLocal", dict(backend="gpu"), ValueError, "backend"),
     ("PIDENonLocal", dict(pool=0), ValueError, "pool"),
     ("PIDENonLocal", dict(pool=(2, 0)), ValueError, "pool"),

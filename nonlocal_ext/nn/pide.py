@@ -41,11 +41,11 @@ import math
 import torch
 from torch import nn
 
+from ..kernels import EULER_GAMMA
 from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, check_number, max_pool,
                       positions, positive_int)
 
 OPERATORS = ("diffusion", "fractional_laplacian", "inverse_fractional_laplacian")
-EULER_GAMMA = 0.5772156649015329
 
 
 def c_ns(n: float, s: float) -> float:
@@ -125,7 +125,7 @@ class PIDENonLocal(nn.Module):
         if eps is not None:
             self.op_kwargs["eps"] = eps
         check_kernel(self.op_kwargs["kernel"], "PIDENonLocal", scale=scale, power=self.op_kwargs.get("power"),
-                     gamma=self.op_kwargs.get("gamma", EULER_GAMMA), eps=eps)
+                     gamma=self.op_kwargs.get("gamma"), eps=eps)
         factory = {"device": device, "dtype": dtype}
         self.theta = nn.Conv1d(c, ci, kernel_size=1, **factory)
         self.phi = nn.Conv1d(c, ci, kernel_size=1, **factory)

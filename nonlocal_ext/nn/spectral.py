@@ -29,7 +29,6 @@ from torch import nn
 
 from ._common import (aggregate, channel_counts, check_backend, check_bool, check_input, check_kernel, positions,
                       zero_norm)
-from .pide import EULER_GAMMA
 
 
 class SpectralNonLocal(nn.Module):
@@ -50,7 +49,7 @@ class SpectralNonLocal(nn.Module):
 
     def __init__(self, in_channels: int, inter_channels: int | None = None, generalized: bool = False,
                  kernel: str = "gaussian", normalize: str = "sym", scale: float | None = None,
-                 backend: str = "auto", *, power: float | None = None, gamma: float = EULER_GAMMA,
+                 backend: str = "auto", *, power: float | None = None, gamma: float | None = None,
                  eps: float | None = None, device=None, dtype=None):
         super().__init__()
         c, ci = channel_counts(in_channels, inter_channels)

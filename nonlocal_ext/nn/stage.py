@@ -29,7 +29,6 @@ from torch import nn
 
 from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, positions, positive_int,
                       zero_norm)
-from .pide import EULER_GAMMA
 
 
 class NonLocalStage(nn.Module):
@@ -51,7 +50,7 @@ class NonLocalStage(nn.Module):
 
     def __init__(self, in_channels: int, inter_channels: int | None = None, units: int = 2,
                  kernel: str = "gaussian", scale: float | None = None, backend: str = "auto", *,
-                 power: float | None = None, gamma: float = EULER_GAMMA, eps: float | None = None,
+                 power: float | None = None, gamma: float | None = None, eps: float | None = None,
                  device=None, dtype=None):
         super().__init__()
         c, ci = channel_counts(in_channels, inter_channels)
