@@ -158,7 +158,7 @@ def test_sdpa_is_only_predicted_where_it_expresses_the_call():
 
 
 def _params(kernel):
-    return dict(scale=0.5, power=1.5 if kernel == "fractional" else None, gamma=0.5, eps=None, backend="auto")
+    return dict(scale=0.5, power=1.5 if kernel == "fractional" else None, gamma=0.5 if kernel == "log" else None, eps=None, backend="auto")
 
 
 def _fake_cuda(monkeypatch, free_bytes, fused):
