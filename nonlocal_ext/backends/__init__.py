@@ -52,7 +52,7 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
             return linear
         if query.device.type == "cuda":  # the work model decides per call (cuda_choice.decide)
             return cuda_choice.AUTO
-        n, d = query.shape[-2:]
+        d = query.shape[-1]
         m = key.shape[-2]
         c = d if value is None else value.shape[-1]
         affinities = math.prod(query.shape[:-1]) * m  # B·N·M
