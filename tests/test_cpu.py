@@ -11,7 +11,7 @@ import torch
 
 import nonlocal_ext
 from common import COMBOS, combo_id, kernel_kwargs, make_inputs, run
-from nonlocal_ext.backends import cpu, reference
+from nonlocal_ext.backends import cpu, linear, reference
 from nonlocal_ext.kernels import default_eps
 
 OPS = torch.ops.nonlocal_ext
@@ -132,6 +132,9 @@ def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
     ("gaussian", 1, 256, 256, 64, 128, True, reference),   # small: dense in cache
     ("gaussian", 2, 4096, 4096, 128, 128, True, cpu),      # dense temporaries over the memory budget
     ("gaussian", 4000, 196, 49, 512, 512, True, cpu),      # the model prefers dense, memory does not allow it
+    ("dot", 1, 4096, 4096, 64, 128, True, linear),         # attention shape: rank 64 against N = M = 4096
+    ("dot", 2, 784, 196, 1024, 1024, True, reference),     # wide block: the float64 thin GEMMs cost more
+    ("dot", 16, 196, 49, 512, 512, True, reference),       # res4
 ])
 def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected):
     assert auto_choice(kernel, batch, n, m, d, c, backward) is expected
@@ -140,7 +143,7 @@ def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, 
 def test_auto_asks_the_cost_model_whether_a_backward_runs(monkeypatch):
     """The op tells select whether gradients are needed; the model then prices forward+backward."""
     seen = []
-    monkeypatch.setattr(nonlocal_ext.backends.cost, "prefer_dense", lambda *args: seen.append(args[-1]) or False)
+    monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_work", lambda *args: seen.append(args[-1]) or 0.0)
     q = torch.randn(2, 30, 5)
     nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf")
     nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")

@@ -38,31 +38,33 @@ DENSE_TEMPORARIES = 8
 def select(name: str, spec, query, key, value=None, backward: bool = False):
     """The backend module for ``backend=name``.
 
-    ``auto``: ``kernel="dot"`` always takes the exact linear-time path. On CUDA every other kernel
-    goes to the work model's per-call decision (``cuda_choice``: fused, dense within a memory
-    budget, or SDPA). On CPU, where the fused ``cpu`` kernels are available, the choice between
-    them and the dense ``reference`` follows :mod:`.cost` (``backward``: whether a backward will
-    run), the dense path only while its N×M temporaries fit DENSE_MEMORY_BUDGET. Without fused
-    kernels: the dense ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS), ``chunked``
-    for the rest. A backend asked for by name is used or refused with the reason and the list of
-    what is available, never silently replaced.
+    ``auto`` on CUDA: ``kernel="dot"`` takes the exact linear-time path; every other kernel goes to
+    the work model's per-call decision (``cuda_choice``: fused, dense within a memory budget, or
+    SDPA). On CPU, :mod:`.cost` prices the candidates (``backward``: whether a backward will run)
+    and the cheapest runs: the fused ``cpu`` kernels where they are available, the dense
+    ``reference`` while its N×M temporaries fit DENSE_MEMORY_BUDGET, and for ``dot`` the linear
+    path. Without fused kernels the dense side is the ``reference`` for small problems
+    (B·N·M ≤ DENSE_MAX_ELEMENTS) and ``chunked`` for the rest. A backend asked for by name is used
+    or refused with the reason and the list of what is available, never silently replaced.
     """
     if name == "auto":
-        if spec.kernel.name == "dot":
-            return linear
+        dot = spec.kernel.name == "dot"
         if query.device.type == "cuda":  # the work model decides per call (cuda_choice.decide)
-            return cuda_choice.AUTO
-        d = query.shape[-1]
-        m = key.shape[-2]
+            return linear if dot else cuda_choice.AUTO
+        d, m = query.shape[-1], key.shape[-2]
         c = d if value is None else value.shape[-1]
-        affinities = math.prod(query.shape[:-1]) * m  # B·N·M
+        n, batch = query.shape[-2], math.prod(query.shape[:-2])
+        affinities = batch * n * m  # B·N·M
+        dense = cost.dense_work(affinities, d, c, spec.kernel.name, backward)
         if cpu.unsupported_reason(spec, query) is None:
             dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
-            if dense_bytes <= DENSE_MEMORY_BUDGET and cost.prefer_dense(
-                    affinities, m, d, c, spec.kernel.name, spec.normalize, backward):
-                return reference
-            return cpu
-        return reference if affinities <= DENSE_MAX_ELEMENTS else chunked
+            fused = cost.fused_work(affinities, m, d, c, spec.normalize, backward)
+            best, work = (reference, dense) if dense_bytes <= DENSE_MEMORY_BUDGET and dense < fused else (cpu, fused)
+        else:
+            best, work = (reference if affinities <= DENSE_MAX_ELEMENTS else chunked), dense
+        if dot and cost.linear_work(batch, n, m, d, c, spec.symmetric, backward) < work:
+            return linear
+        return best
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)
     if reason is not None:

@@ -13,6 +13,11 @@ Both paths are priced in GEMM-FLOP equivalents per affinity (pair i, j; B·N·M 
   pass, a penalty for narrow key sets (M < 256 fills a 256-wide tile partly: :func:`narrow_penalty`)
   and a fixed cost per call (:data:`FUSED_CALL`).
 
+* **linear** (``kernel="dot"`` only): two thin products per pass, 2(N + M)·D·(C + 1) FLOPs per batch
+  element (twice with ``symmetric``), 3× that with the backward, in float64 (it accumulates there):
+  :data:`LINEAR_SPEED` times the dense float32 GEMM rate. It wins when N·M is large against D·C
+  (attention shapes) and loses at nonlocal-block shapes (D = C = 256–1024 and M = N/4).
+
 The constants come from one-thread CPU-time probes of the nonlocal-block suite
 (``nonlocal-bench --suite blocks``) and of N = M ∈ {256…4096}, D = 64, C = 128; bench/NOTES.md
 ("The auto cost model") has the table they were read from.
@@ -33,6 +38,8 @@ FUSED_PASSES = (100.0, 300.0)
 FUSED_CALL = (7e6, 40e6)
 FUSED_FORWARD_SPEED = 1.15
 FUSED_BACKWARD_SPEED = 0.96
+#: The linear path's float64 thin GEMMs, as a fraction of the dense float32 GEMM rate.
+LINEAR_SPEED = 0.4
 
 
 def narrow_penalty(m: int) -> float:
@@ -56,6 +63,7 @@ def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: boo
     return pairs * work * narrow_penalty(m) + FUSED_CALL[backward]
 
 
-def prefer_dense(pairs: int, m: int, d: int, c: int, kernel: str, normalize: str, backward: bool) -> bool:
-    """Whether the dense path is predicted faster than the fused kernels for this call."""
-    return dense_work(pairs, d, c, kernel, backward) < fused_work(pairs, m, d, c, normalize, backward)
+def linear_work(batch: int, n: int, m: int, d: int, c: int, symmetric: bool, backward: bool) -> float:
+    """The exact low-rank path of ``dot`` (backends/linear.py), in the same units."""
+    flops = 2.0 * batch * (n + m) * d * (c + 1) * (2 if symmetric else 1) * (3 if backward else 1)
+    return flops / LINEAR_SPEED
