@@ -165,10 +165,9 @@ NLX_INLINE T norm_or_zero(const T* sqnorm, int64_t i) {
   return sqnorm ? sqnorm[i] : T(0);
 }
 
-// The same from products already in s1 (s2): s1 ← W̃ (log W̃).
-template <typename T, Kernel K, bool SYMM>
-NLX_INLINE void weights_from_products(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
-                                      int64_t j0, int64_t bj, T* s1, const T* s2) {
+template <typename T, Kernel K, bool SYMM, bool DIRECT>
+NLX_INLINE void weights_loop(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                             int64_t j0, int64_t bj, T* s1, const T* s2) {
   const T* bn = is_distance(K) ? r.b_sqnorm + j0 : nullptr;
   const T* b2n = is_distance(K) ? r.b2_sqnorm + j0 : nullptr;
   for (int64_t i = 0; i < bi; ++i) {
@@ -178,14 +177,24 @@ NLX_INLINE void weights_from_products(const Roles<T>& r, const KernelArgs<T>& p,
       const T* row2 = s2 + i * bj;
       const T a2n = norm_or_zero(is_distance(K) ? r.a2_sqnorm : nullptr, i0 + i);
       for (int64_t j = 0; j < bj; ++j) {
-        T w1 = weight<T, K>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
-        T w2 = weight<T, K>(row2[j], a2n, is_distance(K) ? b2n[j] : T(0), p);
+        T w1 = weight<T, K, DIRECT>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
+        T w2 = weight<T, K, DIRECT>(row2[j], a2n, is_distance(K) ? b2n[j] : T(0), p);
         row[j] = K == Kernel::Gaussian ? log_mean_exp(w1, w2) : T(0.5) * (w1 + w2);
       }
     } else {
-      for (int64_t j = 0; j < bj; ++j) row[j] = weight<T, K>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
+      for (int64_t j = 0; j < bj; ++j) row[j] = weight<T, K, DIRECT>(row[j], an, is_distance(K) ? bn[j] : T(0), p);
     }
   }
+}
+
+// The same from products already in s1 (s2): s1 ← W̃ (log W̃).
+template <typename T, Kernel K, bool SYMM>
+NLX_INLINE void weights_from_products(const Roles<T>& r, const KernelArgs<T>& p, int64_t i0, int64_t bi,
+                                      int64_t j0, int64_t bj, T* s1, const T* s2) {
+  if constexpr (is_distance(K)) {
+    if (p.direct) return weights_loop<T, K, SYMM, true>(r, p, i0, bi, j0, bj, s1, s2);
+  }
+  weights_loop<T, K, SYMM, false>(r, p, i0, bi, j0, bj, s1, s2);
 }
 
 // s ← ρ_ij = Σ_d (a_id − b_jd)² for rows i0.. of a (rows × d) and columns j0.. of b (cols × d).
@@ -324,8 +333,8 @@ struct BackwardRows {  // per-row / per-column vectors of one batch element
   const T *R, *X, *Y, *gu;
 };
 
-template <typename T, Kernel K, bool SYMM, bool SYMNORM>
-NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, const BackwardRows<T>& v,
+template <typename T, Kernel K, bool SYMM, bool SYMNORM, bool DIRECT>
+NLX_INLINE void backward_tile_loop(const Roles<T>& r, const KernelArgs<T>& p, const BackwardRows<T>& v,
                                    int64_t i0, int64_t bi, int64_t j0, int64_t bj, const T* s1,
                                    const T* s2, const T* gv, T* ahat, T* c1, T* c2) {
   // Column vectors as local restrict pointers: loads through the structs would be reloaded
@@ -352,9 +361,9 @@ NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, co
       const T b2n = is_distance(K) && SYMM ? b2sq[j] : T(0);
       const T bj_ = bf[j];
       const T Yj = SYMNORM ? Y[j] : T(0);
-      const WeightSlope<T> first = weight_and_slope<T, K>(s1r[j], an, bn, args);
-      WeightSlope<T> second{T(0), T(0), true};
-      if constexpr (SYMM) second = weight_and_slope<T, K>(s2r[j], a2n, b2n, args);
+      const WeightSlope<T> first = weight_and_slope<T, K, DIRECT>(s1r[j], an, bn, args);
+      WeightSlope<T> second{T(0), T(0), T(0)};
+      if constexpr (SYMM) second = weight_and_slope<T, K, DIRECT>(s2r[j], a2n, b2n, args);
       const T w1 = first.weight, f1 = first.slope, w2 = second.weight, f2 = second.slope;
       const T da = gvr[j] - gui;
       if constexpr (K == Kernel::Gaussian) {  // a, b hold log factors; w holds z
@@ -375,11 +384,22 @@ NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, co
         ar[j] = wt * ab;
         T dw = ab * (da - Ri);
         if constexpr (SYMNORM) dw -= Xi * ai * ai + Yj * bj_ * bj_;
-        c1r[j] = first.coincident ? T(0) : half * dw * f1;
-        if constexpr (SYMM) c2r[j] = second.coincident ? T(0) : half * dw * f2;
+        c1r[j] = first.live != T(0) ? half * dw * f1 : T(0);
+        if constexpr (SYMM) c2r[j] = second.live != T(0) ? half * dw * f2 : T(0);
       }
     }
   }
+}
+
+template <typename T, Kernel K, bool SYMM, bool SYMNORM>
+NLX_INLINE void backward_tile_impl(const Roles<T>& r, const KernelArgs<T>& p, const BackwardRows<T>& v,
+                                   int64_t i0, int64_t bi, int64_t j0, int64_t bj, const T* s1,
+                                   const T* s2, const T* gv, T* ahat, T* c1, T* c2) {
+  if constexpr (is_distance(K)) {
+    if (p.direct)
+      return backward_tile_loop<T, K, SYMM, SYMNORM, true>(r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
+  }
+  backward_tile_loop<T, K, SYMM, SYMNORM, false>(r, p, v, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
 }
 
 // e_ij = dâ_ij â_ij of one tile (â from the weights w, or log weights for gaussian, and the

@@ -129,20 +129,23 @@ struct Math<double> {  // float64 is the gradcheck precision: the C library's fu
 template <typename T>
 struct WeightSlope {
   T weight, slope;
-  bool coincident;  // a masked pair: it passes no gradient, not even a NaN one (as in the dense formula)
+  T live;  // 0 on a masked pair, which passes no gradient, not even a NaN one (as in the dense formula);
+           // 1 elsewhere. A T, not a bool: mixed-width selects kept the backward tile loop scalar.
 };
 
-template <typename T, Kernel K>
+// DIRECT: s holds ρ itself (KernelArgs::direct), a template parameter so that the tile loops,
+// instantiated once per value, stay branch-free and vectorize (a run-time flag here kept them scalar).
+template <typename T, Kernel K, bool DIRECT = false>
 NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
   if constexpr (K == Kernel::Dot || K == Kernel::Gaussian) {
-    return {p.scale * s, p.scale, false};
+    return {p.scale * s, p.scale, T(1)};
   } else {
     T norms = a_sqnorm + b_sqnorm;
-    T rho = p.direct ? s : norms - T(2) * s;
+    T rho = DIRECT ? s : norms - T(2) * s;
     rho = rho < T(0) ? T(0) : rho;  // clamps rounding below 0; NaN stays NaN (a max would drop it)
     if constexpr (K == Kernel::Rbf) {
       T w = Math<T>::exp(-p.scale * rho);
-      return {w, -p.scale * w, false};
+      return {w, -p.scale * w, T(1)};
     } else {
       bool coincident = rho <= p.eps * norms;
       T safe = coincident ? T(1) : rho;
@@ -154,14 +157,14 @@ NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const Ke
         w = -p.scale * Math<T>::log(safe) - p.gamma;
         d = -p.scale / safe;
       }
-      return {coincident ? T(0) : w, coincident ? T(0) : d, coincident};
+      return {coincident ? T(0) : w, coincident ? T(0) : d, coincident ? T(0) : T(1)};
     }
   }
 }
 
-template <typename T, Kernel K>
+template <typename T, Kernel K, bool DIRECT = false>
 NLX_INLINE T weight(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
-  return weight_and_slope<T, K>(s, a_sqnorm, b_sqnorm, p).weight;
+  return weight_and_slope<T, K, DIRECT>(s, a_sqnorm, b_sqnorm, p).weight;
 }
 
 // log(½(e^a + e^b)): the symmetrized weight of a log-domain kernel.
