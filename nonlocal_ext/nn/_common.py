@@ -10,8 +10,6 @@ is how the dimension-agnostic layers (NonLocalStage, SpectralNonLocal, PIDENonLo
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import numbers
 
@@ -49,26 +47,16 @@ def channels_first(y: torch.Tensor, spatial) -> torch.Tensor:
     return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], *spatial)
 
 
-def aggregate(query, key, value, kernel, *, self_value=None, **kwargs) -> torch.Tensor:
-    """``nonlocal_aggregate`` for the layers.
+def aggregate(query, key, value, kernel, **kwargs) -> torch.Tensor:
+    """``nonlocal_aggregate`` for the layers (their one call site of the op).
 
-    The inputs are cast to one dtype (their promotion: under autocast the embeddings come out of
-    the convolutions in bfloat16/float16 while an input used directly, e.g. ``x`` in the
-    ``gaussian`` mode, stays float32), and autocast is switched off around the op, which has its
-    own mixed-precision policy (half inputs are accumulated in float32 by every backend); without
-    this, autocast would cast the float32 internals of the dense backends down again.
+    No dtype handling of its own: under ``torch.autocast`` the op casts its floating inputs to the
+    autocast dtype and returns that dtype (as ``matmul`` and ``scaled_dot_product_attention`` do),
+    while the layers' convolutions, norms and residual sums are plain ``torch.nn`` calls under
+    torch's own autocast rules, so a layer computes in the dtypes of the equivalent block of
+    convolutions, BatchNorm and matmuls. Outside autocast every tensor is in the layer's dtype.
     """
-    tensors = [query, key, value] + ([] if self_value is None else [self_value])
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
-    query, key, value = (t.to(dtype) for t in (query, key, value))
-    if self_value is not None:
-        self_value = self_value.to(dtype)
-    device_type = query.device.type
-    off = (torch.autocast(device_type=device_type, enabled=False)
-           if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
-           else contextlib.nullcontext())
-    with off:
-        return nonlocal_aggregate(query, key, value, kernel, self_value=self_value, **kwargs)
+    return nonlocal_aggregate(query, key, value, kernel, **kwargs)
 
 
 def max_pool(x: torch.Tensor, size) -> torch.Tensor:
@@ -102,6 +90,14 @@ def check_kernel(kernel, layer: str, *, scale, power, gamma, eps) -> None:
     if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"{layer}: kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     resolve_params(KERNELS[kernel], torch.float32, scale=scale, power=power, gamma=gamma, eps=eps)
+
+
+def refuse_log(kernel, layer: str, normalization: str) -> None:
+    """A ValueError naming ``layer``, its ``normalization`` and the argument for ``kernel="log"``, whose
+    weights take both signs (a degree normalization of them is undefined)."""
+    if kernel == "log":
+        raise ValueError(f"{layer}: kernel='log' has weights of both signs, so its degree normalization "
+                         f"{normalization} is undefined; pass kernel='gaussian', 'rbf', 'fractional' or 'dot'")
 
 
 def check_number(value, name: str, positive: bool = False) -> float:

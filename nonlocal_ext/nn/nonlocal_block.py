@@ -267,7 +267,7 @@ class _NonLocalNd(nn.Module):
 
     def _concat_scores(self, query, key):
         w = self.concat_project[0].weight.reshape(2, self.inter_channels)
-        return query @ w[0].to(query.dtype), key @ w[1].to(key.dtype)
+        return query @ w[0], key @ w[1]
 
     def affinity(self, x: torch.Tensor) -> torch.Tensor:
         r"""The normalized affinity Â ``(B, N, M)`` of the layer on ``x`` (AlexHex7's ``nl_map``), for inspection.

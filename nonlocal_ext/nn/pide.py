@@ -159,5 +159,5 @@ class PIDENonLocal(nn.Module):
             p = aggregate(query, key, value, self_value=self_value, normalize="count", backend=self.backend,
                           **self.op_kwargs)
             p = (self.constant * p).transpose(1, 2)
-            prev = (flat + self.h * k_t(p.to(flat.dtype))).reshape(x.shape[0], -1, *spatial)
+            prev = (flat + self.h * k_t(p)).reshape(x.shape[0], -1, *spatial)
         return prev

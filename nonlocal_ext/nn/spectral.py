@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (aggregate, channel_counts, check_backend, check_bool, check_input, check_kernel, positions,
-                      zero_norm)
+                      refuse_log, zero_norm)
 
 
 class SpectralNonLocal(nn.Module):
@@ -58,10 +58,7 @@ class SpectralNonLocal(nn.Module):
             raise ValueError(f"SpectralNonLocal: normalize must be 'sym' or 'row', got {normalize!r}")
         self.scale = 1.0 / math.sqrt(ci) if scale is None else scale
         check_kernel(kernel, "SpectralNonLocal", scale=self.scale, power=power, gamma=gamma, eps=eps)
-        if kernel == "log":
-            raise ValueError("SpectralNonLocal: kernel='log' has weights of both signs, so its degree "
-                             "normalization D^-1/2 W D^-1/2 (or D^-1 W) is undefined; use 'gaussian', 'rbf', "
-                             "'fractional' or 'dot'")
+        refuse_log(kernel, "SpectralNonLocal", "D^-1/2 W D^-1/2 (sym)" if normalize == "sym" else "D^-1 W (row)")
         self.in_channels, self.inter_channels = c, ci
         self.generalized, self.kernel, self.normalize = generalized, kernel, normalize
         self.backend = check_backend(backend)
@@ -92,9 +89,9 @@ class SpectralNonLocal(nn.Module):
         z = self.g(flat)                                                # (B, Ci, N)
         query, key = self.embed(flat)
         az = aggregate(query, key, positions(z), self.kernel, symmetric=True, normalize=self.normalize,
-                       backend=self.backend, **self.kernel_params).transpose(1, 2).to(z.dtype)
+                       backend=self.backend, **self.kernel_params).transpose(1, 2)
         w_self, w_graph = self.w1.weight, self.w2.weight
         if self.generalized:                                            # Z(W1 − W3) + AZ(W2 + 2W3)
             w_self, w_graph = w_self - self.w3.weight, w_graph + 2 * self.w3.weight
-        out = F.conv1d(z, w_self.to(z.dtype)) + F.conv1d(az, w_graph.to(az.dtype))
+        out = F.conv1d(z, w_self) + F.conv1d(az, w_graph)
         return x + self.bn(out).reshape(x.shape)

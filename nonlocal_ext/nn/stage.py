@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, positions, positive_int,
-                      zero_norm)
+                      refuse_log, zero_norm)
 
 
 class NonLocalStage(nn.Module):
@@ -57,9 +57,7 @@ class NonLocalStage(nn.Module):
         positive_int(units, "units")
         self.scale = 1.0 / math.sqrt(ci) if scale is None else scale
         check_kernel(kernel, "NonLocalStage", scale=self.scale, power=power, gamma=gamma, eps=eps)
-        if kernel == "log":
-            raise ValueError("NonLocalStage: kernel='log' has weights of both signs, so the row normalization "
-                             "D^-1 W is undefined; use 'gaussian', 'rbf', 'fractional' or 'dot'")
+        refuse_log(kernel, "NonLocalStage", "D^-1 W (row)")
         self.in_channels, self.inter_channels, self.kernel = c, ci, kernel
         self.backend = check_backend(backend)
         self.kernel_params = {"scale": float(self.scale), "power": power, "gamma": gamma, "eps": eps}
