@@ -99,7 +99,7 @@ def _typical_calls(device: str) -> tuple[list[str], list[dict]]:
                         backend="auto")
         available.update(backends.available(spec, q))
         shape = f"B={b} N={n} M={m} D={d} C={c} float32"
-        picks.append({"call": f"{label}: {kernel}, row, {shape}", "auto": backends.select("auto", spec, q, k).NAME})
+        picks.append({"call": f"{label}: {kernel}, row, {shape}", "auto": backends.select("auto", spec, q, k, v).NAME})
     return [name for name in backends.BACKENDS if name in available], picks
 
 

@@ -250,7 +250,8 @@ def test_info_text_and_json_exit_zero():
     assert data["cpp_kernels"]["how"] == _extension.status["how"] == "ahead-of-time"  # `make test` builds _C
     assert "cpu" in data["backends"]["cpu"] and "reference" in data["backends"]["cpu"]
     picks = {row["call"].split(":")[1].split(",")[0].strip(): row["auto"] for row in data["auto"]["cpu"]}
-    assert picks["dot"] == "linear" and picks["fractional"] == "cpu"
+    # dot at a block shape (D = C = 256, M = N/4): the priced dense/fused paths beat its linear one
+    assert picks["dot"] in ("cpu", "reference") and picks["fractional"] == "cpu"
     if not torch.cuda.is_available():
         assert data["gpus"] == [] and data["backends"]["cuda"] == [] and data["auto"]["cuda"] == []
         assert "GPU           none" in shown.stdout
