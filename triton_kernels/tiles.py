@@ -23,22 +23,21 @@ import triton
 import triton.language as tl
 
 from nonlocal_ext.kernels import KERNELS
+from nonlocal_ext.spec import NORMALIZATIONS
 
 #: ``tl.constexpr`` id of each affinity kernel, in the order of the registry.
 KERNEL_IDS = {name: i for i, name in enumerate(KERNELS)}
 
 DOT_KERNEL = tl.constexpr(KERNEL_IDS["dot"])
-GAUSSIAN_KERNEL = tl.constexpr(KERNEL_IDS["gaussian"])
 RBF_KERNEL = tl.constexpr(KERNEL_IDS["rbf"])
 FRACTIONAL_KERNEL = tl.constexpr(KERNEL_IDS["fractional"])
 LOG_KERNEL = tl.constexpr(KERNEL_IDS["log"])
 
-#: ``tl.constexpr`` ids of the normalizations (``NORMALIZE``).
-NORMALIZE_IDS = {"none": 0, "count": 1, "row": 2, "sym": 3}
-NORM_NONE = tl.constexpr(0)
-NORM_COUNT = tl.constexpr(1)
-NORM_ROW = tl.constexpr(2)
-NORM_SYM = tl.constexpr(3)
+#: ``tl.constexpr`` ids of the normalizations (``NORMALIZE``), in the order of ``spec.NORMALIZATIONS``.
+NORMALIZE_IDS = {name: i for i, name in enumerate(NORMALIZATIONS)}
+NORM_COUNT = tl.constexpr(NORMALIZE_IDS["count"])
+NORM_ROW = tl.constexpr(NORMALIZE_IDS["row"])
+NORM_SYM = tl.constexpr(NORMALIZE_IDS["sym"])
 
 
 @triton.jit

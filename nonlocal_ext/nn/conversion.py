@@ -32,7 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .nonlocal_block import DEFAULT_POOL_SIZE, MODES, NonLocal1d, NonLocal2d, NonLocal3d, _NonLocalNd
+from .nonlocal_block import DEFAULT_POOL_SIZE, NonLocal1d, NonLocal2d, NonLocal3d, _NonLocalNd
 
 __all__ = ["LAYOUTS", "SUPPORTED", "convert", "convert_state_dict", "replace_nonlocal"]
 
