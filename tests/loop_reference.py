@@ -1,7 +1,7 @@
-"""A deliberately naive loop implementation of ``nonlocal_aggregate`` (DESIGN.md §1).
+"""A deliberately naive loop implementation of ``nonlocal_aggregate`` (the definitions of docs/semantics.md).
 
-It shares no code with ``nonlocal_ext``: every number is a Python float and every sum is
-an explicit loop, so it can be checked by reading. Only the tests use it.
+It shares no code with ``nonlocal_ext`` (only the constant ``EULER_GAMMA``): every number is a
+Python float and every sum is an explicit loop, so it can be checked by reading. Only the tests use it.
 
 For one batch element, with q (N×D), k (M×D), v (M×C) and u (N×C):
 
@@ -34,7 +34,8 @@ import math
 
 import torch
 
-EULER_GAMMA = 0.5772156649015329
+from nonlocal_ext.kernels import EULER_GAMMA  # a constant, checked against −ψ(1) in test_validation.py
+
 DEFAULT_EPS = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 
 

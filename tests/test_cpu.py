@@ -12,14 +12,14 @@ import torch
 import nonlocal_ext
 from common import COMBOS, combo_id, kernel_kwargs, make_inputs, run
 from nonlocal_ext.backends import cpu, linear, reference
-from nonlocal_ext.kernels import default_eps
+from nonlocal_ext.kernels import EULER_GAMMA, default_eps
 
 OPS = torch.ops.nonlocal_ext
 
 
 def op_arguments(kernel, normalize, update, symmetric, dtype):
     kw = kernel_kwargs(kernel)
-    return (kernel, kw.get("scale", 1.0), kw.get("power", 0.0), kw.get("gamma", 0.5772156649015329),
+    return (kernel, kw.get("scale", 1.0), kw.get("power", 0.0), kw.get("gamma", EULER_GAMMA),
             default_eps(dtype), normalize, update, symmetric)
 
 

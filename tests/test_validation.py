@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nonlocal_ext import nonlocal_aggregate
+from nonlocal_ext.kernels import EULER_GAMMA
 
 
 def good(n=4, m=4, d=3, c=2, dtype=torch.float32):
@@ -150,10 +151,13 @@ def test_rbf_with_a_negative_scale_used_to_overflow():
 
 
 def test_log_default_gamma_is_euler():
+    # the Euler–Mascheroni constant γ = −ψ(1), from torch's digamma (within one ulp)
+    assert EULER_GAMMA == pytest.approx(-torch.special.digamma(torch.tensor(1.0, dtype=torch.float64)).item(),
+                                        rel=1e-15, abs=0)
     args = good()
     out = nonlocal_aggregate(args["query"], args["key"], args["value"], "log", normalize="none")
     torch.testing.assert_close(out, nonlocal_aggregate(args["query"], args["key"], args["value"], "log",
-                                                       gamma=0.5772156649015329, normalize="none"), rtol=0, atol=0)
+                                                       gamma=EULER_GAMMA, normalize="none"), rtol=0, atol=0)
 
 
 # --- normalize="sym" with kernels whose weights take either sign (dot, log) -------------------
