@@ -21,11 +21,11 @@ import argparse
 import itertools
 
 from nonlocal_ext.backends import cuda_choice
+from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
 from nonlocal_ext.triton_kernels import work_model
 from nonlocal_ext.triton_kernels.work_model import Call, fused_work
 
 KERNELS = ("gaussian", "rbf", "fractional", "log")
-NORMALIZATIONS = ("none", "count", "row", "sym")
 DTYPES = ("fp16", "bf16", "fp32")
 H100_BYTES = 80e9
 
@@ -39,7 +39,7 @@ BEFORE = {"forward": dict(BLOCK_I=32, BLOCK_J=32, BLOCK_D=64, BLOCK_C=64),
 
 def _calls(width, n=4096, m=1024):
     for kernel, normalize, update, symmetric, dtype in itertools.product(
-            KERNELS, NORMALIZATIONS, ("aggregate", "diffusion"), (False, True), DTYPES):
+            KERNELS, NORMALIZATIONS, UPDATES, (False, True), DTYPES):
         yield Call(1, n, n if symmetric else m, width, width, kernel, normalize, update, symmetric, dtype)
 
 
@@ -95,7 +95,7 @@ def main(argv=None):
     parser.add_argument("--shape", help="B,N,M,D,C: one call's table instead of the report")
     parser.add_argument("--kernel", default="gaussian", choices=KERNELS)
     parser.add_argument("--normalize", default="row", choices=NORMALIZATIONS)
-    parser.add_argument("--update", default="aggregate", choices=("aggregate", "diffusion"))
+    parser.add_argument("--update", default="aggregate", choices=UPDATES)
     parser.add_argument("--symmetric", action="store_true")
     parser.add_argument("--dtype", default="fp16", choices=DTYPES)
     args = parser.parse_args(argv)

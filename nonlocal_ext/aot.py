@@ -4,8 +4,8 @@
 
 Each variant is compiled with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda",
 cap, 32))`` at the default (first) configuration of its autotune list (:mod:`nonlocal_ext.triton_kernels.configs`);
-the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` that the triton wheel ships
-(DESIGN §3). One JSON row per (kernel, variant, arch, config):
+the cubin is read with the ``cuobjdump --dump-resource-usage`` and ``nvdisasm`` that the triton wheel ships.
+One JSON row per (kernel, variant, arch, config):
 
     kernel            forward | column | row | preprocess (the kernel family)
     variant           affinity-normalize-update[-symmetric]-dtype (plus the column pass phase)
@@ -23,7 +23,7 @@ normalization × {aggregate, diffusion} × symmetric, in float16, bfloat16 and f
 column and row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·3 = 192 combinations, about
 675 compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry
 one of each affinity and dtype (sym + diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
-and dtype at least once; ``--set targets`` the variants of the README's GPU targets. ``--configs all``
+and dtype at least once; ``--set targets`` the variants of the GPU targets (docs/gpu.md). ``--configs all``
 compiles every configuration of each autotune list that is listed for the target instead of the
 default one (the ``config`` field is the index in the list).
 """
@@ -40,8 +40,9 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .spec import NORMALIZATIONS
+
 AFFINITIES = ("gaussian", "rbf", "fractional", "log")
-NORMALIZATIONS = ("none", "count", "row", "sym")
 DTYPES = ("fp16", "bf16", "fp32")
 
 #: (kernel, normalize, diffusion, symmetric, dtype) of the quick set.
@@ -54,7 +55,7 @@ QUICK = [
 ]
 
 
-#: The variants behind the GPU targets of the README: gaussian + row (half inputs), fractional + row.
+#: The variants behind the GPU targets (docs/gpu.md): gaussian + row (half inputs), fractional + row.
 TARGETS = [
     ("gaussian", "row", False, False, "fp16"),
     ("gaussian", "row", False, False, "bf16"),
@@ -91,7 +92,7 @@ def variants(which: str = "full", widths=None):
         combos = QUICK
     elif which == "heavy":  # the most register-hungry variant of each affinity, in each dtype
         combos = [(k, "sym", True, True, dt) for k in AFFINITIES for dt in DTYPES]
-    elif which == "targets":  # the variants of the README's GPU targets
+    elif which == "targets":  # the variants of the GPU targets (docs/gpu.md)
         combos = TARGETS
     if which == "heavy":  # a masked build of each dtype's first combination
         tails = [next(c for c in combos if c[4] == dtype) for dtype in DTYPES]
@@ -303,7 +304,7 @@ def main(argv=None):
     parser.add_argument("--set", dest="which", choices=["full", "heavy", "quick", "targets"], default="full",
                         help="full: every shipped variant; heavy: the symmetric+sym+diffusion variant of each "
                              "affinity and dtype; quick: a covering subset of 5 (CI); targets: the variants of "
-                             "the README's GPU targets")
+                             "the GPU targets of docs/gpu.md")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiler processes (default: CPU count)")
     parser.add_argument("--configs", choices=["default", "all"], default="default",
                         help="default: each variant at the first configuration of its autotune list; all: at "

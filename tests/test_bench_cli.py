@@ -17,6 +17,7 @@ import torch
 
 from nonlocal_ext.benchmark import cli, runners
 from nonlocal_ext.benchmark.report import ROW_KEYS
+from nonlocal_ext.spec import UPDATES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device", "cpu", "--d", "4", "--c", "3", "--repeat", "1", "--warmup", "0", "--gemm-size", "64"]
@@ -128,7 +129,7 @@ def test_flex_log_space_scores_match_the_reference(tmp_path, monkeypatch):
     rows = bench(tmp_path, "--kernel", "gaussian,rbf,fractional,log", "--update", "all", "--n", "16", "--pass", "fwd",
                  "--check", "--no-memory", "--backends", "flex")
     assert {(r["kernel"], r["update"]) for r in rows if r["error"] is None} == {
-        (k, u) for k in ("gaussian", "rbf", "fractional") for u in ("aggregate", "diffusion")}
+        (k, u) for k in ("gaussian", "rbf", "fractional") for u in UPDATES}
     assert all(r["error"].startswith("unsupported") for r in rows if r["kernel"] == "log")
 
 
@@ -161,7 +162,7 @@ def test_check_of_a_large_case_uses_its_first_rows(tmp_path, monkeypatch):
     rows = bench(tmp_path, "--kernel", "rbf", "--normalize", "row,sym", "--update", "all", "--n", "40", "--pass",
                  "fwd+bwd", "--check", "--no-memory", "--backends", "chunked,wrong_out")
     result = {(r["backend"], r["normalize"], r["update"]): r for r in rows}
-    for update in ("aggregate", "diffusion"):
+    for update in UPDATES:
         assert result["chunked", "row", update]["check"] == "output (first 15 rows)"
         assert result["chunked", "row", update]["error"] is None
         assert result["wrong_out", "row", update]["error"].startswith("check: output differs")

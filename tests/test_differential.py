@@ -24,6 +24,7 @@ import torch
 import nonlocal_ext
 from common import NORMALIZATIONS, assert_close_to_truth, kernel_kwargs, make_inputs, max_abs
 from nonlocal_ext.backends import chunked
+from nonlocal_ext.spec import UPDATES
 
 CASES = 300
 SEED = 20261129
@@ -40,7 +41,7 @@ def draw(index):
     rng = random.Random(SEED * 1000 + index)
     kernel = rng.choice(list(nonlocal_ext.KERNELS))
     normalize = rng.choice(NORMALIZATIONS)
-    update = rng.choice(["aggregate", "diffusion"])
+    update = rng.choice(UPDATES)
     symmetric = rng.random() < 0.3
     with_self_value = update == "diffusion" and rng.random() < 0.5
     batch = tuple(rng.randint(1, 3) for _ in range(rng.choice([0, 0, 1, 1, 2])))

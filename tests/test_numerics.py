@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import nonlocal_ext
+from nonlocal_ext.spec import UPDATES
 from common import COMBOS, NORMALIZATIONS, assert_close_to_truth, kernel_kwargs, make_inputs, max_abs, run
 
 CPU_BACKENDS = ("reference", "chunked", "linear", "cpu")
@@ -314,7 +315,7 @@ def test_coordinates_far_from_the_origin(backend, kind, dim, side):
     for offset in OFFSETS:
         for kernel, power in [("fractional", 1.0), ("fractional", 3.0), ("fractional", 4.0), ("log", None)]:
             for normalize in ("count", "row"):
-                for update in ("aggregate", "diffusion"):
+                for update in UPDATES:
                     value, gradient = coordinate_case(points, h, offset, kernel, power, normalize, update, backend)
                     if value > VALUE_TARGET or gradient > GRADIENT_TARGET:
                         misses.append(f"offset {offset:g}h {kernel} {power} {normalize} {update}: "

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import nonlocal_ext
+from nonlocal_ext.spec import NORMALIZATIONS as NORMALIZES, UPDATES
 
 from common import assert_close_to_truth
 from loop_reference import EULER_GAMMA, loop_aggregate
 
 KERNELS = list(nonlocal_ext.KERNELS)
-NORMALIZES = ["none", "count", "row", "sym"]
-UPDATES = ["aggregate", "diffusion"]
 POWER = {"fractional": dict(power=1.5), "log": {}}  # power is passed to fractional only
 # gamma is passed to log only: −3 keeps its weights positive on these unit-scale points
 PARAMS = {"fractional": dict(power=1.5), "log": dict(gamma=-3.0)}

@@ -19,12 +19,12 @@ import torch
 from common import make_inputs, run
 from nonlocal_ext import backends
 from nonlocal_ext.backends import cuda_choice
-from nonlocal_ext.spec import validate
+from nonlocal_ext.spec import NORMALIZATIONS, UPDATES, validate
 from nonlocal_ext.triton_kernels import work_model
 from nonlocal_ext.triton_kernels.work_model import Call, fused_work
 
-VARIANTS = list(itertools.product(("gaussian", "rbf", "fractional", "log"), ("none", "count", "row", "sym"),
-                                  ("aggregate", "diffusion"), (False, True), ("fp16", "bf16", "fp32")))
+VARIANTS = list(itertools.product(("gaussian", "rbf", "fractional", "log"), NORMALIZATIONS, UPDATES, (False, True),
+                                  ("fp16", "bf16", "fp32")))
 
 
 @pytest.mark.parametrize("width", [64, 128, 256, 512, 1024])
@@ -117,7 +117,7 @@ I3D = Call(4, 784, 196, 512, 512, "gaussian", "row", dtype="fp16")
     (Call(1, 4096, 4096, 64, 64, "gaussian", "row", dtype="fp16"), True, 20 * GB, "sdpa"),
     # attention-like, C ≠ D: flash does not apply; the fused path beats the float32 dense GEMMs
     (Call(1, 4096, 4096, 64, 128, "gaussian", "row", dtype="fp16"), True, 20 * GB, "triton"),
-    # the README's fractional target: dense needs 10+ GB of N×M buffers, over a 5 GB budget
+    # the fractional GPU target (docs/gpu.md): dense needs 10+ GB of N×M buffers, over a 5 GB budget
     (Call(1, 16384, 16384, 64, 128, "fractional", "row", dtype="fp32"), True, 5 * GB, "triton"),
     # res3, D = C = 256: fused ahead in training too
     (Call(8, 784, 196, 256, 256, "fractional", "count", dtype="fp16"), True, 20 * GB, "triton"),
