@@ -1,4 +1,4 @@
-"""`python -m nonlocal_ext.aot` compiles the Triton kernels for sm_80 and sm_90 with no GPU (DESIGN §3).
+"""`python -m nonlocal_ext.aot` compiles the Triton kernels for sm_80 and sm_90 with no GPU (docs/gpu.md).
 
 CI compiles the quick set (every affinity, normalization, update, symmetric flag and dtype (fp16, bf16,
 fp32) at least once; about 60 compilations): every variant compiles on both targets, spills nothing

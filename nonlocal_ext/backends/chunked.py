@@ -3,7 +3,7 @@
 The rows of W are processed in blocks of ``rows`` queries against all M keys; no more than
 one ``(B, rows, M)`` block of W (and a few temporaries of that size) exists at a time.
 
-Forward, per block I of rows (DESIGN §2):
+Forward, per block I of rows (the definitions of docs/semantics.md):
     Z_I   = f(q_I, k) (or log f for log-domain kernels), symmetrized as ½[f(q_i,k_j) + f(k_i,q_j)]
     r_I   = Σ_j w_Ij                       (log-sum-exp for log-domain kernels)
     Â_I   = w_Ij · r_i^(−a) · c_j^(−b)     (a, b) = none (0,0), row (1,0), sym (½,½); count: W/M
