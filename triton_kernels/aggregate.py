@@ -1,4 +1,4 @@
-"""Fused forward and backward kernels of ``nonlocal_aggregate`` (DESIGN §2), one program per tile row.
+"""Fused forward and backward kernels of ``nonlocal_aggregate`` (docs/backends.md), one program per tile row.
 
 Notation (all per batch element b; inputs contiguous (N, D), (M, D), (M, C), (N, C)):
     w̃_ij (or z_ij = log w̃_ij for gaussian) from :mod:`.tiles`;

@@ -48,7 +48,7 @@ def archs_of(config) -> tuple[str, ...]:
 
 
 # Every entry below compiled without spills on the targets in its `archs` in the heaviest variant
-# of each affinity and dtype and in the variants of the README's GPU targets
+# of each affinity and dtype and in the variants of the GPU targets (docs/gpu.md)
 # (`python -m nonlocal_ext.aot --set heavy --configs all` and `--set targets --configs all`,
 # bench/results/aot_configs.json; tests/test_aot.py checks the lists against that file). Dropped
 # after that run (maximum spill bytes on sm_80 / sm_90): forward half 128×64×64×64/8 warps (816/768)

@@ -109,7 +109,7 @@ def variant_constexprs(spec, dtype: torch.dtype) -> dict:
     """The ``tl.constexpr`` arguments that select the compiled variant for ``spec`` and ``dtype``.
 
     Precision of the ``tl.dot`` products: float32 inputs use tf32x3 (near-fp32 accuracy on tensor
-    cores; DESIGN §3), float64 IEEE (interpreter only), half inputs multiply in their own type with
+    cores), float64 IEEE (interpreter only), half inputs multiply in their own type with
     float32 accumulation. Products of a float32 tile (Â, C) by an input tile keep the tile in
     float32 (tf32 for half inputs, so no half overflow of unnormalized weights), except the
     softmax-like case gaussian + row/sym with half inputs, where Â ≤ 1 and the tile is cast to the
