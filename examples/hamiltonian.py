@@ -1,7 +1,10 @@
-r"""A Hamiltonian network (Chang, Meng, Haber et al. 2018; seed 003 §2.4.2 and §4.1) with optional
-PIDE nonlocal blocks (seed 003 §4.2), for image classification.
+r"""A Hamiltonian network with optional PIDE nonlocal blocks, for image classification.
 
-Hamiltonian block (Verlet scheme, seed 003 Eq. 2.17): the input X is split channel-wise into
+Sources: Chang et al., “Reversible Architectures for Arbitrarily Deep Residual Neural Networks”
+(AAAI 2018), and Kannan, “Deep Neural Networks and PIDE discretizations” (Master's thesis,
+University of Bonn, 2020): the network in its §2.4.2 and §4.1, the nonlocal blocks in §4.2.
+
+Hamiltonian block (Verlet scheme, Eq. 2.17 of the thesis): the input X is split channel-wise into
 (Y, Z) and
 
     Y_{j+1} = Y_j + h K_{j1}ᵀ σ(K_{j1} Z_j + b_{j1})
@@ -10,7 +13,7 @@ Hamiltonian block (Verlet scheme, seed 003 Eq. 2.17): the input X is split chann
 with K a 3×3 convolution, Kᵀ its transpose (``conv_transpose2d`` with the same weight) and
 σ = ReLU; the output is the concatenation (Y_{j+1}, Z_{j+1}).
 
-Network (seed 003 Fig. 4.1, §4.4): an opening 3×3 convolution (with ReLU; optionally strided), then Units of
+Network (the thesis' Fig. 4.1, §4.4): an opening 3×3 convolution (with ReLU; optionally strided), then Units of
 ``blocks`` Hamiltonian blocks each; Units are joined by 2×2 average pooling and a 1×1
 convolution (with ReLU) that widens the channels; global average pooling and a linear layer
 close it. Additions to the thesis' description: a BatchNorm after the opening and joining

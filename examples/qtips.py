@@ -1,5 +1,6 @@
-r"""The Q-tips data set (seed 003 §5.2, after Haber, Lensink, Treister et al.): classifying it
-needs information from both ends of a long stick, i.e. long-range communication.
+r"""The Q-tips data set: classifying it needs information from both ends of a long stick, i.e.
+long-range communication (Kannan, “Deep Neural Networks and PIDE discretizations”, §5.2; after
+Haber, Lensink, Treister and Ruthotto, “IMEXnet: A Forward Stable Deep Neural Network”, ICML 2019).
 
 Each sample is a 64×64 RGB image on a white background with a dark stick of length
 l ~ U{32, …, 60} and width w ~ U{4, …, 8} pixels, rotated by r ~ U{−180, …, 180} degrees

@@ -1,4 +1,5 @@
-r"""Train a Hamiltonian network with and without PIDE nonlocal blocks on Q-tips (seed 003 §5.2).
+r"""Train a Hamiltonian network with and without PIDE nonlocal blocks on Q-tips
+(Kannan, “Deep Neural Networks and PIDE discretizations”, §5.2).
 
 Both networks see the same data in the same order and start from the same seed; the script
 prints a progress bar per epoch, then saves the training-accuracy curves (PNG) and the numbers
