@@ -6,7 +6,8 @@ an N×N tensor.
 
 * :class:`NonLocal1d`, :class:`NonLocal2d`, :class:`NonLocal3d`: Wang et al. 2018, modes
   ``gaussian``, ``embedded_gaussian``, ``dot_product``, ``concatenation``.
-* :class:`NonLocalStage`: Tao et al. 2018, units sharing one affinity (“A Spectral Nonlocal Block for Neural Networks”, Eq. 3).
+* :class:`NonLocalStage`: units sharing one affinity (Tao et al., “Nonlocal Neural Networks, Nonlocal Diffusion
+  and Nonlocal Modeling”, NeurIPS 2018; in the form of “A Spectral Nonlocal Block for Neural Networks”, Eq. 3).
 * :class:`SpectralNonLocal`: SNL (“A Spectral Nonlocal Block for Neural Networks”, Eq. 9) and gSNL (Eq. 11).
 * :func:`convert`, :func:`replace_nonlocal`, :func:`convert_state_dict`: the nonlocal blocks of
   mmcv, SlowFast/PyTorchVideo, timm and AlexHex7 as ``NonLocal1d/2d/3d`` (module, model, checkpoint).

@@ -1,4 +1,5 @@
-r"""The nonlocal stage of Tao, Sun and Du (NeurIPS 2018), “A Spectral Nonlocal Block for Neural Networks” Eq. 3: ``NonLocalStage``.
+r"""The nonlocal stage of Tao et al., “Nonlocal Neural Networks, Nonlocal Diffusion and Nonlocal Modeling”
+(NeurIPS 2018), in the form of “A Spectral Nonlocal Block for Neural Networks” (Zhu et al.), Eq. 3: ``NonLocalStage``.
 
 One affinity A, from θ and φ of the stage input X, is shared by ``units`` consecutive units; each
 unit applies the nonlocal-stage operator F(A, Z) = (A − D_A) Z W (graph Laplacian instead of A):
