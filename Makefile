@@ -47,3 +47,9 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	rm -f nonlocal_ext/_C*.so
+
+# Rewrite the generated tables of README.md and docs/ from bench/results/ and examples/results/
+# (bench/tables.py); tests/test_docs.py fails while they disagree.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) bench/tables.py
