@@ -11,8 +11,7 @@ import nonlocal_ext
 from nonlocal_ext import KERNELS
 from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
 from nonlocal_ext.benchmark.measure import error_and_bound
-
-NORMALIZATIONS = ("none", "count", "row", "sym")
+from nonlocal_ext.spec import NORMALIZATIONS
 
 # Every valid (kernel, normalize, update, symmetric, with_self_value).
 COMBOS = [

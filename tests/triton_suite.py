@@ -346,7 +346,7 @@ def _nan_pattern(backend, inputs, combo, where, grad_out, **kwargs):
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "rbf", "fractional", "log"])
-@pytest.mark.parametrize("normalize", ["none", "count", "row", "sym"])
+@pytest.mark.parametrize("normalize", nonlocal_ext.spec.NORMALIZATIONS)
 def test_nan_propagates_as_in_the_dense_formula(kernel, normalize):
     """A NaN in one query row, key row or value row of one batch element: the outputs and gradients
     that are NaN are exactly those of the float64 reference (and so, none of the other batch element's)."""
