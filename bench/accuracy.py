@@ -26,12 +26,12 @@ import math
 import torch
 
 import nonlocal_ext
+from nonlocal_ext.spec import UPDATES
 
 GEOMETRIES = ("grid2d", "grid3d", "cloud2d", "cloud3d")
 OFFSETS = (0.0, 10.0, 1e3, 1e4)
 KERNELS = (("fractional", 1.0), ("fractional", 3.0), ("fractional", 4.0), ("log", None))
 NORMALIZATIONS = ("count", "row")
-UPDATES = ("aggregate", "diffusion")
 BACKENDS = ("reference", "chunked", "cpu")
 EPS = 1e-4  # float32's default coincidence threshold, used for the float64 truth as well
 
