@@ -29,12 +29,15 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -68,9 +71,11 @@ constexpr int64_t kColBlock = 256;
 // "Row blocks by feature width"). The backward of `row` caches 3 × rows × M products per thread,
 // so wide blocks are used only while that cache stays small.
 // The rows are then split evenly (784 rows: 4 blocks of 196, not 3 of 256 and one of 16).
-inline int64_t row_block_for(int64_t n, int64_t m, int64_t d, int64_t c) {
+// Half-precision tiles (see HalfTiles) always take wide blocks: each of their GEMMs is one call
+// through the dispatcher, whose cost 256 rows amortize.
+inline int64_t row_block_for(int64_t n, int64_t m, int64_t d, int64_t c, bool half) {
   constexpr int64_t kWide = 256, kCacheBytes = int64_t(32) << 20;
-  const int64_t most = d + c >= 384 && 3 * kWide * m * int64_t(sizeof(double)) <= kCacheBytes ? kWide : 64;
+  const int64_t most = (half || d + c >= 384) && 3 * kWide * m * int64_t(sizeof(double)) <= kCacheBytes ? kWide : 64;
   const int64_t blocks = std::max<int64_t>(1, (n + most - 1) / most);
   return std::max<int64_t>(1, (n + blocks - 1) / blocks);
 }
@@ -140,6 +145,115 @@ void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner,
 }
 
 // ----------------------------------------------------------------------------------------------
+// Half-precision tile GEMMs. bfloat16 (float16) inputs multiply in that precision where the CPU
+// has dot-product instructions for it (avx512_bf16 or AMX; avx512_fp16 or AMX-FP16): through
+// at::mm_out, which runs oneDNN's matmul there, with float32 accumulation inside the product and
+// its result rounded once to half and widened at once into the float32 tile or accumulator.
+// Weights, exp/log and statistics stay float32. A float32 tile that is a GEMM operand (W before
+// W·v, the backward's Â and C) is rounded to half once, as FlashAttention does with P.
+// (ATen's brgemm needs AMX for half operands; without it, it falls back to a loop no faster than
+// float32: bench/NOTES.md, "bfloat16 tiles on the matrix units".)
+
+// NONLOCAL_EXT_CPU_HALF_GEMMS=0 / =1 turns the half tile GEMMs off / on whatever the CPU has (the
+// tests run both paths on every machine; on a CPU without the instructions oneDNN emulates them).
+bool half_gemm_available(at::ScalarType dtype) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (const char* forced = std::getenv("NONLOCAL_EXT_CPU_HALF_GEMMS")) {
+    if (std::string(forced) == "0") return false;
+    if (std::string(forced) == "1") return true;
+  }
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  const auto has = [&](const char* name) {
+    const auto it = caps.find(name);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  if (dtype == at::kBFloat16) return has("avx512_bf16") || has("amx_bf16");
+  if (dtype == at::kHalf) return has("avx512_fp16") || has("amx_fp16");
+  return false;
+}
+
+// The half copies of a pass's operands for one batch element, and one thread's scratch. Row-major,
+// like the float32 operands of Roles: a (rows × d), b (cols × d), their transposes, v (cols × c),
+// vᵀ (c × cols), G (rows × c). Null where a pass does not use them.
+struct HalfTiles {
+  at::ScalarType dtype;
+  bool products;  // q·kᵀ in half as well (dot family); distance kernels keep ρ's products float32
+  const uint16_t *a, *b, *a_t, *b_t, *value, *value_t, *grad;
+  uint16_t *operand, *result;  // scratch: a rounded operand tile, a GEMM result tile
+};
+
+at::Tensor half_view(at::ScalarType dtype, const uint16_t* data, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<uint16_t*>(data), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(dtype));
+}
+
+NLX_INLINE uint16_t bfloat16_bits(float x) {  // round to nearest even; a NaN stays a (quiet) NaN
+  const uint32_t u = static_cast<uint32_t>(float_to_bits(x));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
+}
+
+// dst (rows × cols, contiguous) = src (rows × cols, leading dimension lds) rounded to half.
+NLX_VECTORIZED void narrow_tile(at::ScalarType dtype, int64_t rows, int64_t cols, const float* src, int64_t lds,
+                                uint16_t* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* __restrict s = src + i * lds;
+    uint16_t* __restrict t = dst + i * cols;
+    if (dtype == at::kBFloat16)
+      for (int64_t j = 0; j < cols; ++j) t[j] = bfloat16_bits(s[j]);
+    else
+      for (int64_t j = 0; j < cols; ++j) t[j] = c10::Half(s[j]).x;
+  }
+}
+
+// c (rows × cols, leading dimension ldc) = [c +] src (rows × cols, contiguous half).
+NLX_VECTORIZED void widen_tile(at::ScalarType dtype, int64_t rows, int64_t cols, const uint16_t* src, bool add,
+                               float* c, int64_t ldc) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint16_t* __restrict s = src + i * cols;
+    float* __restrict t = c + i * ldc;
+    if (dtype == at::kBFloat16) {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float x = bits_to_float(static_cast<int32_t>(static_cast<uint32_t>(s[j]) << 16));
+        t[j] = add ? t[j] + x : x;
+      }
+    } else {
+      for (int64_t j = 0; j < cols; ++j) {
+        const float x = static_cast<float>(c10::Half(s[j], c10::Half::from_bits()));
+        t[j] = add ? t[j] + x : x;
+      }
+    }
+  }
+}
+
+// c (rows × cols, ldc) = [c +] a·b for half a (rows × inner, lda) and b (inner × cols, ldb).
+void half_gemm(const HalfTiles& h, int64_t rows, int64_t cols, int64_t inner, const uint16_t* a, int64_t lda,
+               const uint16_t* b, int64_t ldb, bool add, float* c, int64_t ldc) {
+  if (rows == 0 || cols == 0) return;
+  if (inner == 0) {
+    if (!add)
+      for (int64_t i = 0; i < rows; ++i) std::fill(c + i * ldc, c + i * ldc + cols, 0.0f);
+    return;
+  }
+  at::Tensor out = half_view(h.dtype, h.result, rows, cols, cols);
+  at::mm_out(out, half_view(h.dtype, a, rows, inner, lda), half_view(h.dtype, b, inner, cols, ldb));
+  widen_tile(h.dtype, rows, cols, h.result, add, c, ldc);
+}
+
+// c [+]= x·b for a float32 tile x (rows × inner, ldx): rounded to half first when b has a half copy
+// (b_half non-null), else the float32 GEMM with b.
+template <typename T>
+void tile_gemm(const HalfTiles* h, int64_t rows, int64_t cols, int64_t inner, const T* x, int64_t ldx, const T* b,
+               const uint16_t* b_half, int64_t ldb, bool add, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (h && b_half) {
+      narrow_tile(h->dtype, rows, inner, x, ldx, h->operand);
+      return half_gemm(*h, rows, cols, inner, h->operand, inner, b_half, ldb, add, c, ldc);
+    }
+  }
+  gemm<T>(false, false, rows, cols, inner, T(1), x, ldx, b, ldb, add ? T(1) : T(0), c, ldc);
+}
+
+// ----------------------------------------------------------------------------------------------
 // Which input plays the rows and which the columns of a tile. The row pass uses (a, b) =
 // (query, key); the column passes use (key, query). `symmetric` adds f(a2_i, b2_j) with
 // (a2, b2) = (b, a) of the same rows and columns: ½[f(q_i, k_j) + f(k_i, q_j)].
@@ -151,6 +265,7 @@ struct Roles {
   const T *a2, *b2, *a2_sqnorm, *b2_sqnorm;  // symmetric partners (rows of b, cols of a)
   const T *b_t, *b2_t;                      // bᵀ, b2ᵀ: d × cols (b2_t null unless symmetric)
   int64_t d, ld_t;
+  const HalfTiles* half = nullptr;          // half copies for the matrix units, or null
 };
 
 template <typename T>
@@ -222,8 +337,26 @@ void tile_products(const Roles<T>& r, const KernelArgs<T>& p, bool symmetric, in
     if (symmetric) squared_distances(r.a2, r.b2, d, i0, bi, j0, bj, s2);
     return;
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (r.half && r.half->products) {  // a2 = b and b2ᵀ = aᵀ (see roles)
+      const HalfTiles& h = *r.half;
+      half_gemm(h, bi, bj, d, h.a + i0 * d, d, h.b_t + j0, r.ld_t, false, s1, bj);
+      if (symmetric) half_gemm(h, bi, bj, d, h.b + i0 * d, d, h.a_t + j0, r.ld_t, false, s2, bj);
+      return;
+    }
+  }
   gemm<T>(false, false, bi, bj, d, T(1), r.a + i0 * d, d, r.b_t + j0, r.ld_t, T(0), s1, bj);
   if (symmetric) gemm<T>(false, false, bi, bj, d, T(1), r.a2 + i0 * d, d, r.b2_t + j0, r.ld_t, T(0), s2, bj);
+}
+
+// gv = G_I v_Jᵀ of a backward tile (G: rows × c, vᵀ: c × cols with leading dimension cols).
+template <typename T>
+void grad_value_products(const Roles<T>& r, const T* g, const T* v_t, int64_t c, int64_t cols, int64_t i0,
+                         int64_t bi, int64_t j0, int64_t bj, T* gv) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (r.half) return half_gemm(*r.half, bi, bj, c, r.half->grad + i0 * c, c, r.half->value_t + j0, cols, false, gv, bj);
+  }
+  gemm<T>(false, false, bi, bj, c, T(1), g + i0 * c, c, v_t + j0, cols, T(0), gv, bj);
 }
 
 // s1 ← W̃ (or log W̃ for gaussian) of the tile rows i0..i0+bi × columns j0..j0+bj, row-major
@@ -319,7 +452,9 @@ NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols
         }
       }
     }
-    if (value) gemm<T>(false, false, bi, c, bj, T(1), s1, bj, value + j0 * c, c, T(1), st.acc.data(), c);
+    if (value)
+      tile_gemm<T>(r.half, bi, c, bj, s1, bj, value + j0 * c, r.half ? r.half->value + j0 * c : nullptr, c, true,
+                   st.acc.data(), c);
   }
 }
 
@@ -582,8 +717,9 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
   for (const at::Tensor* t : {&query, &key, &value}) {
     TORCH_CHECK(t->device().is_cpu(), "nonlocal_ext CPU kernels: tensors must be on the CPU");
     TORCH_CHECK(t->scalar_type() == query.scalar_type() &&
-                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
-                "nonlocal_ext CPU kernels: float32 or float64 tensors of one dtype expected");
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble ||
+                     t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf),
+                "nonlocal_ext CPU kernels: float32, float64, bfloat16 or float16 tensors of one dtype expected");
   }
   if (self_value) {
     TORCH_CHECK(o.diffusion, "nonlocal_ext: self_value needs update='diffusion'");
@@ -649,26 +785,80 @@ const T* ptr_or_null(const at::Tensor& t, int64_t bt) {
   return t.defined() ? t[bt].data_ptr<T>() : nullptr;
 }
 
+// The half copies of the inputs for every batch element (contiguous, (B, ·, ·)); dtype Undefined:
+// the float32 GEMMs. kᵀ, qᵀ only for half products, vᵀ and G only in the backward.
+struct HalfInputs {
+  at::ScalarType dtype = at::ScalarType::Undefined;
+  bool products = false;
+  at::Tensor q, k, q_t, k_t, v, v_t, g;
+
+  // Scratch sizes (elements) of one thread: an operand tile and a result tile.
+  static int64_t operand_size(int64_t rows) { return std::max(rows, kColBlock) * kColBlock; }
+  static int64_t result_size(int64_t rows, int64_t d, int64_t c) {
+    return std::max(rows, kColBlock) * std::max({kColBlock, d, c});
+  }
+
+  // The HalfTiles of batch element bt, or null when off. `swapped`: the column pass of sym (rows = keys).
+  const HalfTiles* tiles(int64_t bt, bool swapped, HalfTiles& h, std::vector<uint16_t>& operand,
+                         std::vector<uint16_t>& result) const {
+    if (dtype == at::ScalarType::Undefined) return nullptr;
+    const auto at_batch = [bt](const at::Tensor& t) -> const uint16_t* {
+      return t.defined() ? static_cast<const uint16_t*>(t.data_ptr()) + bt * t.stride(0) : nullptr;
+    };
+    h = {dtype, products, at_batch(swapped ? k : q), at_batch(swapped ? q : k), at_batch(swapped ? k_t : q_t),
+         at_batch(swapped ? q_t : k_t), swapped ? nullptr : at_batch(v), at_batch(v_t), at_batch(g),
+         operand.data(), result.data()};
+    return &h;
+  }
+};
+
+// HalfInputs of half-precision q, k, v (and G in the backward), contiguous.
+HalfInputs half_inputs(at::ScalarType dtype, const Options& o, const at::Tensor& q, const at::Tensor& k,
+                       const at::Tensor& v, const at::Tensor& g) {
+  HalfInputs h;
+  h.dtype = dtype;
+  h.products = !is_distance(o.kernel);
+  h.q = q;
+  h.k = k;
+  h.v = v;
+  if (h.products) {
+    h.k_t = k.transpose(1, 2).contiguous();
+    if (o.symmetric || o.normalize == Normalize::Sym) h.q_t = q.transpose(1, 2).contiguous();
+  }
+  if (g.defined()) {
+    h.v_t = v.transpose(1, 2).contiguous();
+    h.g = g;
+  }
+  return h;
+}
+
 // row_pass for every (batch element, block of rows) of rows_in against all of cols_in, in
 // parallel; finish(bt, i0, bi, state) then reads each block's running state. `value` and
 // `col_factor` may be undefined (statistics only; b = 1).
 template <typename T, typename Finish>
 void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
                         const at::Tensor& cols_sqnorm, const at::Tensor& value, const at::Tensor& col_factor,
-                        const Options& o, const Finish& finish) {
+                        const Options& o, const HalfInputs& half, bool swapped, const Finish& finish) {
   const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
   const int64_t c = value.defined() ? value.size(2) : 0;
   const int64_t rb = o.row_block, blocks = (rows + rb - 1) / rb;
   const KernelArgs<T> p = kernel_args<T>(o, d);
-  const at::Tensor cols_t = transposed(cols_in), rows_t = o.symmetric ? transposed(rows_in) : at::Tensor();
+  // The float32 transposes are the products' operands: not needed when those run in half.
+  const bool float_products = !half.products;
+  const at::Tensor cols_t = float_products ? transposed(cols_in) : at::Tensor();
+  const at::Tensor rows_t = o.symmetric && float_products ? transposed(rows_in) : at::Tensor();
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     std::vector<T> s1(rb * kColBlock), s2(rb * kColBlock);
+    HalfTiles tiles;
+    std::vector<uint16_t> operand(half.q.defined() ? HalfInputs::operand_size(rb) : 0),
+        result(half.q.defined() ? HalfInputs::result_size(rb, d, c) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * rb, bi = std::min(rb, rows - i0);
-      const Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
-                                  ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
-                                  ptr_or_null<T>(rows_t, bt), cols_t[bt].data_ptr<T>(), d, cols);
+      Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
+                            ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
+                            ptr_or_null<T>(rows_t, bt), ptr_or_null<T>(cols_t, bt), d, cols);
+      r.half = half.tiles(bt, swapped, tiles, operand, result);
       RowState<T> st(bi, c);
       row_pass_entry(o.kernel, o.symmetric, r, p, cols, ptr_or_null<T>(value, bt), c,
                      ptr_or_null<T>(col_factor, bt), i0, bi, st, s1.data(), s2.data());
@@ -681,10 +871,10 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
 // batch element: the column pass of `sym` (with the roles of query and key swapped).
 template <typename T>
 at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
-                           const at::Tensor& cols_sqnorm, const Options& o) {
+                           const at::Tensor& cols_sqnorm, const Options& o, const HalfInputs& half) {
   auto stats = at::full({rows_in.size(0), rows_in.size(1)}, std::numeric_limits<double>::quiet_NaN(),
                         rows_in.options());
-  for_each_row_block<T>(rows_in, cols_in, rows_sqnorm, cols_sqnorm, at::Tensor(), at::Tensor(), o,
+  for_each_row_block<T>(rows_in, cols_in, rows_sqnorm, cols_sqnorm, at::Tensor(), at::Tensor(), o, half, true,
                         [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
                           T* out = stats[bt].data_ptr<T>() + i0;
                           for (int64_t i = 0; i < bi; ++i)
@@ -696,7 +886,7 @@ at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in,
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& u,
-                                                            const Options& o) {
+                                                            const Options& o, const HalfInputs& half) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), c = v.size(2);
   const bool log_domain = o.kernel == Kernel::Gaussian;
   // Poisoned with NaN so that an element the passes below fail to write cannot go unnoticed.
@@ -713,11 +903,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   const at::Tensor qn = squared_norms(q, o), kn = squared_norms(k, o);
   at::Tensor colf;  // b_j (log b_j) of sym, else undefined (b = 1)
   if (o.normalize == Normalize::Sym) {
-    col_stats.copy_(normalizer_pass<T>(k, q, kn, qn, o));
+    col_stats.copy_(normalizer_pass<T>(k, q, kn, qn, o, half));
     colf = row_factors<T>(col_stats, o, m);
   }
   const bool with_b = colf.defined();
-  for_each_row_block<T>(q, k, qn, kn, v, colf, o, [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
+  for_each_row_block<T>(q, k, qn, kn, v, colf, o, half, false, [&](int64_t bt, int64_t i0, int64_t bi,
+                                                                   const RowState<T>& st) {
     T* out_rows = out[bt].data_ptr<T>() + i0 * c;
     T* stat = row_stats[bt].data_ptr<T>() + i0;
     const T* u_rows = u.defined() ? u[bt].data_ptr<T>() + i0 * c : nullptr;
@@ -747,11 +938,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
 // The backward's work split: column blocks in `groups` contiguous ranges per batch element,
 // a number fixed by the shapes (never by the thread count). A group owns the columns of its
 // blocks and keeps partial sums for rows, added in group order afterwards.
+//
+// How many groups: up to 8 tasks per call, but at least kGroupLines rows (columns) per group, since
+// each group zeroes and finally adds a partial copy of the rows' (columns') gradients: with fewer
+// lines per group that copy costs more than 5% of the group's GEMM work (bench/NOTES.md, "Fewer
+// partial sums in the backward").
+constexpr int64_t kGroupLines = 512;
+
+inline int64_t group_count(int64_t batch, int64_t blocks, int64_t lines) {
+  const int64_t most = std::min<int64_t>((8 + batch - 1) / batch, std::max<int64_t>(1, lines / kGroupLines));
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, most));
+}
+
 struct GroupSplit {
   int64_t col_blocks, groups, blocks_per_group, row_blocks;
   GroupSplit(int64_t batch, int64_t n, int64_t m, int64_t rows)
       : col_blocks((m + kColBlock - 1) / kColBlock),
-        groups(std::max<int64_t>(1, std::min<int64_t>(col_blocks, (8 + batch - 1) / batch))),
+        groups(group_count(batch, col_blocks, m)),
         blocks_per_group((col_blocks + groups - 1) / groups),
         row_blocks((n + rows - 1) / rows) {}
   int64_t first(int64_t group) const { return group * blocks_per_group; }
@@ -766,24 +969,31 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
                                                       const at::Tensor& v, const at::Tensor& g,
                                                       const at::Tensor& qn, const at::Tensor& kn,
                                                       const at::Tensor& a, const at::Tensor& b,
-                                                      const at::Tensor& gu, const Options& o) {
+                                                      const at::Tensor& gu, const Options& o,
+                                                      const HalfInputs& half) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool log_domain = o.kernel == Kernel::Gaussian;
   const GroupSplit split(batch, n, m, o.row_block);
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
   const KernelArgs<T> p = kernel_args<T>(o, d);
-  const at::Tensor q_t = o.symmetric ? transposed(q) : at::Tensor(), k_t = transposed(k), v_t = transposed(v);
+  const bool float_products = !half.products, float_values = !half.q.defined();
+  const at::Tensor q_t = o.symmetric && float_products ? transposed(q) : at::Tensor();
+  const at::Tensor k_t = float_products ? transposed(k) : at::Tensor(), v_t = float_values ? transposed(v) : at::Tensor();
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
+    HalfTiles tiles;
+    std::vector<uint16_t> operand(half.q.defined() ? HalfInputs::operand_size(o.row_block) : 0),
+        result(half.q.defined() ? HalfInputs::result_size(o.row_block, d, c) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / split.groups, grp = task % split.groups;
-      const Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt),
-                                  ptr_or_null<T>(kn, bt), ptr_or_null<T>(q_t, bt), k_t[bt].data_ptr<T>(), d, m);
+      Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
+                            ptr_or_null<T>(q_t, bt), ptr_or_null<T>(k_t, bt), d, m);
+      r.half = half.tiles(bt, false, tiles, operand, result);
       const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
-      const T *vtb = v_t[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
+      const T *vtb = ptr_or_null<T>(v_t, bt), *gb = g[bt].data_ptr<T>();
       T* rows = row_part[bt][grp].data_ptr<T>();
       T* cols = col_terms[bt].data_ptr<T>();
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
@@ -791,7 +1001,7 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
           const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
           tile_weights_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, s1.data(), s2.data());
-          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv.data(), bj);
+          grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv.data());
           terms_tile_entry(log_domain, bi, bj, s1.data(), gv.data(), av + i0, bv + j0, guv + i0, s2.data(),
                            rows + i0, cols + j0);
         }
@@ -817,6 +1027,7 @@ struct GradientParts {
 struct BackwardVectors {
   at::Tensor qn, kn, a, b, R, X, Y, gu;
   at::Tensor q_t, k_t, v_t;
+  HalfInputs half;  // half copies of q, k, v, G for the tile GEMMs, or none
 
   template <typename T>
   BackwardRows<T> rows_of(int64_t bt) const {  // the pointers of batch element bt
@@ -863,15 +1074,20 @@ void backward_tile_gradients(const Options& o, bool symnorm, const Roles<T>& r, 
   T *ahat = t.ahat.data(), *c1 = t.c1.data(), *c2 = t.c2.data();
   T* flipped = t.flipped.data();
   backward_tile_entry(o.kernel, o.symmetric, symnorm, r, p, vec, i0, bi, j0, bj, s1, s2, gv, ahat, c1, c2);
+  const HalfTiles* h = r.half;  // half copies of G, q, k (null: float32 GEMMs)
+  const auto half_rows = [&](const uint16_t* HalfTiles::*member, int64_t row, int64_t width) -> const uint16_t* {
+    return h ? h->*member + row * width : nullptr;
+  };
   transpose_tile(bi, bj, ahat, flipped);
-  gemm<T>(false, false, bj, c, bi, T(1), flipped, bi, gb + i0 * c, c, T(1), out.dv + j0 * c, c);
-  gemm<T>(false, false, bi, d, bj, T(1), c1, bj, kb + j0 * d, d, T(1), out.dq_rows + i0 * d, d);
+  tile_gemm<T>(h, bj, c, bi, flipped, bi, gb + i0 * c, half_rows(&HalfTiles::grad, i0, c), c, true, out.dv + j0 * c, c);
+  tile_gemm<T>(h, bi, d, bj, c1, bj, kb + j0 * d, half_rows(&HalfTiles::b, j0, d), d, true, out.dq_rows + i0 * d, d);
   transpose_tile(bi, bj, c1, flipped);
-  gemm<T>(false, false, bj, d, bi, T(1), flipped, bi, qb + i0 * d, d, T(1), out.dk_cols + j0 * d, d);
+  tile_gemm<T>(h, bj, d, bi, flipped, bi, qb + i0 * d, half_rows(&HalfTiles::a, i0, d), d, true, out.dk_cols + j0 * d, d);
   if (o.symmetric) {
-    gemm<T>(false, false, bi, d, bj, T(1), c2, bj, qb + j0 * d, d, T(1), out.dk_rows + i0 * d, d);
+    tile_gemm<T>(h, bi, d, bj, c2, bj, qb + j0 * d, half_rows(&HalfTiles::a, j0, d), d, true, out.dk_rows + i0 * d, d);
     transpose_tile(bi, bj, c2, flipped);
-    gemm<T>(false, false, bj, d, bi, T(1), flipped, bi, kb + i0 * d, d, T(1), out.dq_cols + j0 * d, d);
+    tile_gemm<T>(h, bj, d, bi, flipped, bi, kb + i0 * d, half_rows(&HalfTiles::b, i0, d), d, true,
+                 out.dq_cols + j0 * d, d);
   }
   tile_sums_entry(bi, bj, ahat, c1, o.symmetric ? c2 : nullptr, out.ahat_rowsum + i0, out.dq_rows_sum + i0,
                   out.dk_cols_sum + j0, o.symmetric ? out.dk_rows_sum + i0 : nullptr,
@@ -907,11 +1123,15 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
     const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
     TileScratch<T> scratch(o.row_block);
+    HalfTiles tiles;
+    std::vector<uint16_t> operand(bv.half.q.defined() ? HalfInputs::operand_size(o.row_block) : 0),
+        result(bv.half.q.defined() ? HalfInputs::result_size(o.row_block, d, c) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
-      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = bv.k_t[bt].data_ptr<T>(), *vtb = bv.v_t[bt].data_ptr<T>();
-      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
+      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = ptr_or_null<T>(bv.k_t, bt), *vtb = ptr_or_null<T>(bv.v_t, bt);
+      Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
+      r.half = bv.half.tiles(bt, false, tiles, operand, result);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* none = nullptr;
       const TileSinks<T> sinks{
@@ -925,7 +1145,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
           const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
           tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1.data(), s2.data());
-          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv.data(), bj);
+          grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv.data());
           backward_tile_gradients(o, symnorm, r, p, vec, gb, c, i0, bi, j0, bj, s1.data(), s2.data(), gv.data(),
                                   scratch, sinks);
         }
@@ -952,9 +1172,9 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
                                      const at::Tensor& v, BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const int64_t rb = o.row_block, row_blocks = (n + rb - 1) / rb;
-  // Up to 8 tasks per call, fewer when the column partials would pass 256 MB.
+  // As GroupSplit, and fewer when the column partials would pass 256 MB.
   const int64_t group_bytes = m * (c + 2 * d + 2) * static_cast<int64_t>(sizeof(T));
-  int64_t groups = std::min<int64_t>(row_blocks, (8 + batch - 1) / batch);
+  int64_t groups = group_count(batch, row_blocks, n);
   groups = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t(256) << 20) / std::max<int64_t>(group_bytes, 1)));
   const int64_t blocks_per_group = (row_blocks + groups - 1) / groups;
   auto opts = q.options();
@@ -981,11 +1201,15 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
     std::vector<T> w(tile), e(tile), unused_cols(kColBlock);
     BrgemmScope brgemm_scope;
     TileScratch<T> scratch(rb);
+    HalfTiles tiles;
+    std::vector<uint16_t> operand(bv.half.q.defined() ? HalfInputs::operand_size(rb) : 0),
+        result(bv.half.q.defined() ? HalfInputs::result_size(rb, d, c) : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
-      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = bv.k_t[bt].data_ptr<T>(), *vtb = bv.v_t[bt].data_ptr<T>();
-      const Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
+      const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = ptr_or_null<T>(bv.k_t, bt), *vtb = ptr_or_null<T>(bv.v_t, bt);
+      Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
+      r.half = bv.half.tiles(bt, false, tiles, operand, result);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* Sb = S[bt].data_ptr<T>();
       T* none = nullptr;
@@ -1002,7 +1226,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
           const int64_t bj = std::min(kColBlock, m - j0);
           T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
           tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1, s2);
-          gemm<T>(false, false, bi, bj, c, T(1), gb + i0 * c, c, vtb + j0, m, T(0), gv, bj);
+          grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv);
           std::copy(s1, s1 + bi * bj, w.begin());
           weights_from_products_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, w.data(), s2);
           terms_tile_entry(log_domain, bi, bj, w.data(), gv, vec.a + i0, vec.b + j0, vec.gu + i0, e.data(),
@@ -1056,7 +1280,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> assemb
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
-    bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o) {
+    bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o,
+    const HalfInputs& half) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1);
   if (batch == 0 || n == 0 || m == 0) {
     std::optional<at::Tensor> grad_u;
@@ -1071,17 +1296,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.a = row_factors<T>(row_stats, o, m);
   bv.b = symnorm ? row_factors<T>(col_stats, o, m)
                  : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
-  bv.q_t = o.symmetric ? transposed(q) : at::Tensor();
-  bv.k_t = transposed(k);
-  bv.v_t = transposed(v);
+  const bool float_products = !half.products, float_values = !half.q.defined();  // else half copies
+  bv.q_t = o.symmetric && float_products ? transposed(q) : at::Tensor();
+  bv.k_t = float_products ? transposed(k) : at::Tensor();
+  bv.v_t = float_values ? transposed(v) : at::Tensor();
   bv.R = bv.X = at::zeros_like(bv.gu);
   bv.Y = at::zeros({batch, m}, q.options());
+  bv.half = half;
   GradientParts parts;
   if (o.normalize == Normalize::Row) {
     parts = backward_by_row_blocks<T>(g, q, k, v, bv, o);
   } else {
     if (symnorm) {
-      auto [S, Tc] = normalization_terms<T>(q, k, v, g, bv.qn, bv.kn, bv.a, bv.b, bv.gu, o);
+      auto [S, Tc] = normalization_terms<T>(q, k, v, g, bv.qn, bv.kn, bv.a, bv.b, bv.gu, o, half);
       bv.X = 0.5 * S;
       bv.Y = 0.5 * Tc;
     }
@@ -1093,20 +1320,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
 // ----------------------------------------------------------------------------------------------
 // Operator entry points.
 
+// Half-precision inputs: the kernels run in float32 on widened copies, with half copies for the
+// tile GEMMs where the CPU multiplies half natively (half_gemm_available); results in the inputs'
+// dtype, statistics in float32.
+bool is_half(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+at::Tensor widened(const at::Tensor& t) {
+  return t.defined() && is_half(t.scalar_type()) ? t.to(at::kFloat) : t;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& self_value, c10::string_view kernel, double scale, double power,
     double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
-  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2));
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  const at::ScalarType dtype = query.scalar_type();
+  const bool half_gemms = half_gemm_available(dtype);
+  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2), half_gemms);
+  at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  const HalfInputs half = half_gemms ? half_inputs(dtype, o, q, k, v, at::Tensor()) : HalfInputs();
+  q = widened(q);
+  k = widened(k);
+  v = widened(v);
+  u = widened(u);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_forward", [&] {
-    result = forward_impl<scalar_t>(q, k, v, u, o);
+    result = forward_impl<scalar_t>(q, k, v, u, o, half);
   });
+  if (is_half(dtype)) std::get<0>(result) = std::get<0>(result).to(dtype);
   return result;
 }
 
@@ -1117,19 +1363,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
     double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
-  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2));
+  const at::ScalarType dtype = query.scalar_type();
+  const bool half_gemms = half_gemm_available(dtype);
+  o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2), half_gemms);
   // `out` is part of the schema for backends that form S_i = G_i·out_i; these kernels sum S_i
   // from the tiles instead (see normalization_terms).
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "nonlocal_ext: grad_out must have the shape of out");
-  const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const at::Tensor g = grad_out.contiguous().to(q.scalar_type());
+  at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
+  at::Tensor g = grad_out.contiguous().to(dtype);
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  const HalfInputs half = half_gemms ? half_inputs(dtype, o, q, k, v, g) : HalfInputs();
+  q = widened(q);
+  k = widened(k);
+  v = widened(v);
+  u = widened(u);
+  g = widened(g);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
     result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),
-                                     row_stats.contiguous(), col_stats.contiguous(), o);
+                                     widened(row_stats).contiguous(), widened(col_stats).contiguous(), o, half);
   });
+  if (is_half(dtype)) {
+    auto& [dq, dk, dv, du] = result;
+    dq = dq.to(dtype);
+    dk = dk.to(dtype);
+    dv = dv.to(dtype);
+    if (du) du = du->to(dtype);
+  }
   return result;
 }
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common import COMBOS, assert_close_to_truth, max_abs, combo_id, kernel_kwargs, make_inputs, run
+import common
+from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, max_abs, square_only
 from nonlocal_ext import nonlocal_aggregate
 from nonlocal_ext.backends import chunked
 
@@ -16,12 +17,6 @@ from nonlocal_ext.backends import chunked
 # combinations that need N == M (symmetric, diffusion without self_value).
 SQUARE_SHAPES = [((), 1, 1, 1, 1), ((2,), 97, 97, 5, 3), ((), 1000, 1000, 64, 130), ((2, 3), 33, 33, 1, 130)]
 RECT_SHAPES = [((2,), 97, 33, 5, 3), ((), 1, 1000, 64, 1), ((3,), 1000, 1, 1, 130)]
-
-
-def square_only(combo):
-    """symmetric and diffusion without self_value need N == M."""
-    kernel, normalize, update, symmetric, with_self_value = combo
-    return symmetric or (update == "diffusion" and not with_self_value)
 
 
 def shapes_for(combo):
@@ -43,22 +38,8 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 40 * 1000)
 
 
-def check_against_reference(backend, combo, shape, noncontiguous, dtype):
-    kernel, normalize, update, symmetric, with_self_value = combo
-    batch, n, m, d, c = shape
-    inputs64 = make_inputs(kernel, normalize, batch, n, m, d, c, with_self_value=with_self_value,
-                           noncontiguous=noncontiguous)
-    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)  # one coincidence threshold for every dtype compared
-    grad_out = torch.randn(*batch, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    truth = run("reference", *inputs64, kernel, normalize, update, symmetric, grad_out, **kwargs)
-    low = [None if t is None else t.to(dtype) for t in inputs64]
-    ours = run(backend, *low, kernel, normalize, update, symmetric, grad_out, **kwargs)
-    plain = truth if dtype == torch.float64 else run("reference", *low, kernel, normalize, update, symmetric,
-                                                      grad_out, **kwargs)
-    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
-    names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
-    for name, o, p, t in zip(names, [ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
-        assert_close_to_truth(o, p, t, dtype, name, floor=max(1.0, max_abs(truth[0])))
+def check_against_reference(backend, combo, shape, noncontiguous, dtype, device="cpu"):
+    common.check_against_reference(backend, combo, shape, dtype, noncontiguous, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
@@ -88,6 +69,31 @@ WIDE_SQUARE, WIDE_RECT = ((2,), 300, 300, 200, 190), ((2,), 300, 77, 200, 190)
 def test_cpu_wide_features_match_reference(combo):
     """float32: the precision whose tile products go through brgemm."""
     check_against_reference("cpu", combo, WIDE_SQUARE if square_only(combo) else WIDE_RECT, False, torch.float32)
+
+
+HALF_GEMMS = "NONLOCAL_EXT_CPU_HALF_GEMMS"  # the cpu kernels' half tile GEMMs: "1" on, "0" off (else by CPU)
+
+
+@pytest.mark.parametrize("half_gemms", ["1", "0"], ids=["half-gemms", "float-gemms"])
+@pytest.mark.parametrize("combo", [pytest.param(c, id=combo_id(c)) for c in COMBOS
+                                   if c[3] == (c[0] in ("gaussian", "log")) and c[2] == ("diffusion" if c[1] in ("row", "none") else "aggregate")])
+def test_cpu_half_tiles_at_block_widths(monkeypatch, combo, half_gemms):
+    """bfloat16 at nonlocal-block widths, with the tile GEMMs in bfloat16 (oneDNN) and in float32."""
+    monkeypatch.setenv(HALF_GEMMS, half_gemms)
+    check_against_reference("cpu", combo, WIDE_SQUARE if square_only(combo) else WIDE_RECT, False, torch.bfloat16)
+
+
+def test_cpu_half_tiles_are_a_separate_path(monkeypatch):
+    """The switch takes effect: bfloat16 products (rounded once) differ from float32 ones of the same inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, w, generator=g).bfloat16() for n, w in ((300, 200), (77, 200), (77, 190)))
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv(HALF_GEMMS, flag)
+        outs.append(nonlocal_aggregate(q, k, v, "gaussian", scale=200 ** -0.5, backend="cpu"))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert not torch.equal(outs[0], outs[1])
+    assert (outs[0].float() - outs[1].float()).abs().max() < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])

@@ -159,8 +159,8 @@ def test_op_rejects_bad_arguments_by_name():
         OPS.aggregate_forward(q, q, q, None, "nope", *args[1:])
     with pytest.raises(RuntimeError, match="unknown normalize 'nope'"):
         OPS.aggregate_forward(q, q, q, None, *args[:5], "nope", *args[6:])
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        OPS.aggregate_forward(q.half(), q.half(), q.half(), None, *args)
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
+        OPS.aggregate_forward(q.int(), q.int(), q.int(), None, *args)
     with pytest.raises(RuntimeError, match="self_value needs update='diffusion'"):
         OPS.aggregate_forward(q, q, q, q, *args)
 

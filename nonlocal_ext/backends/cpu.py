@@ -7,8 +7,10 @@ and saves O(N + M) statistics: the row sums r_i (``log r_i`` for ``gaussian``) a
 
 This module registers, for those ops, the fake (meta) kernels that ``torch.compile`` traces with
 and the autograd formula (``register_autograd``), so the op is differentiable and traceable
-without graph breaks. The kernels take float32 and float64; float16/bfloat16 inputs are
-accumulated in float32 here and the result cast back.
+without graph breaks. The kernels take float32 and float64, and float16/bfloat16: those accumulate in
+float32, with the tile products in half precision where the CPU multiplies it natively
+(``avx512_bf16``/AMX for bfloat16, ``avx512_fp16``/AMX-FP16 for float16; elsewhere float32 products of
+the widened inputs); the result is in the inputs' dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension_available, require_extension
-from ._common import compute_dtype, forward_fake, save_for_backward
+from ._common import forward_fake, save_for_backward
 
 NAME = "cpu"
 
@@ -42,13 +44,8 @@ def _op_arguments(spec):
 
 
 def aggregate(query, key, value, self_value, spec):
-    dtype = query.dtype
-    work = compute_dtype(dtype)
-    tensors = [query, key, value, self_value]
-    if work != dtype:
-        tensors = [None if t is None else t.to(work) for t in tensors]
-    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(*tensors, *_op_arguments(spec))
-    return out.to(dtype)
+    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *_op_arguments(spec))
+    return out
 
 
 # --- torch.library registrations: fake kernels and autograd ------------------------------------
