@@ -1,4 +1,4 @@
-// CPU kernels of nonlocal_ext::aggregate_forward / aggregate_backward (DESIGN.md §2).
+// CPU kernels of nonlocal_ext::aggregate_forward / aggregate_backward (definitions: docs/semantics.md).
 //
 // Everything is tiled: a tile of the affinity matrix, rows I (row_block_for) × columns J
 // (kColBlock), is formed from one GEMM s = a_I b_Jᵀ (two with `symmetric`), turned into weights

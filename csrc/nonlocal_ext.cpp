@@ -1,6 +1,6 @@
 // Operator schemas of the `nonlocal_ext` library, and the Python module `nonlocal_ext._C`.
 //
-// aggregate_forward computes one nonlocal aggregation (DESIGN.md §1):
+// aggregate_forward computes one nonlocal aggregation (definitions: docs/semantics.md):
 //   w_ij = f_kernel(query_i, key_j)           affinity, never stored as an N×M matrix
 //   W    <- (W + Wᵀ)/2                          if symmetric (then N == M)
 //   Â    = normalize(W)                         none | count | row | sym

@@ -1,7 +1,7 @@
 """``backend="cpu"``: the fused C++ kernels of ``csrc/`` as the custom ops ``torch.ops.nonlocal_ext``.
 
 ``aggregate_forward(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize,
-update, symmetric) -> (out, row_stats, col_stats)`` computes one tiled aggregation (DESIGN.md §2)
+update, symmetric) -> (out, row_stats, col_stats)`` computes one tiled aggregation (docs/semantics.md, docs/backends.md)
 and saves O(N + M) statistics: the row sums r_i (``log r_i`` for ``gaussian``) and, for
 ``sym``, the column sums c_j. ``aggregate_backward`` recomputes the affinity tiles from them.
 
