@@ -78,6 +78,59 @@ def run(backend, q, k, v, u, kernel, normalize, update, symmetric, grad_out=None
     return out.detach(), [torch.zeros_like(x) if gr is None else gr for x, gr in zip(inputs, grads)]
 
 
+def square_only(combo):
+    """symmetric and diffusion without self_value need N == M."""
+    kernel, normalize, update, symmetric, with_self_value = combo
+    return symmetric or (update == "diffusion" and not with_self_value)
+
+
+_TRUTH = {}
+
+
+def _truth(combo, shape, noncontiguous):
+    """Inputs, upstream gradient and float64 reference results (on CPU) of one case, computed once per session
+    (the CUDA tests compare several backends and dtypes with the same truth)."""
+    key = (combo, shape, noncontiguous)
+    if key not in _TRUTH:
+        kernel, normalize, update, symmetric, with_self_value = combo
+        batch, n, m, d, c = shape
+        inputs64 = make_inputs(kernel, normalize, batch, n, m, d, c, with_self_value=with_self_value,
+                               noncontiguous=noncontiguous)
+        kwargs = dict(kernel_kwargs(kernel), eps=1e-4)  # one coincidence threshold for every dtype compared
+        grad_out = torch.randn(*batch, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        truth = run("reference", *inputs64, kernel, normalize, update, symmetric, grad_out, **kwargs)
+        _TRUTH[key] = (inputs64, kwargs, grad_out, truth)
+        if len(_TRUTH) > 64:  # a bounded cache: the cases of one test function come in order
+            del _TRUTH[next(iter(_TRUTH))]
+    return _TRUTH[key]
+
+
+def check_against_reference(backend, combo, shape, dtype, noncontiguous=False, device="cpu"):
+    """Output and every gradient of ``backend`` on ``device`` in ``dtype`` against the float64 reference
+    (on CPU), by :func:`assert_close_to_truth`; "plain PyTorch in the same dtype" is the reference backend
+    on the same device (for ``backend="reference"`` itself: on CPU). NaN anywhere (an element a kernel did
+    not write) fails with its own message. The inputs and the truth of a case are computed once (:func:`_truth`)."""
+    kernel, normalize, update, symmetric, with_self_value = combo
+    inputs64, kwargs, grad_out, truth = _truth(combo, shape, noncontiguous)
+    low = [None if t is None else t.to(device=device, dtype=dtype) for t in inputs64]  # strides preserved
+    g = grad_out.to(device)
+    ours = run(backend, *low, kernel, normalize, update, symmetric, g, **kwargs)
+    if dtype == torch.float64 and device == "cpu":
+        plain = truth
+    elif backend == "reference":  # the reference on a device is judged by the reference on CPU, same dtype
+        plain = run("reference", *[None if t is None else t.cpu() for t in low], kernel, normalize, update,
+                    symmetric, grad_out, **kwargs)
+    else:
+        plain = run("reference", *low, kernel, normalize, update, symmetric, g, **kwargs)
+    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
+    assert ours[0].device.type == torch.device(device).type
+    names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
+    for name, o, p, t in zip(names, [ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
+        o, p = o.cpu(), p.cpu()
+        assert not o.isnan().any(), f"{name}: NaN (an element the kernels did not write)"
+        assert_close_to_truth(o, p, t, dtype, name, floor=max(1.0, max_abs(truth[0])))
+
+
 def max_abs(t):
     return t.double().abs().max().item() if t.numel() else 0.0
 
