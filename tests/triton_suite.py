@@ -25,8 +25,10 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 import nonlocal_ext
-from common import (COMBOS, LargestTensor, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs,
-                    run)
+import common
+from common import COMBOS, LargestTensor, combo_id, kernel_kwargs, make_inputs, run, square_only
+from triton_cases import (BFLOAT16_COMBOS, EVEN_FEATURE_COMBOS, FLOAT16_COMBOS, ODD_CASES, WIDE_CASES, case_id,
+                          even_feature_shape, every_combination_shape, half_shape)
 from nonlocal_ext.triton_kernels import launchers
 
 assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 set before nonlocal_ext.triton_kernels is imported"
@@ -57,90 +59,40 @@ def exact_bfloat16_dot(monkeypatch):
     launchers._BFLOAT16_DOT_EXACT = None  # and again once unpatched
 
 
-def square_only(combo):
-    kernel, normalize, update, symmetric, with_self_value = combo
-    return symmetric or (update == "diffusion" and not with_self_value)
-
-
 def check_against_reference(combo, shape, dtype, noncontiguous=False):
-    kernel, normalize, update, symmetric, with_self_value = combo
-    batch, n, m, d, c = shape
-    inputs64 = make_inputs(kernel, normalize, batch, n, m, d, c, with_self_value=with_self_value,
-                           noncontiguous=noncontiguous)
-    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)
-    grad_out = torch.randn(*batch, n, c, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    truth = run("reference", *inputs64, kernel, normalize, update, symmetric, grad_out, **kwargs)
-    low = [None if t is None else t.to(dtype) for t in inputs64]
-    ours = run("triton", *low, kernel, normalize, update, symmetric, grad_out, **kwargs)
-    plain = truth if dtype == torch.float64 else run("reference", *low, kernel, normalize, update, symmetric,
-                                                      grad_out, **kwargs)
-    assert ours[0].dtype == dtype and ours[0].shape == truth[0].shape
-    names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
-    for name, o, p, t in zip(names, [ours[0]] + ours[1], [plain[0]] + plain[1], [truth[0]] + truth[1]):
-        assert not o.isnan().any(), f"{name}: NaN (an element the kernels did not write)"
-        assert_close_to_truth(o, p, t, dtype, name, floor=max(1.0, max_abs(truth[0])))
+    common.check_against_reference("triton", combo, shape, dtype, noncontiguous)
 
 
 @pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
 def test_every_combination_matches_reference(combo):
     """All 120 combinations (dot included), values and every gradient, float64, 33 rows = 2 tiles of 32
     (33 × 33 for the square-only ones, else 33 queries against 17 keys)."""
-    n, m = (33, 33) if square_only(combo) else (33, 17)
-    check_against_reference(combo, ((), n, m, 5, 3), torch.float64)
+    check_against_reference(combo, every_combination_shape(combo), torch.float64)
 
 
-# Odd sizes from the issue (N ∈ {1, 67, 130}, M ∈ {1, 33, 130}, D ∈ {5, 200}, C ∈ {3, 300}), a covering
-# subset: each size, each affinity kernel, normalization, update and symmetric at least once. C = 300 is
-# masked in one 512-wide forward value tile; D = 200 and C = 300 span 2 and 3 backward output tiles of 128
-# (the second grid axis); the GEMM slices of 64 have tails.
-ODD_CASES = [
-    (("gaussian", "row", "aggregate", False, False), ((), 67, 33, 200, 3), torch.float32),
-    (("fractional", "sym", "diffusion", False, True), ((), 130, 1, 5, 300), torch.float32),
-    (("rbf", "count", "aggregate", False, False), ((2,), 1, 130, 5, 3), torch.float64),
-    (("log", "none", "diffusion", True, False), ((), 1, 1, 200, 3), torch.float64),
-    (("log", "sym", "diffusion", True, False), ((), 130, 130, 5, 3), torch.float32),
-    (("gaussian", "sym", "diffusion", True, True), ((), 67, 67, 5, 3), torch.float32),
-    (("rbf", "row", "diffusion", False, True), ((), 130, 33, 5, 3), torch.float32),
-    (("fractional", "none", "aggregate", True, False), ((), 67, 67, 5, 3), torch.float32),
-]
-
-
-@pytest.mark.parametrize("combo,shape,dtype", ODD_CASES,
-                         ids=[f"{combo_id(c)}-{'x'.join(map(str, s[1:]))}-{str(dt)[6:]}" for c, s, dt in ODD_CASES])
+@pytest.mark.parametrize("combo,shape,dtype", ODD_CASES, ids=[case_id(*case) for case in ODD_CASES])
 def test_odd_sizes_match_reference(combo, shape, dtype):
     check_against_reference(combo, shape, dtype, noncontiguous=shape[1] == 130)
 
 
-@pytest.mark.parametrize("combo", [("rbf", "row", "diffusion", False, True), ("gaussian", "sym", "aggregate", True, False)],
-                         ids=combo_id)
+@pytest.mark.parametrize("combo", EVEN_FEATURE_COMBOS, ids=combo_id)
 def test_feature_tiles_that_divide_d_and_c(combo):
     """D = 64, C = 128: the EVEN_D / EVEN_C path (loads without a feature mask)."""
-    n, m = (67, 67) if square_only(combo) else (67, 33)
-    check_against_reference(combo, ((), n, m, 64, 128), torch.float32)
+    check_against_reference(combo, even_feature_shape(combo), torch.float32)
 
 
-@pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
-                                   ("gaussian", "sym", "diffusion", True, True),
-                                   ("rbf", "row", "diffusion", False, True),
-                                   ("fractional", "none", "aggregate", False, False),
-                                   ("log", "count", "diffusion", True, False)], ids=combo_id)
+@pytest.mark.parametrize("combo", FLOAT16_COMBOS, ids=combo_id)
 def test_float16_inputs(combo):
     """float16 inputs accumulate in float32: within 2× plain PyTorch's float16 error plus the table's atol."""
-    n, m = (67, 67) if square_only(combo) else (67, 33)
-    check_against_reference(combo, ((2,), n, m, 5, 3), torch.float16)
+    check_against_reference(combo, half_shape(combo, torch.float16), torch.float16)
 
 
-@pytest.mark.parametrize("combo", [("gaussian", "row", "aggregate", False, False),
-                                   ("gaussian", "sym", "diffusion", True, True),
-                                   ("rbf", "sym", "diffusion", False, True),
-                                   ("fractional", "row", "diffusion", False, False),
-                                   ("log", "none", "diffusion", True, False)], ids=combo_id)
+@pytest.mark.parametrize("combo", BFLOAT16_COMBOS, ids=combo_id)
 def test_bfloat16_inputs(combo, exact_bfloat16_dot):
     """bfloat16 inputs through the kernels' half path (bfloat16 loads, casts to bfloat16 dot operands,
     float32 accumulation; gaussian + row/sym casts Â to bfloat16): within 2× plain PyTorch's bfloat16
     error plus the table's atol, values and all gradients. D = 200, C = 130 mask the feature tails."""
-    n, m = (67, 67) if square_only(combo) else (67, 33)
-    check_against_reference(combo, ((2,), n, m, 200, 130), torch.bfloat16, noncontiguous=True)
+    check_against_reference(combo, half_shape(combo, torch.bfloat16), torch.bfloat16, noncontiguous=True)
 
 
 GRADCHECK_COMBOS = [
@@ -323,16 +275,7 @@ def test_work_model_counts_the_interpreters_dot_work(combo, shape, dtype, dot_fl
 
 # ---- wide feature dimensions: D, C ∈ {256, 512, 1024} against the reference -----------------------------
 
-WIDE_CASES = [
-    (("gaussian", "row", "aggregate", False, False), ((), 37, 19, 256, 256), torch.float32),
-    (("fractional", "sym", "diffusion", True, False), ((), 21, 21, 512, 300), torch.float32),
-    (("rbf", "count", "diffusion", False, True), ((), 19, 37, 1000, 1024), torch.float32),
-    (("log", "row", "aggregate", False, False), ((2,), 19, 17, 1024, 700), torch.float16),
-]
-
-
-@pytest.mark.parametrize("combo,shape,dtype", WIDE_CASES,
-                         ids=[f"{combo_id(c)}-{'x'.join(map(str, s[1:]))}-{str(dt)[6:]}" for c, s, dt in WIDE_CASES])
+@pytest.mark.parametrize("combo,shape,dtype", WIDE_CASES, ids=[case_id(*case) for case in WIDE_CASES])
 def test_wide_features_match_reference(combo, shape, dtype):
     check_against_reference(combo, shape, dtype)
 
