@@ -134,8 +134,16 @@ def variant_constexprs(spec, dtype: torch.dtype) -> dict:
 
 
 def _params(spec, dtype, device):
+    """(scale, power, gamma, eps) as a device tensor. On CUDA written by fill kernels, not copied from the
+    host: a host-to-device copy synchronizes, which CUDA-graph capture forbids (training loops capture)."""
     p = spec.params
-    return torch.tensor([p.scale, 0.0 if p.power is None else p.power, p.gamma, p.eps], dtype=dtype, device=device)
+    values = [p.scale, 0.0 if p.power is None else p.power, p.gamma, p.eps]
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    params = torch.empty(len(values), dtype=dtype, device=device)
+    for i, value in enumerate(values):
+        params[i].fill_(value)
+    return params
 
 
 def _sqnorms(spec, x, dtype):
