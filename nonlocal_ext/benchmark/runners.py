@@ -11,7 +11,8 @@ a differentiable function computing exactly ``nonlocal_aggregate`` for that case
   ``dense``: the plain dense formula of each kernel with autograd (what a user writes without
   us; unlike our ``reference`` it takes no log-domain care); ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` for ``gaussian`` + ``row``
   (its default scale is 1/√D, so ours is passed explicitly; on CPU its fused flash kernel needs
-  D = C, else it falls back to its dense math path); ``flex``: FlexAttention on CUDA
+  D = C, else it falls back to its dense math path); ``sdpa_flash``, ``sdpa_efficient``, ``sdpa_math``:
+  the same with one SDPA kernel pinned (CUDA only); ``flex``: FlexAttention on CUDA
   (compiled) for ``gaussian``, ``rbf`` and ``fractional`` with ``row``, through log-space scores;
   ``keops``: pykeops LazyTensors, when installed, for ``gaussian`` and ``rbf`` with
   ``none``/``count``/``row``.
@@ -186,6 +187,32 @@ def _sdpa_build(case):
     return fn
 
 
+#: SDPA with one kernel pinned (``torch.nn.attention.sdpa_kernel``): the peers of the GPU targets
+#: (`make gpu-check`: "within 1.25× of SDPA with the flash backend"; beyond FlashAttention's head-dim
+#: limit, the efficient and math kernels). A pinned kernel that cannot take a case (flash with float32 or
+#: D > 256) raises, which is the row's error. Benchmarked on CUDA only (on CPU ``sdpa`` is the peer).
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION", "sdpa_math": "MATH"}
+
+
+def _pinned_sdpa_reason(case, inputs):
+    if not case.device.startswith("cuda"):
+        return "the pinned-kernel SDPA peers are benchmarked on CUDA only (sdpa is the CPU peer)"
+    return _sdpa_reason(case, inputs)
+
+
+def _pinned_sdpa(name):
+    def build(case):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        unpinned = _sdpa_build(case)
+        kernel = getattr(SDPBackend, SDPA_BACKENDS[name])
+
+        def fn(q, k, v, u):
+            with sdpa_kernel(kernel):
+                return unpinned(q, k, v, u)
+        return fn
+    return Runner(name, "peer", _pinned_sdpa_reason, build)
+
+
 # ---------------------------------------------------------------------------------------- flex
 
 #: Devices FlexAttention is benchmarked on. On CPU it has no backward and is meant for
@@ -313,6 +340,7 @@ def _keops_build(case):
 PEERS: dict[str, Runner] = {
     "dense": Runner("dense", "peer", _dense_reason, _dense_build, dense_temporaries=8),
     "sdpa": Runner("sdpa", "peer", _sdpa_reason, _sdpa_build),
+    **{name: _pinned_sdpa(name) for name in SDPA_BACKENDS},
     "flex": Runner("flex", "peer", _flex_reason, _flex_build, warmup=3),
     "keops": Runner("keops", "peer", _keops_reason, _keops_build, warmup=2),
 }
