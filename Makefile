@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # BuildExtension finds ninja on PATH only; the venv's bin/ holds the pinned one.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: test bench clean
+.PHONY: test bench clean gpu-check triton-compat
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,18 @@ bench: $(STAMP)
 	$(VENV)/bin/nonlocal-bench --suite blocks --device cpu --dtype float32,bfloat16 --pass fwd,fwd+bwd \
 		--backends dense,sdpa,reference,chunked,cpu,linear,auto --repeat 3 --no-memory \
 		--table bench/results/blocks.txt --json bench/results/blocks.json
+
+# For GPU owners (docs/gpu.md): the CUDA tests, the GPU targets benchmarked and judged (a verdict table;
+# bench/results/cuda-<gpu name>.{txt,json,png}), the AOT report of the GPU's arch. Exit code 0 only when
+# every target passed; without a CUDA device it stops at once with exit code 2.
+gpu-check: $(STAMP)
+	$(PY) -m nonlocal_ext.gpu_check
+
+# The kernels under the other end of the supported Triton range (pyproject.toml): a venv of its own
+# (.venv-triton<version>, the pinned torch) runs the interpreter suite and the AOT quick set there.
+TRITON_COMPAT := 3.8.0
+triton-compat: $(STAMP)
+	$(PY) -m nonlocal_ext.triton_compat --triton $(TRITON_COMPAT) --venv .venv-triton$(TRITON_COMPAT)
 
 # The sdist and the wheel (with _C compiled for .venv's torch) in dist/, each then installed into a
 # fresh venv (pinned torch, from requirements-dev.txt) and smoke-tested (tests/test_install.py).
