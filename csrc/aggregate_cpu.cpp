@@ -792,23 +792,33 @@ struct HalfInputs {
   bool products = false;
   at::Tensor q, k, q_t, k_t, v, v_t, g;
 
-  // Scratch sizes (elements) of one thread: an operand tile and a result tile.
-  static int64_t operand_size(int64_t rows) { return std::max(rows, kColBlock) * kColBlock; }
-  static int64_t result_size(int64_t rows, int64_t d, int64_t c) {
-    return std::max(rows, kColBlock) * std::max({kColBlock, d, c});
-  }
+  bool on() const { return dtype != at::ScalarType::Undefined; }
 
-  // The HalfTiles of batch element bt, or null when off. `swapped`: the column pass of sym (rows = keys).
-  const HalfTiles* tiles(int64_t bt, bool swapped, HalfTiles& h, std::vector<uint16_t>& operand,
-                         std::vector<uint16_t>& result) const {
-    if (dtype == at::ScalarType::Undefined) return nullptr;
+  // The HalfTiles of batch element bt on the given scratch. `swapped`: the column pass of sym (rows = keys).
+  HalfTiles tiles(int64_t bt, bool swapped, uint16_t* operand, uint16_t* result) const {
     const auto at_batch = [bt](const at::Tensor& t) -> const uint16_t* {
       return t.defined() ? static_cast<const uint16_t*>(t.data_ptr()) + bt * t.stride(0) : nullptr;
     };
-    h = {dtype, products, at_batch(swapped ? k : q), at_batch(swapped ? q : k), at_batch(swapped ? k_t : q_t),
-         at_batch(swapped ? q_t : k_t), swapped ? nullptr : at_batch(v), at_batch(v_t), at_batch(g),
-         operand.data(), result.data()};
-    return &h;
+    return {dtype, products, at_batch(swapped ? k : q), at_batch(swapped ? q : k), at_batch(swapped ? k_t : q_t),
+            at_batch(swapped ? q_t : k_t), swapped ? nullptr : at_batch(v), at_batch(v_t), at_batch(g),
+            operand, result};
+  }
+};
+
+// One thread's half-precision scratch (an operand tile and a GEMM result tile of up to `rows` rows,
+// none when the half GEMMs are off) and the HalfTiles it hands to the tiles of batch element bt.
+struct HalfScratch {
+  const HalfInputs& in;
+  std::vector<uint16_t> operand, result;
+  HalfTiles current;
+  HalfScratch(const HalfInputs& inputs, int64_t rows, int64_t d, int64_t c)
+      : in(inputs),
+        operand(inputs.on() ? std::max(rows, kColBlock) * kColBlock : 0),
+        result(inputs.on() ? std::max(rows, kColBlock) * std::max({kColBlock, d, c}) : 0) {}
+  const HalfTiles* tiles(int64_t bt, bool swapped) {
+    if (!in.on()) return nullptr;
+    current = in.tiles(bt, swapped, operand.data(), result.data());
+    return &current;
   }
 };
 
@@ -850,15 +860,13 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
   at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     std::vector<T> s1(rb * kColBlock), s2(rb * kColBlock);
-    HalfTiles tiles;
-    std::vector<uint16_t> operand(half.q.defined() ? HalfInputs::operand_size(rb) : 0),
-        result(half.q.defined() ? HalfInputs::result_size(rb, d, c) : 0);
+    HalfScratch half_scratch(half, rb, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * rb, bi = std::min(rb, rows - i0);
       Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
                             ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
                             ptr_or_null<T>(rows_t, bt), ptr_or_null<T>(cols_t, bt), d, cols);
-      r.half = half.tiles(bt, swapped, tiles, operand, result);
+      r.half = half_scratch.tiles(bt, swapped);
       RowState<T> st(bi, c);
       row_pass_entry(o.kernel, o.symmetric, r, p, cols, ptr_or_null<T>(value, bt), c,
                      ptr_or_null<T>(col_factor, bt), i0, bi, st, s1.data(), s2.data());
@@ -941,8 +949,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
 //
 // How many groups: up to 8 tasks per call, but at least kGroupLines rows (columns) per group, since
 // each group zeroes and finally adds a partial copy of the rows' (columns') gradients: with fewer
-// lines per group that copy costs more than 5% of the group's GEMM work (bench/NOTES.md, "Fewer
-// partial sums in the backward").
+// lines per group that copy costs more than 5% of the group's GEMM work (bench/NOTES.md, "bfloat16
+// tiles on the matrix units", its last paragraph).
 constexpr int64_t kGroupLines = 512;
 
 inline int64_t group_count(int64_t batch, int64_t blocks, int64_t lines) {
@@ -977,21 +985,19 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
   const KernelArgs<T> p = kernel_args<T>(o, d);
-  const bool float_products = !half.products, float_values = !half.q.defined();
+  const bool float_products = !half.products, float_values = !half.on();
   const at::Tensor q_t = o.symmetric && float_products ? transposed(q) : at::Tensor();
   const at::Tensor k_t = float_products ? transposed(k) : at::Tensor(), v_t = float_values ? transposed(v) : at::Tensor();
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
-    HalfTiles tiles;
-    std::vector<uint16_t> operand(half.q.defined() ? HalfInputs::operand_size(o.row_block) : 0),
-        result(half.q.defined() ? HalfInputs::result_size(o.row_block, d, c) : 0);
+    HalfScratch half_scratch(half, o.row_block, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / split.groups, grp = task % split.groups;
       Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
                             ptr_or_null<T>(q_t, bt), ptr_or_null<T>(k_t, bt), d, m);
-      r.half = half.tiles(bt, false, tiles, operand, result);
+      r.half = half_scratch.tiles(bt, false);
       const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
       const T *vtb = ptr_or_null<T>(v_t, bt), *gb = g[bt].data_ptr<T>();
       T* rows = row_part[bt][grp].data_ptr<T>();
@@ -1123,15 +1129,13 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
     const int64_t tile = o.row_block * kColBlock;
     std::vector<T> s1(tile), s2(tile), gv(tile);
     TileScratch<T> scratch(o.row_block);
-    HalfTiles tiles;
-    std::vector<uint16_t> operand(bv.half.q.defined() ? HalfInputs::operand_size(o.row_block) : 0),
-        result(bv.half.q.defined() ? HalfInputs::result_size(o.row_block, d, c) : 0);
+    HalfScratch half_scratch(bv.half, o.row_block, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = ptr_or_null<T>(bv.k_t, bt), *vtb = ptr_or_null<T>(bv.v_t, bt);
       Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
-      r.half = bv.half.tiles(bt, false, tiles, operand, result);
+      r.half = half_scratch.tiles(bt, false);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* none = nullptr;
       const TileSinks<T> sinks{
@@ -1201,15 +1205,13 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
     std::vector<T> w(tile), e(tile), unused_cols(kColBlock);
     BrgemmScope brgemm_scope;
     TileScratch<T> scratch(rb);
-    HalfTiles tiles;
-    std::vector<uint16_t> operand(bv.half.q.defined() ? HalfInputs::operand_size(rb) : 0),
-        result(bv.half.q.defined() ? HalfInputs::result_size(rb, d, c) : 0);
+    HalfScratch half_scratch(bv.half, rb, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / groups, grp = task % groups;
       const T *qb = q[bt].data_ptr<T>(), *kb = k[bt].data_ptr<T>(), *gb = g[bt].data_ptr<T>();
       const T *qtb = ptr_or_null<T>(bv.q_t, bt), *ktb = ptr_or_null<T>(bv.k_t, bt), *vtb = ptr_or_null<T>(bv.v_t, bt);
       Roles<T> r = roles<T>(qb, kb, ptr_or_null<T>(bv.qn, bt), ptr_or_null<T>(bv.kn, bt), qtb, ktb, d, m);
-      r.half = bv.half.tiles(bt, false, tiles, operand, result);
+      r.half = half_scratch.tiles(bt, false);
       const BackwardRows<T> vec = bv.template rows_of<T>(bt);
       T* Sb = S[bt].data_ptr<T>();
       T* none = nullptr;
@@ -1296,7 +1298,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.a = row_factors<T>(row_stats, o, m);
   bv.b = symnorm ? row_factors<T>(col_stats, o, m)
                  : (o.kernel == Kernel::Gaussian ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
-  const bool float_products = !half.products, float_values = !half.q.defined();  // else half copies
+  const bool float_products = !half.products, float_values = !half.on();  // else half copies
   bv.q_t = o.symmetric && float_products ? transposed(q) : at::Tensor();
   bv.k_t = float_products ? transposed(k) : at::Tensor();
   bv.v_t = float_values ? transposed(v) : at::Tensor();
@@ -1382,7 +1384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
     result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),
-                                     widened(row_stats).contiguous(), widened(col_stats).contiguous(), o, half);
+                                     row_stats.contiguous(), col_stats.contiguous(), o, half);
   });
   if (is_half(dtype)) {
     auto& [dq, dk, dv, du] = result;
