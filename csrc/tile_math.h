@@ -23,13 +23,19 @@ namespace nonlocal_ext {
 namespace cpu {
 
 // Functions that loops of the kernels call per element. They must inline into the function
-// clones of tile_loops (see NLX_VECTORIZED in aggregate_cpu.cpp) to be vectorized for each ISA.
+// clones of the tile entry points (see NLX_VECTORIZED in cpu_features.h) to be vectorized for
+// each ISA.
 #define NLX_INLINE inline __attribute__((always_inline))
 
 enum class Kernel : int { Dot, Gaussian, Rbf, Fractional, Log };
 
 constexpr bool is_distance(Kernel k) {
   return k == Kernel::Rbf || k == Kernel::Fractional || k == Kernel::Log;
+}
+// The kernels whose tiles hold z = log f instead of f (gaussian: z = scale·s), with their
+// normalizer statistics and factors as logs too: an online max keeps row and sym from overflowing.
+constexpr bool is_log_domain(Kernel k) {
+  return k == Kernel::Gaussian;
 }
 constexpr bool masks_coincident(Kernel k) {
   return k == Kernel::Fractional || k == Kernel::Log;
@@ -124,8 +130,8 @@ struct Math<double> {  // float64 is the gradcheck precision: the C library's fu
 };
 
 // f(x) of kernel K for the pair (a, b), given s = a·b and, for distance kernels, the squared
-// norms of a and b; and f′(x). `gaussian` returns z = log f and dz/ds = scale (its backends work
-// in the log domain). Coincident pairs of fractional/log get f = f′ = 0.
+// norms of a and b; and f′(x). A log-domain kernel (is_log_domain: gaussian) returns z = log f
+// and dz/ds = scale. Coincident pairs of fractional/log get f = f′ = 0.
 template <typename T>
 struct WeightSlope {
   T weight, slope;
@@ -137,7 +143,7 @@ struct WeightSlope {
 // instantiated once per value, stay branch-free and vectorize (a run-time flag here kept them scalar).
 template <typename T, Kernel K, bool DIRECT = false>
 NLX_INLINE WeightSlope<T> weight_and_slope(T s, T a_sqnorm, T b_sqnorm, const KernelArgs<T>& p) {
-  if constexpr (K == Kernel::Dot || K == Kernel::Gaussian) {
+  if constexpr (!is_distance(K)) {  // the dot family
     return {p.scale * s, p.scale, T(1)};
   } else {
     T norms = a_sqnorm + b_sqnorm;
