@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 import nonlocal_ext
-from nonlocal_ext.benchmark.measure import rss_kib, time_step
+from nonlocal_ext.benchmark.fresh_process import rss_kib
+from nonlocal_ext.benchmark.measure import time_step
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from torchvision_ops import declare_missing_ops  # noqa: E402

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import itertools
 
+from nonlocal_ext.aot import AFFINITIES, DTYPES
 from nonlocal_ext.backends import cuda_choice
 from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
 from nonlocal_ext.triton_kernels import work_model
 from nonlocal_ext.triton_kernels.work_model import Call, fused_work
 
-KERNELS = ("gaussian", "rbf", "fractional", "log")
-DTYPES = ("fp16", "bf16", "fp32")
+KERNELS = AFFINITIES  # the kernels the fused Triton path runs on CUDA (dot takes the linear path)
 H100_BYTES = 80e9
 
 #: The tiles of the kernels before wide feature tiles (the interpreter's 32×32 rows × keys, 64-wide

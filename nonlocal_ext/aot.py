@@ -40,9 +40,11 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from .kernels import KERNELS
 from .spec import NORMALIZATIONS
 
-AFFINITIES = ("gaussian", "rbf", "fractional", "log")
+#: Every affinity kernel but ``dot`` (whose ``auto`` path is linear), in the registry's order.
+AFFINITIES = tuple(name for name in KERNELS if name != "dot")
 DTYPES = ("fp16", "bf16", "fp32")
 
 #: (kernel, normalize, diffusion, symmetric, dtype) of the quick set.
@@ -164,12 +166,13 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
     cap = int(arch.split("_")[1])
     input_type = dtype  # the Triton pointer type: fp16, bf16 or fp32
     if family == "preprocess":
-        fn = aggregate.preprocess_kernel
+        fn = aggregate.backward_preprocess_kernel
         config = configs.configs_for("preprocess", True)[config_index]
         constexprs = dict(DIFFUSION=diffusion, ACC_DTYPE=tl.float32, **config.kwargs)
         pointer_dtypes = {"g_ptr": input_type, "out_ptr": input_type, "u_ptr": input_type}
     else:
-        fn = {"forward": aggregate.forward_kernel, "column": aggregate.column_kernel, "row": aggregate.row_kernel}[family]
+        fn = {"forward": aggregate.forward_kernel, "column": aggregate.backward_column_kernel,
+              "row": aggregate.backward_row_kernel}[family]
         config = configs.configs_for(family, dtype == "fp32", symmetric, width)[config_index]
         torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
         constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)

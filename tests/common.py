@@ -1,4 +1,6 @@
-"""Shared test helpers: the combinations, the input generator, and the tolerance rule."""
+"""Shared test helpers: the combinations, one call with its gradients, the check against the float64 reference.
+
+The inputs and the error rule come from :mod:`nonlocal_ext.testing` (shared with the benchmark)."""
 
 from __future__ import annotations
 
@@ -9,15 +11,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import nonlocal_ext
 from nonlocal_ext import KERNELS
-from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
-from nonlocal_ext.benchmark.measure import error_and_bound
-from nonlocal_ext.spec import NORMALIZATIONS
+from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
+from nonlocal_ext.testing import KERNEL_PARAMS, error_and_bound, make_inputs
+
+# Enumerations, all from the registries (nonlocal_ext.KERNELS, spec.NORMALIZATIONS and spec.UPDATES):
+#: (update, with_self_value) of every valid call: self_value is taken by diffusion only.
+UPDATE_CASES = [(update, False) for update in UPDATES] + [("diffusion", True)]
+#: Every affinity kernel but ``dot`` (the one with a linear-time path), in the registry's order.
+NON_DOT_KERNELS = [name for name in KERNELS if name != "dot"]
+#: The kernels whose pair variable is the squared distance ρ, in the registry's order.
+DISTANCE_KERNELS = [name for name, kernel in KERNELS.items() if kernel.family == "distance"]
 
 # Every valid (kernel, normalize, update, symmetric, with_self_value).
 COMBOS = [
     (kernel, normalize, update, symmetric, with_self_value)
     for kernel, normalize, (update, with_self_value), symmetric in itertools.product(
-        KERNELS, NORMALIZATIONS, [("aggregate", False), ("diffusion", False), ("diffusion", True)], [False, True])
+        KERNELS, NORMALIZATIONS, UPDATE_CASES, [False, True])
 ]
 
 
@@ -26,43 +35,13 @@ def combo_id(combo):
     return "-".join([kernel, normalize, update] + (["sym"] if symmetric else []) + (["u"] if with_self_value else []))
 
 
-# err(ours) <= 2 · err(plain PyTorch in the same dtype) + TOLERANCE[dtype] · max(max|truth|, floor),
-# the errors measured against the float64 reference (flash-attention's test rule). The table and the
-# rule are nonlocal_ext/benchmark/measure.py's (TOLERANCE, error_and_bound): `nonlocal-bench --check`
-# judges by the same ones.
+# The error rule (TOLERANCE, error_and_bound), the kernel parameters and the inputs are
+# nonlocal_ext/testing.py's: `nonlocal-bench --check` judges by the same ones.
 
 
 def kernel_kwargs(kernel: str) -> dict:
     """Parameters that keep each kernel well conditioned on unit-scale data (the benchmark's too)."""
     return dict(KERNEL_PARAMS[kernel])
-
-
-def make_inputs(kernel, normalize, batch, n, m, d, c, *, with_self_value, dtype=torch.float64, seed=0,
-                coincident=True, noncontiguous=False):
-    """(query, key, value, self_value) in float64, scaled so the pair variable is O(1).
-
-    Distance kernels with a singularity get coincident pairs (key rows copied from query rows);
-    ``dot`` with ``row``/``sym`` gets positive data so the normalizer sums cannot vanish.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*batch, *shape, generator=g, dtype=torch.float64)
-
-    q = randn(n, d) / max(d, 1) ** 0.5
-    k = randn(m, d) / max(d, 1) ** 0.5
-    if kernel == "dot" and normalize in ("row", "sym"):
-        q, k = q.abs() + 0.1, k.abs() + 0.1
-    if coincident and KERNELS[kernel].masks_coincident and n and m:
-        k[..., 0, :] = q[..., -1, :]
-        if n > 2 and m > 2:
-            k[..., m // 2, :] = q[..., n // 2, :]
-    v = randn(m, c)
-    u = randn(n, c) if with_self_value else None
-    tensors = [t for t in (q, k, v, u)]
-    if noncontiguous:
-        tensors = [None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in tensors]
-    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def run(backend, q, k, v, u, kernel, normalize, update, symmetric, grad_out=None, **kwargs):

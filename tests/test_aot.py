@@ -148,7 +148,7 @@ def test_a_cuda_launch_autotunes_over_its_targets_list(monkeypatch, capability, 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(launchers, "_tuned", lambda kernel, lst, with_even=True: tuned.append(lst) or Launch())
     x = torch.zeros(2, 3)
-    launchers._launch(launchers.kernels.forward_kernel, configs.FORWARD_CONFIGS, lambda blk: (1, 1, 1), (x, x, 5),
+    launchers._launch(launchers.aggregate.forward_kernel, configs.FORWARD_CONFIGS, lambda blk: (1, 1, 1), (x, x, 5),
                       {"KERNEL": 1}, (100, 30, 3, 300))
     assert tuned[0] is configs.for_target(configs.FORWARD_CONFIGS, target)
     assert tuned[1][1] == {"n_bucket": 128, "m_bucket": 32, "d_bucket": 16, "c_bucket": 512, "KERNEL": 1}

@@ -17,7 +17,7 @@ from torch import nn
 
 from nonlocal_ext import nn as nl
 from nonlocal_ext import nonlocal_aggregate
-from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
+from nonlocal_ext.testing import KERNEL_PARAMS
 from nonlocal_ext.nn._common import positions
 
 KERNELS = list(KERNEL_PARAMS)

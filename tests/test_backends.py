@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from common import COMBOS, assert_close_to_truth, combo_id, kernel_kwargs, max_abs, square_only
+from common import COMBOS, NON_DOT_KERNELS, assert_close_to_truth, combo_id, kernel_kwargs, max_abs, square_only
 from nonlocal_ext import nonlocal_aggregate
 from nonlocal_ext.backends import chunked
 
@@ -97,8 +97,7 @@ def test_cpu_half_tiles_are_a_separate_path(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in ("gaussian", "rbf", "fractional", "log")]
-                         + [("linear", "dot")])
+@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in NON_DOT_KERNELS] + [("linear", "dot")])
 def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
     """Half inputs accumulate in float32: at least as accurate as plain PyTorch in that dtype."""
     for normalize in ("row", "sym"):
@@ -106,8 +105,7 @@ def test_half_precision_inputs(small_blocks, backend, kernel, dtype):
                                 False, dtype)
 
 
-@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in ("gaussian", "rbf", "fractional", "log")]
-                         + [("linear", "dot")])
+@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("chunked", "cpu") for k in NON_DOT_KERNELS] + [("linear", "dot")])
 def test_expanded_and_shared_inputs(small_blocks, backend, kernel):
     """Stride-0 (expanded) batch dims, and one tensor passed as query, key and value."""
     x = torch.randn(1, 40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) / 6 ** 0.5

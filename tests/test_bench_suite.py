@@ -13,7 +13,7 @@ import torch
 
 from common import max_abs
 from nonlocal_ext.benchmark import cli, runners
-from nonlocal_ext.benchmark.cases import BLOCK_KERNELS, BLOCK_SHAPES, Case, block_suite, make_inputs
+from nonlocal_ext.benchmark.cases import BLOCK_KERNELS, BLOCK_SHAPES, Case, block_suite
 from nonlocal_ext.kernels import KERNELS
 from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
 
@@ -24,7 +24,7 @@ def test_runner_computes_the_op(runner, kernel, normalize, update):
     """The dense formula (and auto) agree with the float64 reference, values and gradients, with
     coincident pairs present for the distance kernels."""
     case = Case(kernel, normalize, update, 13, 13, 5, 3, 2, "float64", "cpu", "fwd+bwd")
-    q, k, v, u = make_inputs(case)
+    q, k, v, u = case.inputs()
     k[:, 4] = q[:, 7]  # a coincident pair
     grad = torch.randn(2, 13, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     results = []

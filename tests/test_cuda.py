@@ -22,7 +22,8 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import COMBOS, check_against_reference, combo_id, kernel_kwargs, make_inputs, run
+from nonlocal_ext.testing import make_inputs
+from common import COMBOS, NON_DOT_KERNELS, check_against_reference, combo_id, kernel_kwargs, run
 from conftest import NEEDS_CUDA
 from test_backends import cases, small_blocks  # noqa: F401  (a fixture)
 from triton_cases import (BFLOAT16_COMBOS, EVEN_FEATURE_COMBOS, FLOAT16_COMBOS, ODD_CASES, WIDE_CASES, case_id,
@@ -77,8 +78,8 @@ def test_linear_on_cuda(combo, shape, noncontiguous, dtype):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("reference", "chunked")
-                                            for k in ("gaussian", "rbf", "fractional", "log")] + [("linear", "dot")])
+@pytest.mark.parametrize("backend,kernel", [(b, k) for b in ("reference", "chunked") for k in NON_DOT_KERNELS]
+                         + [("linear", "dot")])
 def test_half_precision_on_cuda(small_blocks, backend, kernel, dtype):  # noqa: F811
     for normalize in ("row", "sym"):
         check_against_reference(backend, (kernel, normalize, "diffusion", False, True), ((2,), 97, 33, 5, 3),
@@ -126,7 +127,7 @@ def test_triton_wide_features(poisoned_outputs, combo, shape, dtype):
 
 # ---- checks only a GPU can make ----------------------------------------------------------------------------
 
-TF32_COMBOS = [(kernel, "row", "aggregate", False, False) for kernel in ("gaussian", "rbf", "fractional", "log")] \
+TF32_COMBOS = [(kernel, "row", "aggregate", False, False) for kernel in NON_DOT_KERNELS] \
     + [("gaussian", "sym", "diffusion", True, False), ("fractional", "sym", "diffusion", False, True)]
 
 

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import NORMALIZATIONS, assert_close_to_truth, kernel_kwargs, make_inputs, max_abs
+from common import assert_close_to_truth, kernel_kwargs, max_abs
 from nonlocal_ext.backends import chunked
-from nonlocal_ext.spec import UPDATES
+from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
+from nonlocal_ext.testing import make_inputs
 
 CASES = 300
 SEED = 20261129

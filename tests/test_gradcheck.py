@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import COMBOS, combo_id, kernel_kwargs, make_inputs
+from common import COMBOS, combo_id, kernel_kwargs
 from nonlocal_ext.backends import chunked
+from nonlocal_ext.testing import make_inputs
 
 
 def cases():

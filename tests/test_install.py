@@ -95,7 +95,7 @@ SMOKE = textwrap.dedent("""
     import importlib.metadata, json, torch
     import nonlocal_ext
     from nonlocal_ext import _extension
-    from nonlocal_ext.benchmark.measure import error_and_bound  # the project's one tolerance rule
+    from nonlocal_ext.testing import error_and_bound  # the project's one tolerance rule
     g = torch.Generator().manual_seed(0)
     for kernel, extra in (("gaussian", {}), ("fractional", {"power": 3.0})):
         q, k, v = (torch.randn(2, n, d, generator=g, dtype=torch.float64, requires_grad=True)

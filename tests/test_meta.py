@@ -13,9 +13,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from nonlocal_ext import nn as nl
 from nonlocal_ext import nonlocal_aggregate
-from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
-
-from common import NORMALIZATIONS
+from nonlocal_ext.spec import NORMALIZATIONS
+from nonlocal_ext.testing import KERNEL_PARAMS
 
 KERNELS = list(KERNEL_PARAMS)
 # the backends that take meta tensors (cpu and triton need real CPU/CUDA data), with the kernels they run

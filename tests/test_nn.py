@@ -24,8 +24,9 @@ import nonlocal_ext
 from nonlocal_ext import nn as nl
 from nonlocal_ext.kernels import EULER_GAMMA
 from nonlocal_ext.nn import _common
+from nonlocal_ext.testing import error_and_bound
 
-from common import LargestTensor, error_and_bound
+from common import LargestTensor
 
 SHAPES = {1: (2, 6, 9), 2: (2, 6, 5, 7), 3: (2, 6, 3, 5, 7)}  # odd spatial sizes
 WANG = {1: nl.NonLocal1d, 2: nl.NonLocal2d, 3: nl.NonLocal3d}

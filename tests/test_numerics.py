@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import nonlocal_ext
-from nonlocal_ext.spec import UPDATES
-from common import COMBOS, NORMALIZATIONS, assert_close_to_truth, kernel_kwargs, make_inputs, max_abs, run
+from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
+from nonlocal_ext.testing import make_inputs
+from common import COMBOS, DISTANCE_KERNELS, assert_close_to_truth, kernel_kwargs, max_abs, run
 
 CPU_BACKENDS = ("reference", "chunked", "linear", "cpu")
 
@@ -327,7 +328,7 @@ def test_coordinates_far_from_the_origin(backend, kind, dim, side):
 def test_moving_all_points_changes_nothing_in_float64(backend):
     """The coincidence rule and the distances see the translated inputs: a random cloud with coincident
     pairs gives the same values and gradients wherever it is moved (float64, default eps)."""
-    for kernel in ("rbf", "fractional", "log"):
+    for kernel in DISTANCE_KERNELS:
         q, k, v, u = make_inputs(kernel, "row", (2,), 40, 30, 3, 2, with_self_value=True, seed=7)
         grad_out = torch.randn(2, 40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
         args = (kernel, "row", "diffusion", False, grad_out)

@@ -16,7 +16,7 @@ import torch
 import nonlocal_ext
 from nonlocal_ext.spec import NORMALIZATIONS as NORMALIZES, UPDATES
 
-from common import assert_close_to_truth
+from common import UPDATE_CASES, assert_close_to_truth
 from loop_reference import EULER_GAMMA, loop_aggregate
 
 KERNELS = list(nonlocal_ext.KERNELS)
@@ -196,7 +196,7 @@ def kernel_params(kernel):
     }[kernel]
 
 
-def make_inputs(kernel, normalize, batch, N, M, with_self, seed):
+def loop_inputs(kernel, normalize, batch, N, M, with_self, seed):
     """q, k, v, self_value; coincident pairs for fractional/log, positive dot data for row/sym."""
     g = torch.Generator().manual_seed(seed)
     if kernel == "dot" and normalize in ("row", "sym"):
@@ -228,8 +228,7 @@ def compare(reference, q, k, v, kernel, expect_finite=True, **kw):
 def _square_cases():
     # self_value is only accepted with update="diffusion" (test_validation covers the error).
     for kernel, normalize, (update, with_self), symmetric, batch in itertools.product(
-            KERNELS, NORMALIZES, [("aggregate", False), ("diffusion", False), ("diffusion", True)],
-            [False, True], [(), (2,)]):
+            KERNELS, NORMALIZES, UPDATE_CASES, [False, True], [(), (2,)]):
         yield kernel, normalize, update, symmetric, with_self, batch, 4, 4
 
 
@@ -255,7 +254,7 @@ ALL_CASES = list(_square_cases()) + list(_rectangular_cases())
 def test_reference_matches_loop(reference, case):
     kernel, normalize, update, symmetric, with_self, batch, N, M = case
     seed = ALL_CASES.index(case)
-    q, k, v, u = make_inputs(kernel, normalize, batch, N, M, with_self, seed)
+    q, k, v, u = loop_inputs(kernel, normalize, batch, N, M, with_self, seed)
     compare(reference, q, k, v, kernel, normalize=normalize, update=update,
             symmetric=symmetric, self_value=u, **kernel_params(kernel))
 
@@ -263,7 +262,7 @@ def test_reference_matches_loop(reference, case):
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_reference_log_default_gamma(reference, update, symmetric):
-    q, k, v, _ = make_inputs("log", "none", (2,), 4, 4, False, seed=1000)
+    q, k, v, _ = loop_inputs("log", "none", (2,), 4, 4, False, seed=1000)
     compare(reference, q, k, v, "log", scale=0.5, normalize="none", update=update,
             symmetric=symmetric)
 
@@ -271,7 +270,7 @@ def test_reference_log_default_gamma(reference, update, symmetric):
 @pytest.mark.parametrize("normalize", NORMALIZES)
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_reference_fractional_power_3(reference, normalize, symmetric):
-    q, k, v, u = make_inputs("fractional", normalize, (), 4, 4, True, seed=1001)
+    q, k, v, u = loop_inputs("fractional", normalize, (), 4, 4, True, seed=1001)
     compare(reference, q, k, v, "fractional", scale=0.8, power=3.0, normalize=normalize,
             update="diffusion", symmetric=symmetric, self_value=u)
 
@@ -321,6 +320,6 @@ def test_reference_explicit_eps(reference, kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_reference_two_batch_dims(reference, kernel):
-    q, k, v, u = make_inputs(kernel, "sym", (2, 3), 3, 5, True, seed=1003)
+    q, k, v, u = loop_inputs(kernel, "sym", (2, 3), 3, 5, True, seed=1003)
     compare(reference, q, k, v, kernel, normalize="sym", update="diffusion", self_value=u,
             **kernel_params(kernel))

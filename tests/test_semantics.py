@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import (COMBOS, LargestTensor, assert_close_to_truth, combo_id, kernel_kwargs, make_inputs, max_abs,
-                    run)
+from common import COMBOS, LargestTensor, assert_close_to_truth, combo_id, kernel_kwargs, max_abs, run
 from nonlocal_ext import backends
 from nonlocal_ext.backends import chunked, linear, reference
 from nonlocal_ext.spec import validate
+from nonlocal_ext.testing import make_inputs
 
 
 def spec_of(kernel, **kwargs):

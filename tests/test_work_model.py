@@ -16,14 +16,15 @@ import types
 import pytest
 import torch
 
-from common import make_inputs, run
+from common import NON_DOT_KERNELS, UPDATE_CASES, run
 from nonlocal_ext import backends
 from nonlocal_ext.backends import cuda_choice
 from nonlocal_ext.spec import NORMALIZATIONS, UPDATES, validate
+from nonlocal_ext.testing import make_inputs
 from nonlocal_ext.triton_kernels import work_model
 from nonlocal_ext.triton_kernels.work_model import Call, fused_work
 
-VARIANTS = list(itertools.product(("gaussian", "rbf", "fractional", "log"), NORMALIZATIONS, UPDATES, (False, True),
+VARIANTS = list(itertools.product(NON_DOT_KERNELS, NORMALIZATIONS, UPDATES, (False, True),
                                   ("fp16", "bf16", "fp32")))
 
 
@@ -186,7 +187,7 @@ def test_select_auto_hands_cuda_calls_to_the_decision():
     assert backends.select("auto", spec, q, q) is not cuda_choice.AUTO
 
 
-@pytest.mark.parametrize("update,with_self_value", [("aggregate", False), ("diffusion", False), ("diffusion", True)])
+@pytest.mark.parametrize("update,with_self_value", UPDATE_CASES)
 def test_sdpa_path_matches_the_reference(update, with_self_value):
     """The SDPA path (run on CPU here), values and gradients, float64."""
     q, k, v, u = make_inputs("gaussian", "row", (2,), 37, 37, 8, 8, with_self_value=with_self_value)

@@ -26,9 +26,10 @@ from triton.runtime import interpreter
 
 import nonlocal_ext
 import common
-from common import COMBOS, LargestTensor, combo_id, kernel_kwargs, make_inputs, run, square_only
+from common import COMBOS, NON_DOT_KERNELS, LargestTensor, combo_id, kernel_kwargs, run, square_only
 from triton_cases import (BFLOAT16_COMBOS, EVEN_FEATURE_COMBOS, FLOAT16_COMBOS, ODD_CASES, WIDE_CASES, case_id,
                           even_feature_shape, every_combination_shape, half_shape)
+from nonlocal_ext.testing import make_inputs
 from nonlocal_ext.triton_kernels import launchers
 
 assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 set before nonlocal_ext.triton_kernels is imported"
@@ -143,7 +144,7 @@ def test_no_n_by_m_tensor_reaches_a_launcher(monkeypatch, kernel):
     grad_out = torch.randn(n, 3, dtype=torch.float64)
     run("triton", q, k, v, u, kernel, "sym", "diffusion", True, grad_out, **kernel_kwargs(kernel))
     launched = {name for name, _ in log}
-    assert launched == {"forward_kernel", "preprocess_kernel", "column_kernel", "row_kernel"}
+    assert launched == {"forward_kernel", "backward_preprocess_kernel", "backward_column_kernel", "backward_row_kernel"}
     largest = max(max((sizes[0] if len(sizes) else 1) * (sizes[1] if len(sizes) > 1 else 1)
                       * (sizes[2] if len(sizes) > 2 else 1) for sizes in shapes) for _, shapes in log)
     assert largest <= n * 5 < n * n / 4
@@ -288,7 +289,7 @@ def _nan_pattern(backend, inputs, combo, where, grad_out, **kwargs):
     return [out.isnan()] + [g.isnan() for g in grads]
 
 
-@pytest.mark.parametrize("kernel", ["gaussian", "rbf", "fractional", "log"])
+@pytest.mark.parametrize("kernel", NON_DOT_KERNELS)
 @pytest.mark.parametrize("normalize", nonlocal_ext.spec.NORMALIZATIONS)
 def test_nan_propagates_as_in_the_dense_formula(kernel, normalize):
     """A NaN in one query row, key row or value row of one batch element: the outputs and gradients

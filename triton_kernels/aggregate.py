@@ -14,18 +14,22 @@ first runs the same kernel with ``WITH_VALUES=False`` on (key, query) swapped: t
 swapped problem are the column sums c_j (every kernel is symmetric in its two arguments).
 
 Backward, with G = ∂L/∂out, S_i = G_i·out_i (= Σ_j dâ_ij â_ij) and gu_i = G_i·u_i
-(:func:`preprocess_kernel`):
+(:func:`backward_preprocess_kernel`):
     dâ_ij = G_i·v_j − gu_i,  dv_j = Σ_i â_ij G_i,  T_j = Σ_i dâ_ij â_ij,  du_i = −(Σ_j â_ij) G_i
     H_ij = ∂L/∂w̃_ij (times w̃_ij for gaussian):
         none/count: A_i dâ_ij · row: A_i (dâ_ij − S_i) · sym: A_i B_j dâ_ij − ½S_i A_i² − ½T_j B_j²
     C_ij = H_ij g1_ij (and C'_ij = H_ij g2_ij for the swapped pair of ``symmetric``)
     dot family:      dq_i = Σ_j C_ij k_j,                dk_j = Σ_i C_ij q_i
     distance family: dq_i = 2(q_i Σ_j C_ij − Σ_j C_ij k_j), dk_j = 2(k_j Σ_i C_ij − Σ_i C_ij q_i)
-:func:`column_kernel` (grid over key blocks) owns every column-indexed result: dv, T, dk and, with
-``symmetric``, the q_j part of C'; :func:`row_kernel` (grid over query blocks) owns dq, du and the
-k_i part of C'. Each program reduces over the other index in a fixed order and stores once: no
+:func:`backward_column_kernel` (grid over key blocks) owns every column-indexed result: dv, T, dk and,
+with ``symmetric``, the q_j part of C'; :func:`backward_row_kernel` (grid over query blocks) owns dq, du
+and the k_i part of C'. Each program reduces over the other index in a fixed order and stores once: no
 atomics, so the backward is deterministic. ``sym`` runs the column kernel twice: T first (every
 H_ij needs the whole T_j), then dk. Every pass recomputes its tiles; nothing N×M is stored.
+
+Every kernel takes the affinity as the ``tl.constexpr`` id ``KERNEL``; what follows from it (pair
+variable q·k or ρ, coincident pairs, log domain) is read from the registry at compile time
+(:func:`.tiles.is_distance`, :func:`.tiles.masks_coincident`, :func:`.tiles.log_domain`), not passed.
 
 Wide D and C: the second grid axis enumerates output feature blocks (forward BLOCK_C; backward
 OUT_D = OUT_C), and a program accumulates only its block of the outputs, recomputing the tile's GEMMs
@@ -39,7 +43,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import NORM_COUNT, NORM_ROW, NORM_SYM, load_rows, store_rows, tile_dot, value_dot, weight_tile
+from .tiles import (NORM_COUNT, NORM_ROW, NORM_SYM, is_distance, load_rows, log_domain, store_rows, tile_dot, value_dot,
+                    weight_tile)
 
 
 @triton.jit
@@ -49,9 +54,9 @@ def _kernel_params(params_ptr):
 
 
 @triton.jit
-def _row_factor(row_sums, M, NORMALIZE: tl.constexpr, LOG_DOMAIN: tl.constexpr):
+def _row_factor(row_sums, M, NORMALIZE: tl.constexpr, KERNEL: tl.constexpr):
     """A_i from r_i (log A_i from log r_i for log-domain kernels), a zero sum giving 0."""
-    if LOG_DOMAIN:
+    if log_domain(KERNEL):
         if NORMALIZE == NORM_COUNT:
             return -tl.log(tl.zeros_like(row_sums) + M)  # in the accumulator dtype (float64 too)
         elif NORMALIZE == NORM_ROW:
@@ -75,8 +80,7 @@ def _row_factor(row_sums, M, NORMALIZE: tl.constexpr, LOG_DOMAIN: tl.constexpr):
 def forward_kernel(
         q_ptr, k_ptr, v_ptr, u_ptr, q_sq_ptr, k_sq_ptr, col_factor_ptr, params_ptr, out_ptr, row_stats_ptr,
         N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
-        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
-        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         WITH_VALUES: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
@@ -108,9 +112,9 @@ def forward_kernel(
         cols = j0 + tl.arange(0, BLOCK_J)
         col_mask = cols < M
         z, _, _, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                                    scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                                    SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
-        if LOG_DOMAIN:
+                                    scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE,
+                                    BLOCK_I, BLOCK_J, BLOCK_D)
+        if log_domain(KERNEL):
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, 1))
             rescale = tl.exp(row_max - new_max)
@@ -134,12 +138,12 @@ def forward_kernel(
                 v = load_rows(v_ptr, cols, col_mask, offs_c, C, EVEN_C)
                 acc = value_dot(w, v, acc, LOW_PRECISION_VALUES, VALUE_PRECISION)
 
-    if LOG_DOMAIN:
+    if log_domain(KERNEL):
         row_stat = row_max + tl.log(row_sums)  # log r_i
-        factor = tl.exp(row_max + _row_factor(row_stat, M, NORMALIZE, LOG_DOMAIN))
+        factor = tl.exp(row_max + _row_factor(row_stat, M, NORMALIZE, KERNEL))
     else:
         row_stat = row_sums
-        factor = _row_factor(row_stat, M, NORMALIZE, LOG_DOMAIN)
+        factor = _row_factor(row_stat, M, NORMALIZE, KERNEL)
     if pid_c == 0:
         tl.store(row_stats_ptr + rows, row_stat.to(row_stats_ptr.dtype.element_ty), mask=row_mask)
     if WITH_VALUES:
@@ -150,9 +154,9 @@ def forward_kernel(
 
 
 @triton.jit
-def preprocess_kernel(g_ptr, out_ptr, u_ptr, s_ptr, gu_ptr, N, C, n_bucket, m_bucket, d_bucket, c_bucket,
-                      DIFFUSION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                      BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
+def backward_preprocess_kernel(g_ptr, out_ptr, u_ptr, s_ptr, gu_ptr, N, C, n_bucket, m_bucket, d_bucket, c_bucket,
+                               DIFFUSION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                               BLOCK_I: tl.constexpr, BLOCK_C: tl.constexpr):
     """S_i = G_i·out_i and, for diffusion, gu_i = G_i·u_i (rows of G, out, u are C wide)."""
     pid_i = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
@@ -186,8 +190,7 @@ def _backward_inputs(batch, N, M, D, C, q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_
 @triton.jit
 def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr,
                    s_ptr, gu_ptr, t_ptr, rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
-                   KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
-                   LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr,
+                   KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr,
                    DIFFUSION: tl.constexpr, WITH_H: tl.constexpr,
                    QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -196,12 +199,12 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
     ``WITH_H=False`` skips dâ and H (the first ``sym`` column pass, before T is known): dâ, C and C' are then 0.
     """
     z, g1, g2, dead1, dead2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
-                                          scale, power, gamma, eps, KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN,
-                                          SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                          scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION,
+                                          ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
     valid = row_mask[:, None] & col_mask[None, :]
     row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
     col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
-    if LOG_DOMAIN:
+    if log_domain(KERNEL):
         a_hat = tl.where(valid, tl.exp(z + row_factor[:, None] + col_factor[None, :]), 0.0)
     else:
         a_hat = tl.where(valid, row_factor[:, None] * z * col_factor[None, :], 0.0)
@@ -215,7 +218,7 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
         s_rows = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
         if NORMALIZE == NORM_SYM:
             t_cols = tl.load(t_ptr + cols, mask=col_mask, other=0.0)
-            if LOG_DOMAIN:  # â = e^(z + la + lb), w̃/r = e^(z + 2la), w̃/c = e^(z + 2lb)
+            if log_domain(KERNEL):  # â = e^(z + la + lb), w̃/r = e^(z + 2la), w̃/c = e^(z + 2lb)
                 h = (d_a_hat * a_hat
                      - 0.5 * s_rows[:, None] * tl.exp(z + 2.0 * row_factor[:, None])
                      - 0.5 * t_cols[None, :] * tl.exp(z + 2.0 * col_factor[None, :]))
@@ -228,7 +231,7 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
                 d_a_hat_centered = d_a_hat - s_rows[:, None]
             else:
                 d_a_hat_centered = d_a_hat
-            if LOG_DOMAIN:
+            if log_domain(KERNEL):
                 h = d_a_hat_centered * a_hat
             else:
                 h = d_a_hat_centered * row_factor[:, None]
@@ -243,12 +246,11 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
 
 
 @triton.jit
-def column_kernel(
+def backward_column_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
         params_ptr, dv_ptr, dk_ptr, dq_swap_ptr,
         N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
-        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
-        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         WITH_DV_T: tl.constexpr, WITH_DK: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
@@ -286,7 +288,7 @@ def column_kernel(
         a_hat, d_a_hat, c1, c2 = _backward_tile(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
-            KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
+            KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
             QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
         if WITH_DV_T:
             g = load_rows(g_ptr, rows, row_mask, offs_c, C, False)
@@ -308,24 +310,23 @@ def column_kernel(
             if pid_f == 0:
                 tl.store(t_ptr + cols, t_cols.to(t_ptr.dtype.element_ty), mask=col_mask)
     if WITH_DK:
-        if IS_DISTANCE:
+        if is_distance(KERNEL):
             k_own = load_rows(k_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
             dk = 2.0 * (k_own * c_cols[:, None] - dk)
         store_rows(dk_ptr, cols, col_mask, offs_d, D, dk)
         if SYMMETRIC:
-            if IS_DISTANCE:
+            if is_distance(KERNEL):
                 q_own = load_rows(q_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
                 dq_swap = 2.0 * (q_own * c_swap_cols[:, None] - dq_swap)
             store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, dq_swap)
 
 
 @triton.jit
-def row_kernel(
+def backward_row_kernel(
         q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
         params_ptr, dq_ptr, dk_swap_ptr, du_ptr,
         N, M, D, C, n_bucket, m_bucket, d_bucket, c_bucket,
-        KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
-        LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
+        KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
@@ -360,7 +361,7 @@ def row_kernel(
         a_hat, d_a_hat, c1, c2 = _backward_tile(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
-            KERNEL, IS_DISTANCE, MASKS_COINCIDENT, LOG_DOMAIN, SYMMETRIC, NORMALIZE, DIFFUSION, True,
+            KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, True,
             QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
         k = load_rows(k_ptr, cols, col_mask, offs_d, D, False)
         dq = value_dot(c1, k, dq, LOW_PRECISION_VALUES, VALUE_PRECISION)
@@ -372,12 +373,12 @@ def row_kernel(
         if DIFFUSION:
             a_hat_rows += tl.sum(a_hat, 1)
 
-    if IS_DISTANCE:
+    if is_distance(KERNEL):
         q_own = load_rows(q_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
         dq = 2.0 * (q_own * c_rows[:, None] - dq)
     store_rows(dq_ptr, rows, row_mask, offs_d, D, dq)
     if SYMMETRIC:
-        if IS_DISTANCE:
+        if is_distance(KERNEL):
             k_own = load_rows(k_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
             dk_swap = 2.0 * (k_own * c_swap_rows[:, None] - dk_swap)
         store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, dk_swap)

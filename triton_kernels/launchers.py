@@ -20,15 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from nonlocal_ext.backends._common import compute_dtype, safe_inverse_power
+from nonlocal_ext.numerics import compute_dtype, safe_inverse_power
 
-from . import aggregate as kernels
+from . import aggregate
 from .configs import (BUCKET_KEYS, VARIANT_KEYS, bucket, configs_for, even_heuristics, family_width, for_target,
                       interpreter_blocks, target_of)
 from .tiles import KERNEL_IDS, NORMALIZE_IDS
 
 #: True when the kernels were created under TRITON_INTERPRET=1 (they then run on CPU tensors).
-INTERPRETED = not isinstance(kernels.forward_kernel, triton.runtime.JITFunction)
+INTERPRETED = not isinstance(aggregate.forward_kernel, triton.runtime.JITFunction)
 
 #: Tests set this: every output buffer is filled with NaN before the kernels write it, so that an
 #: element a kernel forgot to write shows up.
@@ -119,10 +119,7 @@ def variant_constexprs(spec, dtype: torch.dtype) -> dict:
     half = dtype in (torch.float16, torch.bfloat16)
     precision = {torch.float64: "ieee", torch.float32: "tf32x3"}.get(dtype, "tf32")
     return dict(
-        KERNEL=KERNEL_IDS[kernel.name],
-        IS_DISTANCE=kernel.family == "distance",
-        MASKS_COINCIDENT=kernel.masks_coincident,
-        LOG_DOMAIN=kernel.log_domain,
+        KERNEL=KERNEL_IDS[kernel.name],  # the kernels derive the rest of the affinity from its id (tiles.py)
         SYMMETRIC=spec.symmetric,
         NORMALIZE=NORMALIZE_IDS[spec.normalize],
         DIFFUSION=spec.diffusion,
@@ -198,7 +195,7 @@ def _row_sums(p: _Prepared, swapped: bool):
         (p.q, p.k, p.q_sq, p.k_sq, p.n, p.m)
     stats = p.new(p.b, rows)
     constexprs = dict(p.constexprs, WITH_VALUES=False, DIFFUSION=False)
-    _launch(kernels.forward_kernel, configs_for("forward", p.fp32, width=0),
+    _launch(aggregate.forward_kernel, configs_for("forward", p.fp32, width=0),
             lambda blk: (triton.cdiv(rows, blk["BLOCK_I"]), 1, p.b),
             (a, b_, p.dummy, p.dummy, a_sq, b_sq, p.dummy, p.params, p.dummy, stats, rows, cols, p.d, 0),
             constexprs, (rows, cols, p.d, 0))
@@ -220,7 +217,7 @@ def forward(query, key, value, self_value, spec):
     out = p.new(p.b, p.n, p.c)
     row_stats = p.new(p.b, p.n)
     factor = col_factor(spec, col_stats) if spec.normalize == "sym" else p.dummy
-    _launch(kernels.forward_kernel, configs_for("forward", p.fp32, width=p.c),
+    _launch(aggregate.forward_kernel, configs_for("forward", p.fp32, width=p.c),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), triton.cdiv(p.c, blk["BLOCK_C"]), p.b),
             (p.q, p.k, p.v, p.u if p.u is not None else p.dummy, p.q_sq, p.k_sq, factor, p.params, out, row_stats,
              p.n, p.m, p.d, p.c),
@@ -244,7 +241,7 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
     # δ preprocess: S_i = G_i·out_i, gu_i = G_i·u_i
     s_rows = p.new(p.b, p.n)
     gu_rows = p.new(p.b, p.n) if spec.diffusion else p.dummy
-    _launch(kernels.preprocess_kernel, configs_for("preprocess", p.fp32),
+    _launch(aggregate.backward_preprocess_kernel, configs_for("preprocess", p.fp32),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), p.b),
             (g, out, u_or_dummy, s_rows, gu_rows, p.n, p.c),
             dict(DIFFUSION=spec.diffusion, ACC_DTYPE=p.constexprs["ACC_DTYPE"]), (p.n, p.m, p.d, p.c),
@@ -264,13 +261,13 @@ def backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
         if sym and with_dk:  # T_j = Σ_i dâ_ij â_ij = v_j·dv_j − Σ_i â_ij gu_i (the first pass wrote the sum)
             t = (p.v.to(p.acc) * dv).sum(-1)
             t_cols.copy_(t - t_cols if spec.diffusion else t)
-        _launch(kernels.column_kernel, configs_for("column", p.fp32, spec.symmetric, width), column_grid, column_args(),
+        _launch(aggregate.backward_column_kernel, configs_for("column", p.fp32, spec.symmetric, width), column_grid, column_args(),
                 dict(p.constexprs, WITH_DV_T=with_dv_t, WITH_DK=with_dk), (p.n, p.m, p.d, p.c))
 
     dq = p.new(p.b, p.n, p.d)
     dk_swap = p.new(p.b, p.n, p.d) if spec.symmetric else p.dummy
     du = p.new(p.b, p.n, p.c) if spec.diffusion else p.dummy
-    _launch(kernels.row_kernel, configs_for("row", p.fp32, spec.symmetric, width),
+    _launch(aggregate.backward_row_kernel, configs_for("row", p.fp32, spec.symmetric, width),
             lambda blk: (triton.cdiv(p.n, blk["BLOCK_I"]), nd_chunks(blk), p.b),
             (p.q, p.k, p.v, g, p.q_sq, p.k_sq, rows_f, cols_f, s_rows, gu_rows, t_cols, p.params,
              dq, dk_swap, du, p.n, p.m, p.d, p.c),

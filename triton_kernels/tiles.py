@@ -14,7 +14,9 @@ Log-domain kernels (gaussian) return ``z = log w̃`` instead of ``w̃``, and the
 
 Coincident pairs (``ρ ≤ eps·(‖q‖² + ‖k‖²)``, kernels that mask them) get weight 0 and slope 0.
 The kernel itself is a ``tl.constexpr`` id taken from :data:`nonlocal_ext.kernels.KERNELS`
-(see :data:`KERNEL_IDS`), so there is one definition of each affinity.
+(see :data:`KERNEL_IDS`), so there is one definition of each affinity; its properties (pair
+variable, coincident pairs, log domain) are read from the registry at compile time by
+:func:`is_distance`, :func:`masks_coincident` and :func:`log_domain`, not passed as flags.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from nonlocal_ext.spec import NORMALIZATIONS
 #: ``tl.constexpr`` id of each affinity kernel, in the order of the registry.
 KERNEL_IDS = {name: i for i, name in enumerate(KERNELS)}
 
+# The registry's properties by kernel id, as plain values: Triton records the globals a kernel reads
+# (a copy of each, compared by value when kernels are compiled together, and part of the cache key).
+_IS_DISTANCE = tuple(kernel.family == "distance" for kernel in KERNELS.values())
+_MASKS_COINCIDENT = tuple(kernel.masks_coincident for kernel in KERNELS.values())
+_LOG_DOMAIN = tuple(kernel.log_domain for kernel in KERNELS.values())
+
 DOT_KERNEL = tl.constexpr(KERNEL_IDS["dot"])
 RBF_KERNEL = tl.constexpr(KERNEL_IDS["rbf"])
 FRACTIONAL_KERNEL = tl.constexpr(KERNEL_IDS["fractional"])
@@ -38,6 +46,27 @@ NORMALIZE_IDS = {name: i for i, name in enumerate(NORMALIZATIONS)}
 NORM_COUNT = tl.constexpr(NORMALIZE_IDS["count"])
 NORM_ROW = tl.constexpr(NORMALIZE_IDS["row"])
 NORM_SYM = tl.constexpr(NORMALIZE_IDS["sym"])
+
+
+# Properties of the kernel with id KERNEL, evaluated when a variant is compiled (constexpr results, so
+# `if is_distance(KERNEL):` selects code as a constexpr flag would).
+
+@triton.constexpr_function
+def is_distance(kernel_id):
+    """Whether the pair variable is ρ = ‖q − k‖² (the registry's ``family == "distance"``), not q·k."""
+    return _IS_DISTANCE[kernel_id]
+
+
+@triton.constexpr_function
+def masks_coincident(kernel_id):
+    """Whether coincident pairs get weight 0 and slope 0 (the registry's ``masks_coincident``)."""
+    return _MASKS_COINCIDENT[kernel_id]
+
+
+@triton.constexpr_function
+def log_domain(kernel_id):
+    """Whether the tiles hold log w̃ instead of w̃ (the registry's ``log_domain``)."""
+    return _LOG_DOMAIN[kernel_id]
 
 
 @triton.jit
@@ -94,8 +123,7 @@ def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.
 
 @triton.jit
 def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-              IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr, EVEN_D: tl.constexpr,
-              QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              KERNEL: tl.constexpr, EVEN_D: tl.constexpr, QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
               BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(x, coincident, dead)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖².
 
@@ -105,14 +133,14 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
     """
     s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
                  EVEN_D, QK_PRECISION, BLOCK_D)
-    if IS_DISTANCE:
+    if is_distance(KERNEL):
         a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
         b_sq = tl.load(b_sq_ptr + cols, mask=col_mask, other=0.0)
         norms = a_sq[:, None] + b_sq[None, :]
         raw = norms - 2.0 * s
         clamped = ~(raw >= 0.0)  # negative or NaN
         x = tl.where(raw < 0.0, 0.0, raw)  # clamp round-off at 0; NaN stays NaN (tl.maximum may drop it)
-        if MASKS_COINCIDENT:
+        if masks_coincident(KERNEL):
             coincident = x <= eps * norms
             x = tl.where(coincident, 1.0, x)
         else:
@@ -128,8 +156,7 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
 @triton.jit
 def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
                 scale, power, gamma, eps,
-                KERNEL: tl.constexpr, IS_DISTANCE: tl.constexpr, MASKS_COINCIDENT: tl.constexpr,
-                LOG_DOMAIN: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
+                KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
                 QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """``(w̃ or log w̃, g1, g2, dead1, dead2)`` of one tile; ``g2`` is 0 without ``symmetric``.
@@ -138,14 +165,12 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
     :func:`pair_tile`); the backward zeroes H·g there instead of multiplying (a NaN must not leak through).
     """
     x1, coincident1, dead1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                BLOCK_I, BLOCK_J, BLOCK_D)
-    if LOG_DOMAIN:
+                                       KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+    if log_domain(KERNEL):
         z1 = scale * x1
         if SYMMETRIC:
             x2, _, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                              IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                              BLOCK_I, BLOCK_J, BLOCK_D)
+                                 KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
             z2 = scale * x2
             # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2). Selected with
             # where, not tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
@@ -167,9 +192,9 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
         w1 = tl.where(coincident1, 0.0, w1)
         d1 = tl.where(coincident1, 0.0, d1)
         if SYMMETRIC:
-            x2, coincident2, dead2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                        IS_DISTANCE, MASKS_COINCIDENT, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                        BLOCK_I, BLOCK_J, BLOCK_D)
+            x2, coincident2, dead2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask,
+                                               D, eps, KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE,
+                                               BLOCK_I, BLOCK_J, BLOCK_D)
             w2, d2 = affinity(x2, KERNEL, scale, power, gamma)
             w2 = tl.where(coincident2, 0.0, w2)
             d2 = tl.where(coincident2, 0.0, d2)

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nonlocal_ext.kernels import KERNELS
+
 from .configs import configs_for, family_width, interpreter_blocks
 
 #: H100 SXM peaks (dense).
@@ -85,7 +87,7 @@ class Call:
 
     @property
     def is_distance(self) -> bool:
-        return self.kernel in ("rbf", "fractional", "log")
+        return KERNELS[self.kernel].family == "distance"
 
 
 def blocks_for(family: str, call: Call, interpreted: bool = False, swapped: bool = False) -> dict:

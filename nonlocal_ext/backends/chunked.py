@@ -32,7 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..kernels import in_log_domain, pair_gradients, pair_variable
-from ._common import compute_dtype, safe_inverse_power
+from ..numerics import compute_dtype, safe_inverse_power
 
 NAME = "chunked"
 

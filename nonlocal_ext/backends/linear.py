@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import safe_inverse_power
+from ..numerics import safe_inverse_power
 
 NAME = "linear"
 

@@ -2,8 +2,14 @@
 
 It materializes the whole ``(B, N, M)`` affinity matrix and lets autograd differentiate it,
 so it shares no backward code with the fused backends. It computes in the inputs' dtype,
-except float16/bfloat16, which it accumulates in float32 like every other backend (so that the
-coincident-pair threshold ``eps`` means the same everywhere).
+except float16/bfloat16, whose weights, normalizations and sums it forms in float32 like every
+other backend (so that the coincident-pair threshold ``eps`` means the same everywhere). For the
+dot-family kernels (``dot``, ``gaussian``) on CPUs that multiply half natively
+(:func:`half_products`), the two products q kᵀ and Â v (and their gradients) run in the half dtype
+with float32 accumulation inside the GEMM, as ``softmax(q @ k.T) @ v`` does in that dtype: q kᵀ
+is rounded to half once and Â once before Â v (FlashAttention's treatment of P; under ``row``, Â is
+the half-precision softmax, whose max and sum are float32). Distance kernels
+keep float32 products: ρ = ‖q‖² + ‖k‖² − 2q·k would cancel in half.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import math
 import torch
 
 from ..kernels import in_log_domain, pair_variable
-from ._common import compute_dtype, safe_inverse_power
+from ..numerics import compute_dtype, safe_inverse_power
 
 NAME = "reference"
 
@@ -24,8 +30,13 @@ def unsupported_reason(spec, query) -> str | None:
 
 def _affinity(spec, query, key):
     """W (or log W for log-domain kernels under row/sym, see ``in_log_domain``), symmetrized if asked."""
+    x, coincident = pair_variable(spec.kernel, query, key, eps=spec.params.eps)
+    return _weights(spec, x, coincident)
+
+
+def _weights(spec, x, coincident=None):
+    """W (or log W) of the pair variables x, symmetrized if asked."""
     kernel, p = spec.kernel, spec.params
-    x, coincident = pair_variable(kernel, query, key, eps=p.eps)
     if in_log_domain(kernel, spec.normalize):
         z = kernel.log_weight(x, p)
         if spec.symmetric:
@@ -56,9 +67,32 @@ def _normalized(spec, z, m):
     return w / m if spec.normalize == "count" else w
 
 
+def half_products(spec, query) -> bool:
+    """Whether q kᵀ and Â v run in the inputs' half dtype: dot-family kernels, half CPU tensors on a
+    CPU with native half products (AVX512-BF16/AMX for bfloat16, AMX-FP16 for float16), the same test
+    as the C++ kernels' half tile GEMMs. Elsewhere (CUDA included) the products are float32."""
+    if spec.kernel.family != "dot" or query.device.type != "cpu":
+        return False
+    if query.dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return query.dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+
+
 def aggregate(query, key, value, self_value, spec):
     """out = Â v, or Â v − rowsum(Â) ⊙ u for diffusion; inputs are (B, N, D), (B, M, D), (B, M, C)."""
     dtype = compute_dtype(query.dtype)
+    if half_products(spec, query):  # the products in half, the rest in float32
+        scores = query @ key.transpose(-1, -2)
+        if spec.normalize == "row" and in_log_domain(spec.kernel, "row") and not spec.symmetric:
+            # softmax of a half tensor keeps its max and sum in float32 and stores Â in half
+            a = torch.softmax(spec.kernel.log_weight(scores, spec.params), dim=-1)
+        else:
+            a = _normalized(spec, _weights(spec, scores.to(dtype)), key.shape[-2])
+        out = (a.to(query.dtype) @ value).to(dtype)
+        if spec.diffusion:
+            u = value if self_value is None else self_value
+            out = out - a.sum(-1, keepdim=True, dtype=dtype) * u.to(dtype)
+        return out.to(query.dtype)
     q, k, v = (t.to(dtype) for t in (query, key, value))
     a = _normalized(spec, _affinity(spec, q, k), k.shape[-2])
     out = a @ v

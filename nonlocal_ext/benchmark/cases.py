@@ -28,21 +28,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nonlocal_ext.kernels import KERNELS, resolve_params
+from nonlocal_ext.testing import KERNEL_PARAMS, make_inputs
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 
 #: GEMM-work multiple of each pass relative to the forward (see the module docstring).
 PASS_FLOP_FACTOR = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}
-
-#: Parameters that keep each kernel well conditioned on the inputs of :func:`make_inputs`
-#: (the same as the test suite's): q, k have unit-scale rows, so q·k and ‖q−k‖² are O(1).
-KERNEL_PARAMS = {
-    "dot": {},
-    "gaussian": {},
-    "rbf": {"scale": 0.5},
-    "fractional": {"power": 1.5},
-    "log": {"gamma": -3.0},  # ρ < e³ keeps log weights positive, so row sums stay away from 0
-}
 
 #: The op's kernel parameters that ``nonlocal-bench`` can set (``--scale`` ...), in JSON row order.
 PARAMETERS = ("scale", "power", "gamma", "eps")
@@ -75,7 +66,8 @@ class Case:
     dtype: str
     device: str
     pass_: str
-    #: (name, value) pairs of kernel parameters set on the command line, over :data:`KERNEL_PARAMS`
+    #: (name, value) pairs of kernel parameters set on the command line, over
+    #: :data:`nonlocal_ext.testing.KERNEL_PARAMS`
     params: tuple = ()
 
     @property
@@ -84,7 +76,8 @@ class Case:
 
     @property
     def kernel_kwargs(self) -> dict:
-        """The kernel parameters passed to the op: :data:`KERNEL_PARAMS`, then the command line's."""
+        """The kernel parameters passed to the op: :data:`~nonlocal_ext.testing.KERNEL_PARAMS`, then the
+        command line's."""
         return {**KERNEL_PARAMS[self.kernel], **dict(self.params)}
 
     def parameters(self) -> dict:
@@ -94,6 +87,13 @@ class Case:
         p = resolve_params(KERNELS[self.kernel], self.torch_dtype, scale=kw.get("scale", 1.0),
                            power=kw.get("power"), gamma=kw.get("gamma"), eps=kw.get("eps"))
         return {name: getattr(p, name) if uses_parameter(self.kernel, name) else None for name in PARAMETERS}
+
+    def inputs(self, seed: int = 0) -> tuple:
+        """(query, key, value, self_value or None) for the case, on its device and in its dtype:
+        :func:`nonlocal_ext.testing.make_inputs` drawn in float32, without coincident pairs."""
+        return tuple(make_inputs(self.kernel, self.normalize, (self.batch,), self.N, self.M, self.D, self.C,
+                                 with_self_value=self.explicit_self_value, dtype=self.torch_dtype,
+                                 device=self.device, seed=seed, coincident=False, draw_dtype=torch.float32))
 
     @property
     def needs_backward(self) -> bool:
@@ -149,28 +149,6 @@ def sweep(kernels, normalizes, updates, ns, ms, ds, cs, batches, dtypes, device,
                 own = tuple((k, v) for k, v in params.items() if uses_parameter(kernel, k))
                 cases.append(Case(kernel, normalize, update, n, m, d, c, batch, dtype, device, pass_, own))
     return cases
-
-
-def make_inputs(case: Case, seed: int = 0):
-    """(query, key, value, self_value or None) for the case, on its device and in its dtype.
-
-    Rows of q and k have unit expected norm (``randn / √D``); ``dot`` with ``row``/``sym``
-    gets positive data so the normalizer sums cannot vanish. Drawn in float32 on CPU from a
-    seeded generator, so every device and dtype sees the same numbers (rounded).
-    """
-    g = torch.Generator().manual_seed(seed)
-    shape = (case.batch,)
-
-    def randn(*size):
-        return torch.randn(*shape, *size, generator=g)
-
-    q = randn(case.N, case.D) / max(case.D, 1) ** 0.5
-    k = randn(case.M, case.D) / max(case.D, 1) ** 0.5
-    if case.kernel == "dot" and case.normalize in ("row", "sym"):
-        q, k = q.abs() + 0.1, k.abs() + 0.1
-    v = randn(case.M, case.C)
-    u = randn(case.N, case.C) if case.explicit_self_value else None
-    return tuple(None if t is None else t.to(device=case.device, dtype=case.torch_dtype) for t in (q, k, v, u))
 
 
 #: Where nonlocal blocks run (name, batch, N, M, D = C): θ, φ, g have D = C = in_channels/2 and the

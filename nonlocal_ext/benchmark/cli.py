@@ -35,9 +35,10 @@ import torch
 
 from nonlocal_ext.kernels import KERNELS, resolve_params
 from nonlocal_ext.spec import NORMALIZATIONS, UPDATES
+from nonlocal_ext.testing import KERNEL_PARAMS
 
 from . import measure
-from .cases import BLOCK_SHAPES, DTYPES, KERNEL_PARAMS, PARAMETERS, PASSES, block_suite, sweep, uses_parameter
+from .cases import BLOCK_SHAPES, DTYPES, PARAMETERS, PASSES, block_suite, sweep, uses_parameter
 from .report import Progress, Table, write_csv, write_json
 from .run import Options, cpu_count, load_average, load_warning, run_sweep
 from .runners import all_runners

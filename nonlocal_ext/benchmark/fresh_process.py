@@ -4,18 +4,27 @@ Every case runs in a new process, forked from a multiprocessing *forkserver* tha
 torch and nonlocal_ext but never run an op: the process starts with a fresh heap, no allocator
 caches and no worker threads, without paying ~2 s to import torch again per case. The process
 builds the case's inputs, warms up on a tiny case, resets the kernel's peak-RSS counter and runs
-the step once (:func:`measure.peak_rss_growth`). The server is started once, on first use;
+the step once (:func:`peak_rss_growth`). The server is started once, on first use;
 it is a separate program, so nothing the sweep has done in this process is inherited.
+
+The kernel's high-water mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` just before the
+step, so the allocator's cache and earlier cases cannot hide or inflate it (Linux only; elsewhere
+:func:`peak_mb` gives nothing and the column is empty). The step is :func:`.measure.make_step`'s:
+this module imports :mod:`.measure`, which does not import it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
+import os
+import time
 
-import torch  # noqa: F401 - imported here so that the forkserver preloads it
+import torch  # imported here so that the forkserver preloads it
 
 from .cases import Case
-from .runners import all_runners
+from .measure import make_step
+from .runners import Runner, all_runners
 
 _context = None
 
@@ -31,8 +40,6 @@ def _forkserver():
 
 def _run(request: dict, connection) -> None:
     """In the fresh process: measure, send ``{"peak_mb": MB, "seconds": s}`` or ``{"error": message}``."""
-    from .measure import peak_rss_growth
-
     torch.set_num_threads(request["threads"])  # as in the sweep's process
     try:
         result = peak_rss_growth(request["case"], all_runners()[request["runner"]])
@@ -68,6 +75,45 @@ def measure(case: Case, runner_name: str, timeout: float = 1800) -> dict:
 
 
 def peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
-    """(peak RSS growth in MB, None) of one step of the case in a fresh process, or (None, error)."""
-    result = measure(case, runner_name)
+    """(peak RSS growth in MB, None) of one step of the case in a fresh process, or (None, error message).
+
+    (None, None) where the peak RSS cannot be reset (not Linux): the column stays empty.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None, None
+    result = measure(case, runner_name)  # starts the forkserver on first use
     return result.get("peak_mb"), result.get("error")
+
+
+# ------------------------------------------------------------------ in the fresh process
+
+def small_case(case: Case) -> Case:
+    """A tiny case of the same kind, for warming up one-time allocations."""
+    n = min(case.N, 64)
+    return dataclasses.replace(case, N=n, M=n if case.M == case.N else min(case.M, 48))
+
+
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} is not in /proc/self/status")
+
+
+def peak_rss_growth(case: Case, runner: Runner) -> dict:
+    """``{"peak_mb": peak RSS growth of one step, "seconds": its time}``, in this (fresh) process."""
+    warm = small_case(case)
+    try:
+        make_step(warm, runner.build(warm), warm.inputs())()
+    except Exception:  # noqa: BLE001 - warming up is best effort; the real step reports errors
+        pass
+    step = make_step(case, runner.build(case), case.inputs())
+    baseline = rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    return {"peak_mb": (rss_kib("VmHWM") - baseline) / 1024, "seconds": seconds}

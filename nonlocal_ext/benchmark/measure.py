@@ -11,46 +11,27 @@ given as a percentage.
 
 **Peak memory**, as growth over what existed before the step (the inputs, and for ``bwd`` the
 graph the forward left): on CUDA ``torch.cuda.max_memory_allocated`` after
-``reset_peak_memory_stats``, in this process; on CPU the peak resident set size of a fresh
-process per case (:mod:`.fresh_process`) — the kernel's high-water mark ``VmHWM`` is reset through
-``/proc/self/clear_refs`` just before the step, so the allocator's cache and earlier cases
-cannot hide or inflate it (Linux only; elsewhere the column is empty).
+``reset_peak_memory_stats``, in this process (:func:`cuda_peak_mb`); on CPU the peak resident set
+size of a fresh process per case, measured by :mod:`.fresh_process` around the step of
+:func:`make_step` (that module uses this one, not the other way round).
 
 **Check.** :func:`check` compares a runner's output (and, when its pass has a backward, the
 gradients of every input for a random upstream G) with the dense reference evaluated in
-float64, by the test suite's rule: ``err ≤ 2·err(reference in the same dtype) +
-TOLERANCE[dtype]·max(max|truth|, 1)``.
+float64, by the test suite's rule (:mod:`nonlocal_ext.testing`): ``err ≤ 2·err(reference in the same
+dtype) + TOLERANCE[dtype]·max(max|truth|, 1)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import statistics
 import time
 
 import torch
 
-from .cases import Case, make_inputs
+from nonlocal_ext.testing import error_and_bound
+
+from .cases import Case
 from .runners import Runner, our_runners
-
-#: err(runner) ≤ 2·err(reference in the same dtype) + TOLERANCE[dtype]·scale, errors against float64
-#: (flash-attention's test rule). The one table: the test suite (tests/common.py) uses it too.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def error_and_bound(ours, plain, truth, dtype, floor=0.0) -> tuple[float, float, float, float]:
-    """``(err, bound, err_plain, scale)`` of the rule above for one tensor: ``err`` of ``ours`` and
-    ``err_plain`` of the plain computation in ``dtype``, both against the float64 ``truth``;
-    ``scale = max(max|truth|, floor)``. A plain computation that overflowed (NaN error) counts as 0:
-    ``ours`` is then judged against the table alone."""
-    truth = truth.double()
-    err = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
-    err_plain = (plain.double() - truth).abs().max().item() if truth.numel() else 0.0
-    if err_plain != err_plain:
-        err_plain = 0.0
-    scale = max(truth.abs().max().item() if truth.numel() else 0.0, floor)
-    return err, 2 * err_plain + TOLERANCE[dtype] * scale, err_plain, scale
 
 #: Repeats of one timing disagree when (max − min)/median exceeds this fraction: the row gets a
 #: warning (``nonlocal-bench --spread-limit`` changes it). On a quiet machine CPU repeats of a
@@ -163,18 +144,6 @@ def cuda_peak_mb(step, device: str) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def fresh_process_peak_mb(case: Case, runner_name: str) -> tuple[float | None, str | None]:
-    """(peak RSS growth in MB, None) of one step in a fresh process, or (None, error message).
-
-    (None, None) where the peak RSS cannot be reset (not Linux): the column stays empty.
-    """
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None, None
-    from . import fresh_process  # starts a forkserver on first use
-
-    return fresh_process.peak_mb(case, runner_name)
-
-
 # ---------------------------------------------------------------------------------- check
 
 def _outputs(fn, inputs, grad_out):
@@ -223,36 +192,3 @@ def check(case: Case, runner: Runner, inputs) -> tuple[str | None, str]:
                     f"(bound {bound:.2e}, reference in {case.dtype} {err_plain:.2e})"), "failed"
     what = "output and gradients" if with_grads else "output"
     return None, what + ("" if rows is None else f" (first {rows} rows)")
-
-
-def small_case(case: Case) -> Case:
-    """A tiny case of the same kind, for warming up one-time allocations."""
-    n = min(case.N, 64)
-    return dataclasses.replace(case, N=n, M=n if case.M == case.N else min(case.M, 48))
-
-
-def rss_kib(field: str) -> int:
-    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} is not in /proc/self/status")
-
-
-def peak_rss_growth(case: Case, runner: Runner) -> dict:
-    """``{"peak_mb": peak RSS growth of one step, "seconds": its time}``, in this (fresh) process."""
-    warm = small_case(case)
-    try:
-        make_step(warm, runner.build(warm), make_inputs(warm))()
-    except Exception:  # noqa: BLE001 - warming up is best effort; the real step reports errors
-        pass
-    step = make_step(case, runner.build(case), make_inputs(case))
-    baseline = rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    start = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - start
-    return {"peak_mb": (rss_kib("VmHWM") - baseline) / 1024, "seconds": seconds}
-

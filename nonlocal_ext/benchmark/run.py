@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import measure
-from .cases import Case, make_inputs
+from . import fresh_process, measure
+from .cases import Case
 from .report import ROW_KEYS
 from .runners import Runner
 
@@ -124,7 +124,7 @@ def measure_one(case: Case, runner: Runner, inputs, options: Options, gemm_gflop
             return row
     on_cuda = case.device.startswith("cuda")
     if options.memory and not on_cuda:
-        row["peak_mem_mb"], error = measure.fresh_process_peak_mb(case, runner.name)
+        row["peak_mem_mb"], error = fresh_process.peak_mb(case, runner.name)
         if error is not None:
             row["error"] = error
             return row
@@ -163,7 +163,7 @@ def run_sweep(cases, runners: dict[str, Runner], explicit: bool, options: Option
     """
     rows, done = [], 0
     for case in cases:
-        inputs = make_inputs(case)
+        inputs = case.inputs()
         reference_ms = None
         for runner in runners.values():
             if progress is not None:
