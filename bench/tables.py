@@ -33,7 +33,6 @@ MARKER = re.compile(r"^<!-- tables\.py: (?P<name>[\w-]+) -->\n(?P<body>.*?)^<!--
 
 #: The sweep's runners in column order; a runner absent from a file gets no column.
 SWEEP_RUNNERS = ("reference", "chunked", "cpu", "linear", "sdpa", "dense", "triton", "flex", "keops", "auto")
-PASS_ORDER = ("fwd", "bwd", "fwd+bwd")
 
 
 def load(name: str) -> list[dict]:
@@ -74,7 +73,7 @@ def auto_pick(kernel: str, normalize: str, update: str, batch: int, n: int, m: i
 
     from nonlocal_ext import backends
     from nonlocal_ext.backends import cpu
-    from nonlocal_ext.benchmark.cases import KERNEL_PARAMS
+    from nonlocal_ext.testing import KERNEL_PARAMS
     from nonlocal_ext.spec import validate
 
     dt = getattr(torch, dtype)
@@ -258,19 +257,35 @@ def aot() -> list[str]:
 
 
 def qtips() -> list[str]:
-    """examples/train_qtips.py: the two networks of one run, and the configuration it used."""
+    """examples/train_qtips.py: per network over its seeds, the epochs to 50% / 90% training accuracy, the
+    final accuracies and the share of time in the nonlocal blocks; the command, wall time and verdict."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    from train_qtips import LABELS, table as qtips_table
+
     run = json.loads((ROOT / "examples" / "results" / "qtips_training.json").read_text())
-    names = {"plain": "Hamiltonian", "nonlocal": f"Hamiltonian + PIDE {run['config']['operator']} blocks"}
-    head = ["network", "parameters", f"training accuracy, epoch {run['config']['epochs']}",
-            f"held-out accuracy, epoch {run['config']['epochs']}", "best held-out accuracy (epoch)", "time s"]
+    head, *rows = qtips_table(run["summary"])
+    body = [[LABELS.get(r[0], r[0]), *r[1:]] for r in rows]
+    config = ", ".join(f"{k}={v}" for k, v in run["config"].items())
+    return [f"`{run['command'].strip()}` (torch {run['torch']}, {run['threads']} thread, {run['seeds']} seeds; "
+            f"wall time {run['wall_seconds'] / 60:.0f} min for all {len(run['runs'])} runs); configuration: "
+            f"{config}.", "", *table(head, body), "", f"Verdict (rule in `examples/train_qtips.py`): {run['verdict']}."]
+
+
+def layers() -> list[str]:
+    """bench/bench_layers.py: a training step of the converted layer against the original block, per shape."""
+    run = json.loads((RESULTS / "layers.json").read_text())
+    head = ["block", "shape", "B×C×spatial", "original ms", "converted ms", "speed-up", "original MB", "converted MB"]
     body = []
-    for key, r in run["results"].items():
-        best = max(range(len(r["val_accuracy"])), key=lambda e: r["val_accuracy"][e])
-        body.append([names.get(key, key), f"{r['parameters']:,}".replace(",", " "), f"{r['train_accuracy'][-1]:.3f}",
-                     f"{r['val_accuracy'][-1]:.3f}", f"{r['val_accuracy'][best]:.3f} ({best + 1})", f"{r['seconds']:.0f}"])
-    config = ", ".join(f"{k}={v}" for k, v in run["config"].items() if k != "out")
-    return [f"`{run['command'].strip()}` (torch {run['torch']}, {run['threads']} thread; wall time "
-            f"{run['wall_seconds']:.0f} s for both networks); configuration: {config}.", ""] + table(head, body)
+    for r in run["rows"]:
+        if r.get("original_s") is None:
+            continue
+        size = f"{r['batch']}×{r['channels']}×" + "×".join(map(str, r["spatial"])) + (" pooled" if r["sub_sample"] else "")
+        body.append([r["block"], r["shape"], size, f"{1e3 * r['original_s']:.1f}", f"{1e3 * r['converted_s']:.1f}",
+                     f"{r['speedup']:.2f}×", f"{r['original_peak_mb']:.0f}", f"{r['converted_peak_mb']:.0f}"])
+    return [f"`.venv/bin/python bench/bench_layers.py --json bench/results/layers.json` (torch {run['torch']}, "
+            f"{run['threads']} threads; fastest of 5 steps; peak RSS growth of one step in a fresh process):", ""] + table(head, body)
 
 
 TABLES = {
@@ -281,6 +296,7 @@ TABLES = {
     "accuracy": accuracy,
     "aot": aot,
     "qtips": qtips,
+    "layers": layers,
 }
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import COMBOS, combo_id, kernel_kwargs, make_inputs, run
+from common import COMBOS, combo_id, kernel_kwargs, run
 from nonlocal_ext.backends import cpu, linear, reference
 from nonlocal_ext.kernels import EULER_GAMMA, default_eps
+from nonlocal_ext.testing import make_inputs
 
 OPS = torch.ops.nonlocal_ext
 
@@ -143,7 +144,8 @@ def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, 
 def test_auto_asks_the_cost_model_whether_a_backward_runs(monkeypatch):
     """The op tells select whether gradients are needed; the model then prices forward+backward."""
     seen = []
-    monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_work", lambda *args: seen.append(args[-1]) or 0.0)
+    monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_work",
+                        lambda pairs, m, d, c, normalize, backward, half: seen.append(backward) or 0.0)
     q = torch.randn(2, 30, 5)
     nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf")
     nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")

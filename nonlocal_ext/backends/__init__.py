@@ -55,10 +55,11 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
         c = d if value is None else value.shape[-1]
         n, batch = query.shape[-2], math.prod(query.shape[:-2])
         affinities = batch * n * m  # B·N·M
-        dense = cost.dense_work(affinities, d, c, spec.kernel.name, backward)
+        half = query.dtype in (torch.float16, torch.bfloat16) and reference.half_products(spec, query)
+        dense = cost.dense_work(affinities, d, c, spec.kernel.name, backward, half)
         if cpu.unsupported_reason(spec, query) is None:
             dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
-            fused = cost.fused_work(affinities, m, d, c, spec.normalize, backward)
+            fused = cost.fused_work(affinities, m, d, c, spec.normalize, backward, half)
             best, work = (reference, dense) if dense_bytes <= DENSE_MEMORY_BUDGET and dense < fused else (cpu, fused)
         else:
             best, work = (reference if affinities <= DENSE_MAX_ELEMENTS else chunked), dense

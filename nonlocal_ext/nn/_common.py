@@ -43,8 +43,14 @@ def positions(x: torch.Tensor) -> torch.Tensor:
 
 
 def channels_first(y: torch.Tensor, spatial) -> torch.Tensor:
-    """``(B, N, C)`` → ``(B, C, *spatial)``."""
-    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], *spatial)
+    """``(B, N, C)`` → ``(B, C, *spatial)``, contiguous.
+
+    A view would be channels-last in memory, and the convolution and BatchNorm after it keep that
+    layout; BatchNorm's CPU backward on a channels-last 3-D input is ~10× slower than on a contiguous
+    one (a training step of the converted PyTorchVideo block at B=16, C=1024, 14×14: 141 → 104 ms,
+    docs/benchmarks.md).
+    """
+    return y.transpose(1, 2).contiguous().view(y.shape[0], y.shape[2], *spatial)
 
 
 def aggregate(query, key, value, kernel, **kwargs) -> torch.Tensor:
