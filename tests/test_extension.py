@@ -72,3 +72,15 @@ def test_require_extension_reports_missing_build(monkeypatch):
     assert "pip install --no-build-isolation -e ." in message
     assert "make test" in message
     assert info.value.__cause__ is missing
+
+
+@pytest.mark.parametrize("prefix", ["", "triton_"])
+@pytest.mark.parametrize("op_name", sorted(EXPECTED_SCHEMAS))
+def test_both_fused_backends_have_the_shared_schema(prefix, op_name):
+    """The C++ ops and the Triton ops take and return the same (backends/_common.py's schemas), so one
+    fake kernel and one autograd formula serve both."""
+    from nonlocal_ext.backends import _common, triton  # noqa: F401 - triton defines its ops on import
+
+    shared = {"aggregate_forward": _common.FORWARD_SCHEMA, "aggregate_backward": _common.BACKWARD_SCHEMA}[op_name]
+    schema = getattr(torch.ops.nonlocal_ext, prefix + op_name).default._schema
+    assert schema == torch._C.parse_schema(f"nonlocal_ext::{prefix}{op_name}{shared}")

@@ -200,7 +200,7 @@ def test_custom_op_opcheck():
     from nonlocal_ext.backends import triton as triton_backend
     q, k, v, u = make_inputs("rbf", "sym", (2,), 6, 5, 3, 2, with_self_value=True, dtype=torch.float32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), u.requires_grad_(),
-            "rbf", 0.5, None, 0.5, 1e-4, "sym", "diffusion", False)
+            "rbf", 0.5, 0.0, 0.5, 1e-4, "sym", "diffusion", False)  # power 0: the kernel has none
     torch.library.opcheck(triton_backend.aggregate_forward, args)
 
 

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..numerics import compute_dtype
 
 
-# --- pieces of the fused backends' custom ops (cpu, triton): same schema up to the scalars -------
+# --- the fused backends' custom ops (cpu, triton): one schema, one fake, one autograd formula ------
+#
+# Both backends expose a forward op and a backward op with these schemas: ``nonlocal_ext::aggregate_*``
+# (defined by the C++ library, csrc/nonlocal_ext.cpp, for the CPU kernels; tests/test_extension.py
+# checks that its text is this one) and ``nonlocal_ext::triton_aggregate_*`` (defined from these strings,
+# backends/triton.py). Two op names rather than two dispatch keys of one op: the Triton interpreter
+# runs the Triton kernels on CPU tensors, whose dispatch key belongs to the C++ kernels.
+
+OP_NAMESPACE = "nonlocal_ext"
+FORWARD_SCHEMA = ("(Tensor query, Tensor key, Tensor value, Tensor? self_value, str kernel, float scale, "
+                  "float power, float gamma, float eps, str normalize, str update, bool symmetric) "
+                  "-> (Tensor out, Tensor row_stats, Tensor col_stats)")
+BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? self_value, Tensor out, "
+                   "Tensor row_stats, Tensor col_stats, str kernel, float scale, float power, float gamma, "
+                   "float eps, str normalize, str update, bool symmetric) -> (Tensor grad_query, "
+                   "Tensor grad_key, Tensor grad_value, Tensor? grad_self_value)")
 
 
 def forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update, symmetric):
@@ -25,3 +42,34 @@ def save_for_backward(ctx, inputs, output):
     ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats)
     ctx.scalars = scalars
     ctx.mark_non_differentiable(row_stats, col_stats)
+
+
+def op_arguments(spec) -> tuple:
+    """The scalar arguments of the ops, in schema order after the tensors (``power`` 0 where the kernel
+    has none)."""
+    p = spec.params
+    power = 0.0 if p.power is None else float(p.power)
+    return (spec.kernel.name, float(p.scale), power, float(p.gamma), float(p.eps), spec.normalize,
+            spec.update, bool(spec.symmetric))
+
+
+def backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars):
+    """Fake kernel of ``aggregate_backward``: contiguous gradients of the inputs' shapes."""
+    grad_self_value = None if self_value is None else self_value.new_empty(self_value.shape)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
+
+
+def register_fused_ops(forward: str, backward: str) -> None:
+    """The fake kernels of the ops ``forward`` and ``backward`` (qualified names with the schemas above)
+    and the autograd formula of ``forward``, which calls ``backward`` on the saved tensors."""
+    namespace, name = backward.split("::")
+    backward_op = getattr(getattr(torch.ops, namespace), name)
+
+    def backward_formula(ctx, grad_out, _grad_row_stats, _grad_col_stats):
+        query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
+        grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars)
+        return (*grads, *(None for _ in ctx.scalars))
+
+    torch.library.register_fake(forward)(forward_fake)
+    torch.library.register_fake(backward)(backward_fake)
+    torch.library.register_autograd(forward, backward_formula, setup_context=save_for_backward)

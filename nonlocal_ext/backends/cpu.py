@@ -18,11 +18,10 @@ from __future__ import annotations
 import torch
 
 from .._extension import extension_available, require_extension
-from ._common import forward_fake, save_for_backward
+from ._common import OP_NAMESPACE, op_arguments, register_fused_ops
 
 NAME = "cpu"
 
-OP_NAMESPACE = "nonlocal_ext"
 
 
 def unsupported_reason(spec, query) -> str | None:
@@ -35,41 +34,10 @@ def unsupported_reason(spec, query) -> str | None:
     return None
 
 
-def _op_arguments(spec):
-    """The scalar arguments of both ops, in schema order after the tensors."""
-    p = spec.params
-    power = 0.0 if p.power is None else float(p.power)
-    return (spec.kernel.name, float(p.scale), power, float(p.gamma), float(p.eps), spec.normalize,
-            spec.update, bool(spec.symmetric))
-
-
 def aggregate(query, key, value, self_value, spec):
-    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *_op_arguments(spec))
+    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec))
     return out
 
 
-# --- torch.library registrations: fake kernels and autograd ------------------------------------
-
-
-def _backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *args):
-    # The kernels return contiguous gradients whatever the inputs' strides.
-    grad_self_value = None if self_value is None else self_value.new_empty(self_value.shape)
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
-
-
-def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
-    query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
-    grads = torch.ops.nonlocal_ext.aggregate_backward(
-        grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars)
-    return (*grads, *(None for _ in ctx.scalars))
-
-
-def _register():
-    forward = f"{OP_NAMESPACE}::aggregate_forward"
-    torch.library.register_fake(forward)(forward_fake)
-    torch.library.register_fake(f"{OP_NAMESPACE}::aggregate_backward")(_backward_fake)
-    torch.library.register_autograd(forward, _backward, setup_context=save_for_backward)
-
-
-if extension_available():
-    _register()
+if extension_available():  # the ops' fake kernels and autograd formula (the C++ library defines the ops)
+    register_fused_ops(f"{OP_NAMESPACE}::aggregate_forward", f"{OP_NAMESPACE}::aggregate_backward")

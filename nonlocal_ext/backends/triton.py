@@ -1,13 +1,14 @@
 """``backend="triton"``: the fused Triton kernels of ``nonlocal_ext.triton_kernels``, as custom ops.
 
-Two operators, registered with :func:`torch.library.custom_op` so that ``torch.compile(fullgraph=True)``
-traces through them (their fake implementations give the shapes):
+Two operators, defined from the schemas the C++ kernels' ops share (``backends/_common.py``), with fake
+implementations so that ``torch.compile(fullgraph=True)`` traces through them:
 
 * ``nonlocal_ext::triton_aggregate_forward(query, key, value, self_value, ...) -> (out, row_stats, col_stats)``
 * ``nonlocal_ext::triton_aggregate_backward(grad_out, query, key, value, self_value, out, row_stats,
   col_stats, ...) -> (grad_query, grad_key, grad_value, grad_self_value)``
 
-with the autograd formula of the first given by the second (:func:`torch.library.register_autograd`).
+with the autograd formula of the first given by the second (``register_fused_ops``, the same
+registration as the C++ ops').
 The forward saves only the inputs, the output and O(N + M) statistics; the backward recomputes
 every tile (see :mod:`nonlocal_ext.triton_kernels.aggregate` for the formulas).
 
@@ -18,13 +19,11 @@ atomics, every gradient element is reduced in a fixed order by one program.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..kernels import KERNELS, KernelParams
 from ..spec import AggregateSpec
-from ._common import forward_fake, save_for_backward
+from ._common import BACKWARD_SCHEMA, FORWARD_SCHEMA, OP_NAMESPACE, op_arguments, register_fused_ops
 
 NAME = "triton"
 
@@ -57,56 +56,31 @@ def unsupported_reason(spec, query) -> str | None:
 
 
 def _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric) -> AggregateSpec:
-    return AggregateSpec(KERNELS[kernel], KernelParams(scale, power, gamma, eps), normalize, update, symmetric)
+    affinity = KERNELS[kernel]
+    params = KernelParams(scale, power if affinity.name == "fractional" else None, gamma, eps)
+    return AggregateSpec(affinity, params, normalize, update, symmetric)
 
 
-@torch.library.custom_op("nonlocal_ext::triton_aggregate_forward", mutates_args=())
-def aggregate_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, self_value: Optional[torch.Tensor],
-                      kernel: str, scale: float, power: Optional[float], gamma: float, eps: float, normalize: str,
-                      update: str, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    spec = _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric)
-    out, row_stats, col_stats = _launchers().forward(query, key, value, self_value, spec)
+def _forward(query, key, value, self_value, *scalars):
+    out, row_stats, col_stats = _launchers().forward(query, key, value, self_value, _spec(*scalars))
     return out.to(query.dtype), row_stats, col_stats
 
 
-aggregate_forward.register_fake(forward_fake)
+def _backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars):
+    return _launchers().backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, _spec(*scalars))
 
 
-@torch.library.custom_op("nonlocal_ext::triton_aggregate_backward", mutates_args=())
-def aggregate_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       self_value: Optional[torch.Tensor], out: torch.Tensor, row_stats: torch.Tensor,
-                       col_stats: torch.Tensor, kernel: str, scale: float, power: Optional[float], gamma: float,
-                       eps: float, normalize: str, update: str, symmetric: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns the four gradients; ``grad_self_value`` is an empty tensor when ``self_value`` is None."""
-    spec = _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric)
-    dq, dk, dv, du = _launchers().backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, spec)
-    return dq, dk, dv, (query.new_empty(0) if du is None else du)
-
-
-@aggregate_backward.register_fake
-def _(grad_out, query, key, value, self_value, out, row_stats, col_stats, kernel, scale, power, gamma, eps,
-      normalize, update, symmetric):
-    return (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value),
-            query.new_empty(0) if self_value is None else torch.empty_like(self_value))
-
-
-_SCALARS = ("kernel", "scale", "power", "gamma", "eps", "normalize", "update", "symmetric")
-
-
-def _backward(ctx, grad_out, _grad_row_stats, _grad_col_stats):
-    query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
-    dq, dk, dv, du = aggregate_backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
-                                        *ctx.scalars)
-    return dq, dk, dv, (du if self_value is not None else None), *([None] * len(_SCALARS))
-
-
-aggregate_forward.register_autograd(_backward, setup_context=save_for_backward)
+FORWARD, BACKWARD = f"{OP_NAMESPACE}::triton_aggregate_forward", f"{OP_NAMESPACE}::triton_aggregate_backward"
+_LIBRARY = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
+for _name, _schema, _impl in ((FORWARD, FORWARD_SCHEMA, _forward), (BACKWARD, BACKWARD_SCHEMA, _backward)):
+    _LIBRARY.define(_name.split("::")[1] + _schema)
+    for _device in ("CUDA", "CPU"):  # CPU: the interpreter (unsupported_reason refuses CPU tensors otherwise)
+        _LIBRARY.impl(_name.split("::")[1], _impl, _device)
+register_fused_ops(FORWARD, BACKWARD)
+aggregate_forward = torch.ops.nonlocal_ext.triton_aggregate_forward
 
 
 def aggregate(query, key, value, self_value, spec):
     """``(B, N, D)``, ``(B, M, D)``, ``(B, M, C)``, ``(B, N, C)`` or None -> ``(B, N, C)``; differentiable."""
-    p = spec.params
-    out, _, _ = aggregate_forward(query, key, value, self_value, spec.kernel.name, p.scale, p.power, p.gamma, p.eps,
-                                  spec.normalize, spec.update, spec.symmetric)
+    out, _, _ = aggregate_forward(query, key, value, self_value, *op_arguments(spec))
     return out
