@@ -28,7 +28,7 @@ The constants come from one-thread CPU-time probes of the nonlocal-block suite
 from __future__ import annotations
 
 #: Elementwise work of the dense path, in GEMM-FLOP equivalents per pair: (forward, forward+backward).
-DENSE_PASSES = {"dot": (200.0, 600.0), "gaussian": (460.0, 1480.0), "rbf": (730.0, 1530.0),
+DENSE_PASSES = {"dot": (200.0, 600.0), "gaussian": (460.0, 1480.0), "rbf": (1400.0, 3000.0),
                 "fractional": (2700.0, 7000.0), "log": (2700.0, 7000.0)}
 #: The same work on matrices (B·N·M float32 values) that stay in the core's cache costs this fraction,
 CACHED_PASSES = 0.35
