@@ -5,7 +5,7 @@
 Steps (each a child process, its output shown as it runs):
 
 1. ``pytest tests/test_cuda.py``: the suite on CUDA tensors (every test must pass; a skipped one fails the
-   check: it checked nothing);
+   check: it checked nothing), in parallel pytest-xdist workers (:func:`test_command`);
 2. ``nonlocal-bench --device cuda`` for the cases of the targets (:data:`BENCH_RUNS`);
 3. ``python -m nonlocal_ext.aot --arch sm_XY --set targets --configs all`` for this GPU's own arch;
 
@@ -31,6 +31,7 @@ tested on CPU with synthetic rows in tests/test_gpu_check.py):
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -202,6 +203,21 @@ def judge_aot(aot_rows, arch: str) -> Verdict:
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
+#: At most this many pytest-xdist workers share the GPU for the CUDA tests.
+MAX_TEST_WORKERS = 8
+
+
+def test_command(cpus: int | None = None) -> list[str]:
+    """The CUDA tests' command line. With pytest-xdist (requirements-dev.txt), one worker per CPU core up to
+    :data:`MAX_TEST_WORKERS`: the first run's time is mostly Triton compiling kernels on the CPU, one at a
+    time per process, so workers divide it (they share Triton's on-disk cache)."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    cpus = (os.cpu_count() or 1) if cpus is None else cpus
+    if importlib.util.find_spec("xdist") is not None and cpus > 1:
+        command += ["-n", str(min(cpus, MAX_TEST_WORKERS))]
+    return command + ["tests/test_cuda.py"]
+
+
 def pytest_counts(output: str) -> dict:
     """``{"passed": n, "failed": n, "skipped": n, "error": n, ...}`` from pytest's closing line."""
     lines = [line for line in output.splitlines() if _COUNT.search(line) and " in " in line]
@@ -330,7 +346,7 @@ def main(argv=None) -> int:
     steps = {}
 
     t0 = time.perf_counter()
-    tests = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"], log, root)
+    tests = _run(test_command(), log, root)
     steps["tests_s"] = time.perf_counter() - t0
 
     rows = []

@@ -280,3 +280,11 @@ def test_the_summary_counts_the_needs_cuda_skips():
         reports.append(r)
     assert needs_cuda_count(reports) == 2
     assert needs_cuda_count([]) == 0
+
+
+def test_the_cuda_tests_run_in_parallel_workers_up_to_the_limit():
+    command = gpu_check.test_command(cpus=32)
+    assert command[-1] == "tests/test_cuda.py"
+    assert command[command.index("-n") + 1] == str(gpu_check.MAX_TEST_WORKERS)
+    assert gpu_check.test_command(cpus=3)[gpu_check.test_command(cpus=3).index("-n") + 1] == "3"
+    assert "-n" not in gpu_check.test_command(cpus=1)
