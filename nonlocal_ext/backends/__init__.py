@@ -55,7 +55,7 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
         c = d if value is None else value.shape[-1]
         n, batch = query.shape[-2], math.prod(query.shape[:-2])
         affinities = batch * n * m  # B·N·M
-        half = query.dtype in (torch.float16, torch.bfloat16) and reference.half_products(spec, query)
+        half = reference.half_products(spec, query)
         dense = cost.dense_work(affinities, d, c, spec.kernel.name, backward, half)
         if cpu.unsupported_reason(spec, query) is None:
             dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)

@@ -88,11 +88,11 @@ def aggregate(query, key, value, self_value, spec):
             a = torch.softmax(spec.kernel.log_weight(scores, spec.params), dim=-1)
         else:
             a = _normalized(spec, _weights(spec, scores.to(dtype)), key.shape[-2])
-        out = (a.to(query.dtype) @ value).to(dtype)
+        out = a.to(query.dtype) @ value
         if spec.diffusion:
             u = value if self_value is None else self_value
-            out = out - a.sum(-1, keepdim=True, dtype=dtype) * u.to(dtype)
-        return out.to(query.dtype)
+            out = (out.to(dtype) - a.sum(-1, keepdim=True, dtype=dtype) * u.to(dtype)).to(query.dtype)
+        return out
     q, k, v = (t.to(dtype) for t in (query, key, value))
     a = _normalized(spec, _affinity(spec, q, k), k.shape[-2])
     out = a @ v
