@@ -15,6 +15,13 @@ fixed random upstream gradient).
 Run one geometry at a time (each takes 10–40 s on 2 threads):
 
     .venv/bin/python bench/accuracy.py --geometry grid2d [--json bench/results/accuracy_grid2d.json]
+
+The Triton kernels run under the interpreter (``TRITON_INTERPRET=1``, CPU tensors); its cost is per
+tile program, so ``--interpreter-tiles 128`` (row and column tiles of 128 instead of the test suite's
+32) makes a geometry 10–30 min on one core instead of hours. The tile size changes only the order of
+the sums, as the autotuned tiles on a GPU do:
+
+    TRITON_INTERPRET=1 .venv/bin/python bench/accuracy.py --geometry grid2d --backends triton --interpreter-tiles 128
 """
 
 from __future__ import annotations
@@ -96,7 +103,12 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
     parser.add_argument("--truth-backend", default="cpu", choices=("cpu", "reference"))
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--interpreter-tiles", type=int, default=None,
+                        help="under TRITON_INTERPRET=1: row and column tiles of the Triton kernels")
     args = parser.parse_args(argv)
+    if args.interpreter_tiles:
+        from nonlocal_ext.triton_kernels import configs
+        configs.INTERPRETER_BLOCKS.update(BLOCK_I=args.interpreter_tiles, BLOCK_J=args.interpreter_tiles)
     rows = measure(args.geometry, args.offsets, args.backends, args.truth_backend)
     print(f"{'offset/h':>8} {'kernel':>9} {'norm':>5} {'update':>9} {'backend':>9} {'value':>9} {'grad':>9}")
     for r in rows:

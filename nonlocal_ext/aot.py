@@ -57,6 +57,9 @@ QUICK = [
 ]
 
 
+#: (kernel, normalize, diffusion, symmetric, dtype, D): the direct-difference build (ρ from D ≤ 3 coordinates).
+DIRECT = ("fractional", "count", True, False, "fp32", 2)
+
 #: The variants behind the GPU targets (docs/gpu.md): gaussian + row (half inputs), fractional + row.
 TARGETS = [
     ("gaussian", "row", False, False, "fp16"),
@@ -80,13 +83,16 @@ def _spec(kernel, normalize, diffusion, symmetric):
 
 
 def variants(which: str = "full", widths=None):
-    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width)`` to compile.
+    """``(family, variant name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width, direct)`` to
+    compile.
 
     ``even``: feature tiles divide D and C (``EVEN_D = EVEN_C``, no column masks); the quick set adds
     the masked ("tail") build of its first two combinations, the heavy set that of each dtype's first.
     ``width``: the feature-width class whose tiles are compiled (:data:`~.triton_kernels.configs.WIDTH_CLASSES`;
     names carry ``-w<width>`` except for 64). ``widths`` None: every class; the quick set instead gives
-    its combinations the classes in turn, so every class is compiled once."""
+    its combinations the classes in turn, so every class is compiled once. ``direct``: D of the
+    direct-difference form of ρ (distance kernels with D ≤ 3; 0: the GEMM form); the quick and full sets
+    add one such build of each kernel family (:data:`DIRECT`)."""
     from .triton_kernels.configs import WIDTH_CLASSES
     rows = []
     combos = list(itertools.product(AFFINITIES, NORMALIZATIONS, (False, True), (False, True), DTYPES))
@@ -135,6 +141,13 @@ def variants(which: str = "full", widths=None):
         rows.append(("row", name, kernel, normalize, diffusion, symmetric, dtype, None, even, width))
     rows.append(("preprocess", "diffusion-fp32", None, None, True, False, "fp32", None, False, 64))
     rows.append(("preprocess", "aggregate-fp32", None, None, False, False, "fp32", None, False, 64))
+    rows = [row + (0,) for row in rows]
+    if which in ("quick", "full"):
+        kernel, normalize, diffusion, symmetric, dtype, direct = DIRECT
+        name = "-".join([kernel, normalize, "diffusion" if diffusion else "aggregate", dtype, f"direct{direct}"])
+        for family, phase in (("forward", None), ("column", "dv_dk"), ("row", None)):
+            rows.append((family, name if phase is None else f"{name}-{phase}", kernel, normalize, diffusion,
+                         symmetric, dtype, phase, False, 64, direct))
     return rows
 
 
@@ -162,7 +175,7 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
     from .triton_kernels import aggregate, configs
     from .triton_kernels.launchers import variant_constexprs
 
-    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width = row
+    family, name, kernel, normalize, diffusion, symmetric, dtype, phase, even, width, direct = row
     cap = int(arch.split("_")[1])
     input_type = dtype  # the Triton pointer type: fp16, bf16 or fp32
     if family == "preprocess":
@@ -175,7 +188,8 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
               "row": aggregate.backward_row_kernel}[family]
         config = configs.configs_for(family, dtype == "fp32", symmetric, width)[config_index]
         torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype)
+        constexprs = variant_constexprs(_spec(kernel, normalize, diffusion, symmetric), torch_dtype,
+                                        direct or None)
         if family == "forward":
             constexprs["WITH_VALUES"] = phase != "column_sums"
             if phase == "column_sums":

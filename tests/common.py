@@ -135,3 +135,62 @@ class LargestTensor(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
         return out
+
+
+# ---- coordinates far from the origin (distance kernels) --------------------------------------------
+
+#: The accuracy targets of distance kernels on coordinates, relative to max|truth| (float32).
+VALUE_TARGET, GRADIENT_TARGET = 2e-4, 2e-3
+OFFSETS = (0.0, 10.0, 1e3, 1e4)  # in units of the grid spacing h
+
+
+def point_set(kind, dim, side):
+    """(points (side^dim, dim) in the unit square/cube, spacing h): a grid, or a uniform random cloud."""
+    h = 1.0 / (side - 1)
+    if kind == "grid":
+        axis = torch.arange(side, dtype=torch.float64) * h
+        return torch.stack(torch.meshgrid(*([axis] * dim), indexing="ij"), -1).reshape(-1, dim), h
+    return torch.rand(side ** dim, dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64), h
+
+
+def coordinate_case(points, h, offset, kernel, power, normalize, update, backend):
+    """Relative errors (value, worst gradient) of one float32 call with query = key = points + offset·h,
+    against float64 on the same float32 points moved to their mean in float64."""
+    p32 = (points + offset * h).float()
+    p64 = p32.double()
+    p64 = p64 - p64.mean(0)
+    v = torch.stack([torch.sin(6.0 * points.sum(-1)), torch.cos(6.0 * points[:, 0]) + points[:, -1]], -1)
+    grad_out = torch.randn(v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kw = dict(power=power, eps=1e-4) if kernel == "fractional" else dict(gamma=-3.0, eps=1e-4)
+    truth = run("reference", p64, p64, v, None, kernel, normalize, update, False, grad_out, **kw)
+    ours = run(backend, p32, p32, v.float(), None, kernel, normalize, update, False, grad_out, **kw)
+
+    def relative(o, t):
+        return ((o.double() - t).abs().max() / t.abs().max()).item()
+
+    return relative(ours[0], truth[0]), max(relative(o, t) for o, t in zip(ours[1], truth[1]))
+
+
+#: Small versions of bench/accuracy.py's geometries: (kind, dim, points per side).
+COORDINATE_SETS = [("grid", 2, 24), ("grid", 3, 8), ("cloud", 2, 24), ("cloud", 3, 8)]
+COORDINATE_SET_IDS = ["grid2d", "grid3d", "cloud2d", "cloud3d"]
+
+
+#: (kernel, power) of the accuracy targets.
+COORDINATE_KERNELS = (("fractional", 1.0), ("fractional", 3.0), ("fractional", 4.0), ("log", None))
+
+
+def coordinate_misses(backend, kind, dim, side, offsets=OFFSETS, kernels=COORDINATE_KERNELS):
+    """The calls of one point set, moved by each offset, that miss the targets: ``fractional`` (power 1,
+    3, 4) and ``log`` × ``count``/``row`` × ``aggregate``/``diffusion``, float32 against float64."""
+    points, h = point_set(kind, dim, side)
+    misses = []
+    for offset in offsets:
+        for kernel, power in kernels:
+            for normalize in ("count", "row"):
+                for update in UPDATES:
+                    value, gradient = coordinate_case(points, h, offset, kernel, power, normalize, update, backend)
+                    if value > VALUE_TARGET or gradient > GRADIENT_TARGET:
+                        misses.append(f"offset {offset:g}h {kernel} {power} {normalize} {update}: "
+                                      f"value {value:.2e}, gradient {gradient:.2e}")
+    return misses

@@ -26,11 +26,12 @@ from triton.runtime import interpreter
 
 import nonlocal_ext
 import common
-from common import COMBOS, NON_DOT_KERNELS, LargestTensor, combo_id, kernel_kwargs, run, square_only
+from common import (COMBOS, COORDINATE_SET_IDS, COORDINATE_SETS, NON_DOT_KERNELS, LargestTensor, combo_id,
+                    coordinate_misses, kernel_kwargs, run, square_only)
 from triton_cases import (BFLOAT16_COMBOS, EVEN_FEATURE_COMBOS, FLOAT16_COMBOS, ODD_CASES, WIDE_CASES, case_id,
                           even_feature_shape, every_combination_shape, half_shape)
 from nonlocal_ext.testing import make_inputs
-from nonlocal_ext.triton_kernels import launchers
+from nonlocal_ext.triton_kernels import configs, launchers
 
 assert launchers.INTERPRETED, "tests/triton_suite.py needs TRITON_INTERPRET=1 set before nonlocal_ext.triton_kernels is imported"
 
@@ -251,6 +252,8 @@ WORK_CASES = [
     (("log", "none", "diffusion", False, True), (1, 33, 70, 300, 200), torch.float16),
     (("gaussian", "sym", "aggregate", False, False), (1, 33, 17, 512, 512), torch.float32),
     (("fractional", "row", "aggregate", False, False), (1, 17, 33, 1024, 1024), torch.float16),
+    (("fractional", "count", "diffusion", False, True), (2, 40, 37, 2, 5), torch.float32),  # ρ direct: no pair dot
+    (("rbf", "row", "aggregate", True, False), (1, 33, 33, 3, 4), torch.float16),
 ]
 
 
@@ -279,6 +282,23 @@ def test_work_model_counts_the_interpreters_dot_work(combo, shape, dtype, dot_fl
 @pytest.mark.parametrize("combo,shape,dtype", WIDE_CASES, ids=[case_id(*case) for case in WIDE_CASES])
 def test_wide_features_match_reference(combo, shape, dtype):
     check_against_reference(combo, shape, dtype)
+
+
+# ---- coordinates far from the origin: the accuracy targets of tests/test_numerics.py -----------------
+
+@pytest.mark.parametrize("kind,dim,side", COORDINATE_SETS, ids=COORDINATE_SET_IDS)
+def test_coordinates_far_from_the_origin(kind, dim, side, monkeypatch):
+    """As for the CPU backends (tests/test_numerics.py): a grid or cloud at offset 0 and moved by 1e4 grid
+    spacings, ``fractional`` power 4 (whose relative error is twice that of ρ) and ``log``, ``count``/``row``,
+    ``aggregate``/``diffusion``: float32 within 2e-4 (values) and 2e-3 (gradients) of float64. ρ comes from
+    direct differences at these D ≤ 3 (``DIRECT_D``). Row and column tiles of 128 (only the order of the
+    sums changes, as between GPU tile configurations) keep the interpreter's time down; every offset and
+    power at the full sizes: ``bench/accuracy.py --backends triton`` (bench/NOTES_numerics.md)."""
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_I", 128)
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_J", 128)
+    misses = coordinate_misses("triton", kind, dim, side, offsets=(0.0, 1e4),
+                               kernels=(("fractional", 4.0), ("log", None)))
+    assert not misses, f"{len(misses)} calls miss the targets:\n" + "\n".join(misses)
 
 
 # ---- NaN propagation: exactly where the float64 reference has NaN ------------------------------------

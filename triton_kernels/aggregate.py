@@ -83,7 +83,7 @@ def forward_kernel(
         KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         WITH_VALUES: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[I, c-block] and row_stats[I] (r_i, or log r_i for log-domain kernels)."""
     pid_i = tl.program_id(0)
@@ -113,7 +113,7 @@ def forward_kernel(
         col_mask = cols < M
         z, _, _, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
                                     scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                    BLOCK_I, BLOCK_J, BLOCK_D)
+                                    BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
         if log_domain(KERNEL):
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, 1))
@@ -193,14 +193,15 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
                    KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr,
                    DIFFUSION: tl.constexpr, WITH_H: tl.constexpr,
                    QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
-                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                   DIRECT_D: tl.constexpr):
     """Recompute one tile: ``(â, dâ, C = H·g1, C' = H·g2)``, all zero outside the valid rows and columns.
 
     ``WITH_H=False`` skips dâ and H (the first ``sym`` column pass, before T is known): dâ, C and C' are then 0.
     """
     z, g1, g2, dead1, dead2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
                                           scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION,
-                                          ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                          ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
     valid = row_mask[:, None] & col_mask[None, :]
     row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
     col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
@@ -253,7 +254,7 @@ def backward_column_kernel(
         KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         WITH_DV_T: tl.constexpr, WITH_DK: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         OUT_D: tl.constexpr, OUT_C: tl.constexpr):
     """Column pass over key block J and feature block f: dv[J, f] and, for ``sym`` + diffusion,
@@ -289,7 +290,7 @@ def backward_column_kernel(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
-            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
         if WITH_DV_T:
             g = load_rows(g_ptr, rows, row_mask, offs_c, C, False)
             dv = value_dot(tl.trans(a_hat), g, dv, LOW_PRECISION_VALUES, VALUE_PRECISION)
@@ -329,7 +330,7 @@ def backward_row_kernel(
         KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr, DIFFUSION: tl.constexpr,
         LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
+        EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
         OUT_D: tl.constexpr, OUT_C: tl.constexpr):
     """Row pass over query block I and feature block f: dq[I, f], du[I, f] (diffusion) and, with
@@ -362,7 +363,7 @@ def backward_row_kernel(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, True,
-            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C)
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
         k = load_rows(k_ptr, cols, col_mask, offs_d, D, False)
         dq = value_dot(c1, k, dq, LOW_PRECISION_VALUES, VALUE_PRECISION)
         c_rows += tl.sum(c1, 1)

@@ -143,7 +143,7 @@ INTERPRETER_BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_D": 64, "BLOCK_C": 64
 
 #: Keys of the bucketed autotune cache (besides the variant's constexprs).
 BUCKET_KEYS = ["n_bucket", "m_bucket", "d_bucket", "c_bucket"]
-VARIANT_KEYS = ["KERNEL", "SYMMETRIC", "NORMALIZE", "DIFFUSION", "ACC_DTYPE"]
+VARIANT_KEYS = ["KERNEL", "SYMMETRIC", "NORMALIZE", "DIFFUSION", "ACC_DTYPE", "DIRECT_D"]
 
 
 def bucket(size: int) -> int:

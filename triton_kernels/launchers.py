@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nonlocal_ext.kernels import uses_direct_differences
 from nonlocal_ext.numerics import compute_dtype, safe_inverse_power
 
 from . import aggregate
@@ -105,8 +106,12 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def variant_constexprs(spec, dtype: torch.dtype) -> dict:
-    """The ``tl.constexpr`` arguments that select the compiled variant for ``spec`` and ``dtype``.
+def variant_constexprs(spec, dtype: torch.dtype, features: int | None = None) -> dict:
+    """The ``tl.constexpr`` arguments that select the compiled variant for ``spec``, ``dtype`` and the
+    number of query/key ``features`` D (None: the GEMM form of ρ, as for any D > 3).
+
+    Distance kernels with D ≤ 3 form ρ from direct differences (``DIRECT_D = D``), as every backend
+    does there (:func:`nonlocal_ext.kernels.uses_direct_differences`).
 
     Precision of the ``tl.dot`` products: float32 inputs use tf32x3 (near-fp32 accuracy on tensor
     cores), float64 IEEE (interpreter only), half inputs multiply in their own type with
@@ -127,6 +132,7 @@ def variant_constexprs(spec, dtype: torch.dtype) -> dict:
         QK_PRECISION=precision,
         VALUE_PRECISION=precision,
         ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+        DIRECT_D=features if features is not None and uses_direct_differences(kernel, features) else 0,
     )
 
 
@@ -182,7 +188,7 @@ class _Prepared:
         self.q_sq = _sqnorms(spec, self.q, self.acc)
         self.k_sq = _sqnorms(spec, self.k, self.acc)
         self.params = _params(spec, self.acc, self.q.device)
-        self.constexprs = variant_constexprs(spec, self.dtype)
+        self.constexprs = variant_constexprs(spec, self.dtype, self.d)
         self.dummy = self.q.new_zeros(1, dtype=self.acc)
 
     def new(self, *shape, dtype=None):

@@ -4,7 +4,8 @@ A tile is a block I of query rows against a block J of key columns. For it the k
 
 * the pair variable ``x_ij`` (:func:`pair_tile`): ``q_i·k_j`` for the dot family, or
   ``ρ_ij = ‖q_i‖² + ‖k_j‖² − 2 q_i·k_j`` (clamped at 0) for the distance family, one GEMM over
-  D in blocks of ``BLOCK_D`` plus the squared norms computed once on the host;
+  D in blocks of ``BLOCK_D`` plus the squared norms computed once on the host (for D ≤ 3,
+  ``DIRECT_D``, ρ from direct differences instead, as every backend forms it there);
 * the symmetrized weight and its slopes (:func:`weight_tile`):
   ``w̃_ij = f(x_ij)`` or, with ``symmetric``, ``½[f(x_ij) + f(x'_ij)]`` where ``x'_ij`` pairs
   (k_i, q_j); ``g1 = ∂w̃/∂x_ij`` and ``g2 = ∂w̃/∂x'_ij``.
@@ -124,22 +125,35 @@ def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.
 @triton.jit
 def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
               KERNEL: tl.constexpr, EVEN_D: tl.constexpr, QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr):
     """``(x, coincident, dead)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖².
+
+    ``DIRECT_D`` > 0 (distance kernels with D = DIRECT_D ≤ 3 features): ρ = Σ_d (a_d − b_d)² from direct
+    differences in the accumulator dtype, as the other backends form it there (no cancellation of
+    ‖a‖² + ‖b‖² against 2a·b for close pairs); otherwise one GEMM over D in slices of ``BLOCK_D``.
 
     ``dead``: pairs whose gradient is exactly 0 in the dense formula: the coincident ones, and for
     distance kernels those where ‖q‖² + ‖k‖² − 2q·k is negative (round-off) or NaN — the clamp at 0
     passes no gradient there, so a NaN in one coordinate of q_i leaves the other coordinates of dq_i finite.
     """
-    s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
-                 EVEN_D, QK_PRECISION, BLOCK_D)
     if is_distance(KERNEL):
         a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
         b_sq = tl.load(b_sq_ptr + cols, mask=col_mask, other=0.0)
         norms = a_sq[:, None] + b_sq[None, :]
-        raw = norms - 2.0 * s
-        clamped = ~(raw >= 0.0)  # negative or NaN
-        x = tl.where(raw < 0.0, 0.0, raw)  # clamp round-off at 0; NaN stays NaN (tl.maximum may drop it)
+        if DIRECT_D > 0:
+            x = tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE)
+            for d in tl.static_range(DIRECT_D):
+                a_d = tl.load(a_ptr + rows.to(tl.int64) * DIRECT_D + d, mask=row_mask, other=0.0).to(ACC_DTYPE)
+                b_d = tl.load(b_ptr + cols.to(tl.int64) * DIRECT_D + d, mask=col_mask, other=0.0).to(ACC_DTYPE)
+                diff = a_d[:, None] - b_d[None, :]
+                x += diff * diff
+            clamped = x != x  # NaN (a sum of squares is never negative)
+        else:
+            s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
+                         tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_D, QK_PRECISION, BLOCK_D)
+            raw = norms - 2.0 * s
+            clamped = ~(raw >= 0.0)  # negative or NaN
+            x = tl.where(raw < 0.0, 0.0, raw)  # clamp round-off at 0; NaN stays NaN (tl.maximum may drop it)
         if masks_coincident(KERNEL):
             coincident = x <= eps * norms
             x = tl.where(coincident, 1.0, x)
@@ -147,7 +161,8 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
             coincident = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int1)  # no coincident pairs (not `s != s`: NaN)
         dead = coincident | clamped
     else:
-        x = s
+        x = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
+                     EVEN_D, QK_PRECISION, BLOCK_D)
         coincident = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int1)
         dead = coincident
     return x, coincident, dead
@@ -158,19 +173,19 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
                 scale, power, gamma, eps,
                 KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
                 QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr):
     """``(w̃ or log w̃, g1, g2, dead1, dead2)`` of one tile; ``g2`` is 0 without ``symmetric``.
 
     ``dead1`` / ``dead2``: the pairs of (q_i, k_j) / (k_i, q_j) whose gradient is exactly 0 (see
     :func:`pair_tile`); the backward zeroes H·g there instead of multiplying (a NaN must not leak through).
     """
     x1, coincident1, dead1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                       KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                       KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
     if log_domain(KERNEL):
         z1 = scale * x1
         if SYMMETRIC:
             x2, _, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                 KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D)
+                                 KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
             z2 = scale * x2
             # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2). Selected with
             # where, not tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
@@ -194,7 +209,7 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
         if SYMMETRIC:
             x2, coincident2, dead2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask,
                                                D, eps, KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                               BLOCK_I, BLOCK_J, BLOCK_D)
+                                               BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
             w2, d2 = affinity(x2, KERNEL, scale, power, gamma)
             w2 = tl.where(coincident2, 0.0, w2)
             d2 = tl.where(coincident2, 0.0, d2)

@@ -6,7 +6,8 @@ interpreter's tiles), :func:`fused_work` follows the loop structure of :mod:`.ag
 
 * ``dot_flops``: 2·m·n·k summed over every ``tl.dot`` the kernels execute, padding of tail tiles
   included: exactly what the interpreter executes (tests/triton_suite.py counts it by wrapping
-  ``InterpreterBuilder.create_dot``); ``tensor_flops`` is the same work as the tensor cores see it
+  ``InterpreterBuilder.create_dot``); distance kernels with D ≤ 3 form ρ from direct differences
+  (no pair GEMM, vector work not counted); ``tensor_flops`` is the same work as the tensor cores see it
   (float32 inputs use tf32x3: three tf32 products per dot);
 * ``needed_flops``: the work of the computation itself, 2·B·N·M·(p·D + C) forward and
   2·B·N·M·(3p·D + 2C) backward (p = 2 with ``symmetric``: S and S′, dk and dq′, dq and dk′), plus for
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nonlocal_ext.kernels import KERNELS
+from nonlocal_ext.kernels import KERNELS, uses_direct_differences
 
 from .configs import configs_for, family_width, interpreter_blocks
 
@@ -103,11 +104,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _forward_program(blk, cols, d, c, pairs, with_values):
-    """(dot FLOPs, loaded elements) of one forward program over ``cols`` keys."""
+def _forward_program(blk, cols, d, c, pairs, with_values, pair_d):
+    """(dot FLOPs, loaded elements) of one forward program over ``cols`` keys; ``pair_d``: the features of
+    the pair GEMM (0 where ρ comes from direct differences)."""
     bi, bj, bd, bc = blk["BLOCK_I"], blk["BLOCK_J"], blk["BLOCK_D"], blk["BLOCK_C"]
     steps = _cdiv(cols, bj)
-    flops = steps * pairs * _cdiv(d, bd) * 2 * bi * bj * bd
+    flops = steps * pairs * _cdiv(pair_d, bd) * 2 * bi * bj * bd
     loads = steps * pairs * _cdiv(d, bd) * (bi + bj) * bd
     if with_values:
         flops += steps * 2 * bi * bj * bc
@@ -115,12 +117,12 @@ def _forward_program(blk, cols, d, c, pairs, with_values):
     return flops, loads
 
 
-def _backward_program(blk, inner, d, c, pairs, with_dv, with_dk, column):
+def _backward_program(blk, inner, d, c, pairs, with_dv, with_dk, column, pair_d):
     """(dot FLOPs, loaded elements) of one column (row) program over ``inner`` rows (columns)."""
     bi, bj, bd, bc, out = blk["BLOCK_I"], blk["BLOCK_J"], blk["BLOCK_D"], blk["BLOCK_C"], blk["OUT_D"]
     step = bi if column else bj
     steps = _cdiv(inner, step)
-    tile = pairs * _cdiv(d, bd) * 2 * bi * bj * bd
+    tile = pairs * _cdiv(pair_d, bd) * 2 * bi * bj * bd
     loads = pairs * _cdiv(d, bd) * (bi + bj) * bd
     if with_dk or not column:  # dâ = G vᵀ (the first `sym` column pass, dv only, does without)
         tile += _cdiv(c, bc) * 2 * bi * bj * bc
@@ -149,17 +151,18 @@ def fused_work(call: Call, pass_: str = "forward", interpreted: bool = False, bl
     for family in ("forward", "column", "row"):
         blk.setdefault(family, blocks_for(family, call, interpreted))
     blk.setdefault("column_sums", blocks_for("forward", call, interpreted, swapped=True))
+    pair_d = 0 if uses_direct_differences(KERNELS[call.kernel], d) else d
     flops = loads = 0
     if pass_ == "forward":
         needed = 2 * b * n * m * (p * d + c)
         if sym:
             needed += 2 * b * n * m * p * d
-            f, ld = _forward_program(blk["column_sums"], n, d, c, p, False)
+            f, ld = _forward_program(blk["column_sums"], n, d, c, p, False, pair_d)
             programs = _cdiv(m, blk["column_sums"]["BLOCK_I"])
             flops += b * programs * f
             loads += b * programs * ld
         fb = blk["forward"]
-        f, ld = _forward_program(fb, m, d, c, p, True)
+        f, ld = _forward_program(fb, m, d, c, p, True, pair_d)
         programs = _cdiv(n, fb["BLOCK_I"]) * _cdiv(c, fb["BLOCK_C"])
         flops += b * programs * f
         loads += b * programs * ld
@@ -169,11 +172,11 @@ def fused_work(call: Call, pass_: str = "forward", interpreted: bool = False, bl
         cb, rb = blk["column"], blk["row"]
         features = lambda x: max(_cdiv(c, x["OUT_C"]), _cdiv(d, x["OUT_D"]), 1)  # noqa: E731
         for with_dv, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-            f, ld = _backward_program(cb, n, d, c, p, with_dv, with_dk, column=True)
+            f, ld = _backward_program(cb, n, d, c, p, with_dv, with_dk, column=True, pair_d=pair_d)
             programs = _cdiv(m, cb["BLOCK_J"]) * features(cb)
             flops += b * programs * f
             loads += b * programs * ld
-        f, ld = _backward_program(rb, m, d, c, p, False, False, column=False)
+        f, ld = _backward_program(rb, m, d, c, p, False, False, column=False, pair_d=pair_d)
         programs = _cdiv(n, rb["BLOCK_I"]) * features(rb)
         flops += b * programs * f
         loads += b * programs * ld
