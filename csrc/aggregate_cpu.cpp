@@ -89,6 +89,9 @@ HalfInputs half_inputs(at::ScalarType dtype, const Options& o, const at::Tensor&
 // ----------------------------------------------------------------------------------------------
 // Operator entry points.
 
+// Distance kernels take query and key moved by the keys' mean (translated_points, points.cpp): the
+// op's callers pass the inputs untranslated (nonlocal_ext/backends/cpu.py).
+//
 // Half-precision inputs: the kernels run in float32 on widened copies, with half copies for the
 // tile GEMMs where the CPU multiplies half natively (half_gemm_available); results in the inputs'
 // dtype, statistics in float32.
@@ -117,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
   k = widened(k);
   v = widened(v);
   u = widened(u);
+  std::tie(q, k) = translated_points(q, k, o);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_forward", [&] {
     result = forward_impl<scalar_t>(q, k, v, u, o, half);
@@ -148,6 +152,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
   v = widened(v);
   u = widened(u);
   g = widened(g);
+  std::tie(q, k) = translated_points(q, k, o);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
     result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),

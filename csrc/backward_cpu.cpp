@@ -263,13 +263,13 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
     HalfScratch half_scratch(half, o.row_block, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / split.groups, grp = task % split.groups;
-      Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
+      Roles<T> r = roles<T>(batch_ptr<T>(q, bt), batch_ptr<T>(k, bt), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
                             ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), d, m);
       r.half = half_scratch.tiles(bt, false);
-      const T *av = a[bt].data_ptr<T>(), *bv = b[bt].data_ptr<T>(), *guv = gu[bt].data_ptr<T>();
-      const T *vtb = ptr_or_null<T>(t.v_t, bt), *gb = g[bt].data_ptr<T>();
+      const T *av = batch_ptr<T>(a, bt), *bv = batch_ptr<T>(b, bt), *guv = batch_ptr<T>(gu, bt);
+      const T *vtb = ptr_or_null<T>(t.v_t, bt), *gb = batch_ptr<T>(g, bt);
       T* rows = row_part[bt][grp].data_ptr<T>();
-      T* cols = col_terms[bt].data_ptr<T>();
+      T* cols = batch_ptr<T>(col_terms, bt);
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
         for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
@@ -314,18 +314,18 @@ struct BackwardVectors {
 
   template <typename T>
   BackwardRows<T> rows_of(int64_t bt) const {  // the pointers of batch element bt
-    return {a[bt].data_ptr<T>(), b[bt].data_ptr<T>(), R[bt].data_ptr<T>(),
-            X[bt].data_ptr<T>(), Y[bt].data_ptr<T>(), gu[bt].data_ptr<T>()};
+    return {batch_ptr<T>(a, bt), batch_ptr<T>(b, bt), batch_ptr<T>(R, bt),
+            batch_ptr<T>(X, bt), batch_ptr<T>(Y, bt), batch_ptr<T>(gu, bt)};
   }
 
   // The operands of batch element bt (rows: q, columns: k), with the half tiles of one thread's scratch.
   template <typename T>
   BatchOperands<T> operands_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& g, int64_t bt,
                                HalfScratch& half_scratch) const {
-    Roles<T> r = roles<T>(q[bt].data_ptr<T>(), k[bt].data_ptr<T>(), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
+    Roles<T> r = roles<T>(batch_ptr<T>(q, bt), batch_ptr<T>(k, bt), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
                           ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), q.size(2), k.size(1));
     r.half = half_scratch.tiles(bt, false);
-    return {r, g[bt].data_ptr<T>(), ptr_or_null<T>(t.v_t, bt), rows_of<T>(bt)};
+    return {r, batch_ptr<T>(g, bt), ptr_or_null<T>(t.v_t, bt), rows_of<T>(bt)};
   }
 };
 
@@ -373,7 +373,7 @@ struct Accumulators {
   template <typename T>
   TileSinks<T> sinks(int64_t bt, int64_t grp) const {  // of task (batch element bt, group grp)
     const auto ptr = [&](const at::Tensor& t, bool owned) -> T* {
-      return !t.defined() ? nullptr : owned ? t[bt].data_ptr<T>() : t[bt][grp].data_ptr<T>();
+      return !t.defined() ? nullptr : owned ? batch_ptr<T>(t, bt) : t[bt][grp].data_ptr<T>();
     };
     const bool rows = rows_owned, cols = !rows_owned;
     return {ptr(acc.dv, cols),          ptr(acc.dq_rows, rows),     ptr(acc.dk_cols, cols),
@@ -517,7 +517,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
       const int64_t bt = task / groups, grp = task % groups;
       const auto [r, gb, vtb, vec] = bv.template operands_of<T>(q, k, g, bt, scratch.half);
       const TileSinks<T> sinks = acc.sinks<T>(bt, grp);
-      T* Sb = S[bt].data_ptr<T>();
+      T* Sb = batch_ptr<T>(S, bt);
       const int64_t first = grp * blocks_per_group, last = std::min(row_blocks, first + blocks_per_group);
       for (int64_t ib = first; ib < last; ++ib) {
         const int64_t i0 = ib * rb, bi = std::min(rb, n - i0);

@@ -133,7 +133,7 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
     HalfScratch half_scratch(half, rb, d, c);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / blocks, i0 = (task % blocks) * rb, bi = std::min(rb, rows - i0);
-      Roles<T> r = roles<T>(rows_in[bt].data_ptr<T>(), cols_in[bt].data_ptr<T>(),
+      Roles<T> r = roles<T>(batch_ptr<T>(rows_in, bt), batch_ptr<T>(cols_in, bt),
                             ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
                             ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), d, cols);
       r.half = half_scratch.tiles(bt, swapped);
@@ -150,11 +150,10 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
 template <typename T>
 at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
                            const at::Tensor& cols_sqnorm, const Options& o, const HalfInputs& half) {
-  auto stats = at::full({rows_in.size(0), rows_in.size(1)}, std::numeric_limits<double>::quiet_NaN(),
-                        rows_in.options());
+  auto stats = output_buffer({rows_in.size(0), rows_in.size(1)}, rows_in.options());
   for_each_row_block<T>(rows_in, cols_in, rows_sqnorm, cols_sqnorm, at::Tensor(), at::Tensor(), o, half, true,
                         [&](int64_t bt, int64_t i0, int64_t bi, const RowState<T>& st) {
-                          T* out = stats[bt].data_ptr<T>() + i0;
+                          T* out = batch_ptr<T>(stats, bt) + i0;
                           for (int64_t i = 0; i < bi; ++i)
                             out[i] = is_log_domain(o.kernel) ? st.m2[i] + std::log(st.h[i]) : st.r[i];
                         });
@@ -167,11 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
                                                             const Options& o, const HalfInputs& half) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), c = v.size(2);
   const bool log_domain = is_log_domain(o.kernel);
-  // Poisoned with NaN so that an element the passes below fail to write cannot go unnoticed.
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  auto out = at::full({batch, n, c}, nan, q.options());
-  auto row_stats = at::full({batch, n}, nan, q.options());
-  auto col_stats = at::full({batch, o.normalize == Normalize::Sym ? m : 0}, nan, q.options());
+  auto out = output_buffer({batch, n, c}, q.options());
+  auto row_stats = output_buffer({batch, n}, q.options());
+  auto col_stats = output_buffer({batch, o.normalize == Normalize::Sym ? m : 0}, q.options());
   if (batch == 0 || n == 0) return {out, row_stats, col_stats};
   if (m == 0) {  // empty sums: no affinity, zero output (validated upstream: normalize none/count)
     out.zero_();
@@ -187,9 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
   const bool with_b = colf.defined();
   for_each_row_block<T>(q, k, qn, kn, v, colf, o, half, false, [&](int64_t bt, int64_t i0, int64_t bi,
                                                                    const RowState<T>& st) {
-    T* out_rows = out[bt].data_ptr<T>() + i0 * c;
-    T* stat = row_stats[bt].data_ptr<T>() + i0;
-    const T* u_rows = u.defined() ? u[bt].data_ptr<T>() + i0 * c : nullptr;
+    T* out_rows = batch_ptr<T>(out, bt) + i0 * c;
+    T* stat = batch_ptr<T>(row_stats, bt) + i0;
+    const T* u_rows = u.defined() ? batch_ptr<T>(u, bt) + i0 * c : nullptr;
     for (int64_t i = 0; i < bi; ++i) {
       T factor, rowsum;  // out_i = factor·acc_i − [diffusion] rowsum·u_i
       if (log_domain) {

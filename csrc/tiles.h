@@ -17,8 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -266,9 +268,13 @@ at::Tensor row_factors(const at::Tensor& row_stats, const Options& o, int64_t m)
   return factors;
 }
 
-inline at::Tensor squared_norms(const at::Tensor& x, const Options& o) {
-  return is_distance(o.kernel) ? x.square().sum(-1) : at::Tensor();
-}
+// Squared norms (B, L) of the rows of x (B, L, d) for distance kernels, else undefined (points.cpp).
+at::Tensor squared_norms(const at::Tensor& x, const Options& o);
+
+// Distance kernels: query and key (contiguous, float32/float64) moved by the keys' mean μ per batch
+// element (points.cpp); other kernels: the inputs themselves.
+std::pair<at::Tensor, at::Tensor> translated_points(const at::Tensor& query, const at::Tensor& key,
+                                                    const Options& o);
 
 // Transposed copies, contiguous (B, d, L), of inputs (B, L, d): the column operands of the tile
 // GEMMs (b_t, b2_t of Roles), of the float32 inputs and of their half copies (HalfInputs) alike.
@@ -288,10 +294,28 @@ inline Transposes transposes(const at::Tensor& q, const at::Tensor& k, const at:
   return t;
 }
 
+// An output buffer of the schedules: NaN-filled when the environment has NONLOCAL_EXT_POISON_OUTPUTS=1
+// (the test suite sets it), so that an element no pass writes cannot go unnoticed; else uninitialized
+// (every element is written; filling it would cost a pass over the output).
+inline at::Tensor output_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* flag = std::getenv("NONLOCAL_EXT_POISON_OUTPUTS");
+    return flag != nullptr && std::string(flag) == "1";
+  }();
+  return poison ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options) : at::empty(sizes, options);
+}
+
+// Data of batch element bt of a contiguous tensor whose first dimension is the batch (pointer
+// arithmetic: indexing t[bt] would make a Tensor per call).
+template <typename T>
+T* batch_ptr(const at::Tensor& t, int64_t bt) {
+  return t.data_ptr<T>() + bt * t.stride(0);
+}
+
 // Data of batch element bt of an optional per-batch tensor (undefined: null).
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t, int64_t bt) {
-  return t.defined() ? t[bt].data_ptr<T>() : nullptr;
+  return t.defined() ? batch_ptr<T>(t, bt) : nullptr;
 }
 
 // The half copies of the inputs for every batch element (contiguous, (B, ·, ·)); dtype Undefined:

@@ -340,7 +340,7 @@ def common_translation(key: torch.Tensor, finite: bool = False) -> torch.Tensor:
     return (total / count).to(k.dtype)
 
 
-def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tensor):
+def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tensor, translate: bool = True):
     """The query and key rows every backend receives from the op.
 
     * A row with a NaN or Inf entry becomes all-NaN (:func:`nonfinite_rows`), for every kernel: every
@@ -348,13 +348,15 @@ def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tens
       differences), and so is everything that depends on it. (Left alone, an Inf coordinate gives
       pair variables ±Inf or NaN depending on the signs of the other row's entries, and weights
       exp(−Inf) = 0 that hide it.)
-    * Distance kernels get both shifted by :func:`common_translation` of the keys.
+    * Distance kernels get both shifted by :func:`common_translation` of the keys, unless
+      ``translate=False``: for a backend that applies the same translation itself (the C++ kernels
+      shift the rows as they copy them, ``TRANSLATES_POINTS`` in :mod:`nonlocal_ext.backends.cpu`).
 
     Differentiable (identity) in both. Inputs that are all finite (checked by one sum on CPU) are
     returned unchanged for dot kernels and shifted in one pass for distance kernels.
     """
     q_finite, k_finite = _certainly_finite(query), _certainly_finite(key)
-    if kernel.family == "distance":
+    if kernel.family == "distance" and translate:
         shift = common_translation(key, finite=k_finite)
         query = query - shift if q_finite else query - (shift - nonfinite_rows(query))
         key = key - shift if k_finite else key - (shift - nonfinite_rows(key))

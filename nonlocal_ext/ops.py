@@ -96,8 +96,9 @@ def _aggregate(query, key, value, kernel, *, scale, power, gamma, eps, normalize
     impl = backends.select(backend, spec, query, key, value, backward=needs_grad)
     # A NaN/Inf anywhere in a query or key row makes the row NaN (Inf propagates like NaN in every
     # backend); distance kernels also take coordinates relative to the keys' centre (translation
-    # invariant in every backend, no cancellation for points far from the origin).
-    query, key = prepared_points(spec.kernel, query, key)
+    # invariant in every backend, no cancellation for points far from the origin), here or, for a
+    # backend that translates as it copies its operands, in the backend.
+    query, key = prepared_points(spec.kernel, query, key, translate=not getattr(impl, "TRANSLATES_POINTS", False))
     batch = query.shape[:-2]
 
     def flat(t):

@@ -17,6 +17,7 @@ ROLES = {
     "forward_cpu.cpp": "the forward schedule",
     "backward_cpu.cpp": "the backward schedules",
     "tiles.h": "what the schedules share",
+    "points.cpp": "the distance kernels' translated points and squared norms",
     "tile_math.h": "elementwise maths of the affinity kernels",
     "blas.h": "the GEMM shim",
     "blas.cpp": "the half-precision tile GEMMs",

@@ -22,6 +22,10 @@ from ._common import OP_NAMESPACE, op_arguments, register_fused_ops
 
 NAME = "cpu"
 
+#: The C++ ops move the query and key rows of distance kernels by the keys' mean themselves (in the
+#: pass that makes their operands; ``csrc/points.cpp``), so the op hands them untranslated inputs
+#: (:func:`nonlocal_ext.kernels.prepared_points`).
+TRANSLATES_POINTS = True
 
 
 def unsupported_reason(spec, query) -> str | None:
