@@ -29,7 +29,6 @@ from .kernels import KERNELS, AffinityKernel, KernelParams, resolve_params, type
 
 NORMALIZATIONS = ("none", "count", "row", "sym")
 UPDATES = ("aggregate", "diffusion")
-BACKEND_NAMES = ("auto", "reference", "chunked", "linear", "cpu", "triton")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -89,7 +88,8 @@ def validate(query, key, value, kernel, *, scale, power, gamma, eps, normalize, 
     _check_choice("kernel", kernel, tuple(KERNELS))
     _check_choice("normalize", normalize, NORMALIZATIONS)
     _check_choice("update", update, UPDATES)
-    _check_choice("backend", backend, BACKEND_NAMES)
+    from .backends import BACKENDS  # the registry of backends (imported here: the backends import this module)
+    _check_choice("backend", backend, ("auto", *BACKENDS))
     if not isinstance(symmetric, bool):
         raise TypeError(f"symmetric must be a bool, got {type_name(symmetric)}")
     affinity = KERNELS[kernel]
