@@ -327,3 +327,30 @@ def test_nan_propagates_as_in_the_dense_formula(kernel, normalize):
         assert truth[0][1].any() and not truth[0][0].any()
         for name, o, t in zip(["out", "grad query", "grad key", "grad value"], ours, truth):
             assert torch.equal(o, t), f"{name}, NaN in input {position} row {which}: {o.sum()} vs {t.sum()} NaN"
+
+
+# ---- special inputs: the checks of tests/test_numerics.py, for backend="triton" ---------------------
+
+import test_numerics as numerics  # noqa: E402  (its checks take the backend as an argument)
+
+
+@pytest.mark.parametrize("kernel", NON_DOT_KERNELS)
+def test_special_inputs(kernel):
+    """Empty N, empty batch, M = 0 (``none``: zeros; the others: the ValueError), ``torch.no_grad`` and
+    ``torch.inference_mode``, gradients for only some of the inputs: as on the CPU backends."""
+    numerics.test_empty_queries(kernel, "triton")
+    for batch in [(0,), (3, 0)]:
+        numerics.check_empty(kernel, "triton", batch, 4, 4)
+    for normalize in nonlocal_ext.spec.NORMALIZATIONS:
+        numerics.test_no_keys(kernel, "triton", normalize)
+    numerics.test_no_grad_and_inference_mode_give_the_grad_mode_result(kernel, "triton")
+    numerics.test_gradients_for_only_some_inputs(kernel, "triton")
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "fractional"])
+def test_four_threads_at_once_equal_serial_calls(kernel):
+    numerics.test_four_threads_at_once_equal_serial_calls(kernel, "triton")
+
+
+def test_repeated_calls_do_not_grow_memory():
+    numerics.test_repeated_calls_do_not_grow_memory("triton")

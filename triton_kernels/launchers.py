@@ -15,6 +15,7 @@ autotuned over the width class's list in :mod:`.configs`.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import triton
@@ -39,6 +40,11 @@ POISON_OUTPUTS = False
 LAUNCH_LOG: list | None = None
 
 _TUNED = {}
+
+#: The interpreter patches ``triton.language`` for the duration of a launch, so two Python threads
+#: interpreting kernels at once break each other ("Did you forget to add @triton.jit?"): its launches
+#: take turns. (Compiled launches on CUDA need no lock.)
+_INTERPRETER_LOCK = threading.Lock()
 
 
 def _tuned(kernel, configs, with_even=True):
@@ -66,7 +72,8 @@ def _launch(kernel, configs, grid_of, args, constexprs, sizes, with_even=True):
         even = {}
         if with_even:
             even = {"EVEN_D": d % blocks["BLOCK_D"] == 0, "EVEN_C": c % blocks["BLOCK_C"] == 0}
-        kernel[grid_of(blocks)](*args, **buckets, **constexprs, **even, **blocks)
+        with _INTERPRETER_LOCK:
+            kernel[grid_of(blocks)](*args, **buckets, **constexprs, **even, **blocks)
         return
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     configs = for_target(configs, target_of(torch.cuda.get_device_capability(device)))
@@ -95,7 +102,8 @@ def interpreter_takes_bfloat16() -> bool:
         ints = torch.arange(16 * 16).reshape(16, 16)
         a, b = (ints % 5 - 2).to(torch.bfloat16), (ints % 3 - 1).to(torch.bfloat16).T.contiguous()
         c = torch.full((16, 16), math.nan)
-        _dot_probe_kernel[(1,)](a, b, c, SIZE=16)
+        with _INTERPRETER_LOCK:
+            _dot_probe_kernel[(1,)](a, b, c, SIZE=16)
         _BFLOAT16_DOT_EXACT = torch.equal(c, a.float() @ b.float())
     return _BFLOAT16_DOT_EXACT
 
