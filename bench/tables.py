@@ -208,22 +208,23 @@ def blocks() -> list[str]:
 
 
 def accuracy() -> list[str]:
-    """bench/accuracy.py: the largest relative error over kernels, normalizations and updates."""
+    """bench/accuracy.py: the largest relative error over kernels, normalizations and updates (the CPU
+    backends from ``accuracy_<geometry>.json``, Triton under the interpreter from ``accuracy_triton_<geometry>.json``)."""
     head = ["geometry", "offset (grid spacings)"]
     worst: dict[tuple, dict[str, tuple[float, float]]] = defaultdict(dict)
     backends = []
     for geometry in ("grid2d", "grid3d", "cloud2d", "cloud3d"):
-        path = RESULTS / f"accuracy_{geometry}.json"
-        if not path.exists():
-            continue
-        for r in json.loads(path.read_text()):
+        paths = [RESULTS / f"accuracy_{geometry}.json", RESULTS / f"accuracy_triton_{geometry}.json"]
+        rows = [r for path in paths if path.exists() for r in json.loads(path.read_text())]
+        for r in rows:
             key = (r["geometry"], r["offset"])
             value, grad = worst[key].get(r["backend"], (0.0, 0.0))
             worst[key][r["backend"]] = (max(value, r["value_error"]), max(grad, r["grad_error"]))
             if r["backend"] not in backends:
                 backends.append(r["backend"])
     head += [f"`{b}` values / gradients" for b in backends]
-    body = [[g, f"{o:g}"] + [f"{worst[g, o][b][0]:.1e} / {worst[g, o][b][1]:.1e}" for b in backends]
+    body = [[g, f"{o:g}"] + [f"{worst[g, o][b][0]:.1e} / {worst[g, o][b][1]:.1e}" if b in worst[g, o] else ""
+                             for b in backends]
             for (g, o) in worst]
     return table(head, body)
 
