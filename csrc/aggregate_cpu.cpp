@@ -103,6 +103,21 @@ at::Tensor widened(const at::Tensor& t) {
   return t.defined() && is_half(t.scalar_type()) ? t.to(at::kFloat) : t;
 }
 
+// q and k as the schedules take them: widened to float32 and, for distance kernels, translated
+// (translated_points). Half inputs of distance kernels are translated, rounded to their half type
+// and widened again, and q, k are replaced by those half rows: the half GEMMs of the gradients
+// (C·k, Cᵀ·q) and the float32 terms beside them then see exactly the same points.
+std::pair<at::Tensor, at::Tensor> translated_operands(at::Tensor& q, at::Tensor& k, const Options& o) {
+  auto [qw, kw] = translated_points(widened(q), widened(k), o);
+  if (is_distance(o.kernel) && is_half(q.scalar_type())) {
+    q = qw.to(q.scalar_type());
+    k = kw.to(k.scalar_type());
+    qw = q.to(at::kFloat);
+    kw = k.to(at::kFloat);
+  }
+  return {qw, kw};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& self_value, c10::string_view kernel, double scale, double power,
@@ -115,12 +130,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
   at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  auto [qw, kw] = translated_operands(q, k, o);
   const HalfInputs half = half_gemms ? half_inputs(dtype, o, q, k, v, at::Tensor()) : HalfInputs();
-  q = widened(q);
-  k = widened(k);
+  q = qw;
+  k = kw;
   v = widened(v);
   u = widened(u);
-  std::tie(q, k) = translated_points(q, k, o);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_forward", [&] {
     result = forward_impl<scalar_t>(q, k, v, u, o, half);
@@ -146,13 +161,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
   at::Tensor g = grad_out.contiguous().to(dtype);
   at::Tensor u;
   if (o.diffusion) u = self_value ? self_value->contiguous() : v;
+  auto [qw, kw] = translated_operands(q, k, o);
   const HalfInputs half = half_gemms ? half_inputs(dtype, o, q, k, v, g) : HalfInputs();
-  q = widened(q);
-  k = widened(k);
+  q = qw;
+  k = kw;
   v = widened(v);
   u = widened(u);
   g = widened(g);
-  std::tie(q, k) = translated_points(q, k, o);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
     result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),
