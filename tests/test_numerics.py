@@ -43,24 +43,25 @@ POISONED = {"query": (2, 1), "key": (4, 0), "value": (3, 1), "self_value": (0, 0
 BAD_VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def poisoned_calls(kernel, normalize):
-    """(update, symmetric, with_self_value, poisoned input, bad value) for one kernel × normalization."""
-    for _, _, update, symmetric, with_self_value in (c for c in COMBOS if c[:2] == (kernel, normalize)):
+def poisoned_calls(kernel, normalize, combos=COMBOS):
+    """(update, symmetric, with_self_value, poisoned input, bad value) for one kernel × normalization
+    (its combinations in ``combos``: by default every valid one)."""
+    for _, _, update, symmetric, with_self_value in (c for c in combos if c[:2] == (kernel, normalize)):
         inputs = ["query", "key", "value"] + (["self_value"] if with_self_value else [])
         for name in inputs:
             for bad in BAD_VALUES:
                 yield update, symmetric, with_self_value, name, bad
 
 
-def propagation_mismatches(kernel, backend, normalize):
-    """Every poisoned call of this kernel × normalization (each update, ``symmetric``, ``self_value``,
-    poisoned input, bad value, dtype float64 and float32) on ``backend``, against the float64 dense
+def propagation_mismatches(kernel, backend, normalize, dtypes=(torch.float64, torch.float32), combos=COMBOS):
+    """Every poisoned call of this kernel × normalization (each update, ``symmetric``, ``self_value`` of
+    ``combos``, poisoned input, bad value, each of ``dtypes``) on ``backend``, against the float64 dense
     reference: a list of ``(call, tensor, message)`` where the non-finite entries differ or the finite
     ones disagree by more than the suite's rule allows."""
     n = m = 7
     names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
     mismatches = []
-    for update, symmetric, with_self_value, name, bad in poisoned_calls(kernel, normalize):
+    for update, symmetric, with_self_value, name, bad in poisoned_calls(kernel, normalize, combos):
         inputs = make_inputs(kernel, normalize, (2,), n, m, 3, 2, with_self_value=with_self_value, seed=5)
         index = ["query", "key", "value", "self_value"].index(name)
         row, col = POISONED[name]
@@ -69,7 +70,7 @@ def propagation_mismatches(kernel, backend, normalize):
         grad_out = torch.randn(2, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         args = (kernel, normalize, update, symmetric, grad_out)
         truth = run("reference", *inputs, *args, **kernel_kwargs(kernel))
-        for dtype in (torch.float64, torch.float32):
+        for dtype in dtypes:
             low = [None if t is None else t.to(dtype) for t in inputs]
             ours = run(backend, *low, *args, **kernel_kwargs(kernel))
             plain = run("reference", *low, *args, **kernel_kwargs(kernel))

@@ -26,10 +26,11 @@ from triton.runtime import interpreter
 
 import nonlocal_ext
 import common
-from common import (COMBOS, COORDINATE_SET_IDS, COORDINATE_SETS, NON_DOT_KERNELS, LargestTensor, combo_id,
-                    coordinate_misses, kernel_kwargs, run, square_only)
+from common import (COMBOS, COORDINATE_SET_IDS, COORDINATE_SETS, NON_DOT_KERNELS, UPDATE_CASES, LargestTensor,
+                    combo_id, coordinate_misses, kernel_kwargs, run, square_only)
 from triton_cases import (BFLOAT16_COMBOS, EVEN_FEATURE_COMBOS, FLOAT16_COMBOS, ODD_CASES, WIDE_CASES, case_id,
                           even_feature_shape, every_combination_shape, half_shape)
+from nonlocal_ext.spec import NORMALIZATIONS
 from nonlocal_ext.testing import make_inputs
 from nonlocal_ext.triton_kernels import configs, launchers
 
@@ -301,38 +302,30 @@ def test_coordinates_far_from_the_origin(kind, dim, side, monkeypatch):
     assert not misses, f"{len(misses)} calls miss the targets:\n" + "\n".join(misses)
 
 
-# ---- NaN propagation: exactly where the float64 reference has NaN ------------------------------------
-
-def _nan_pattern(backend, inputs, combo, where, grad_out, **kwargs):
-    kernel, normalize, update, symmetric, _ = combo
-    out, grads = run(backend, *inputs, kernel, normalize, update, symmetric, grad_out, **kwargs)
-    return [out.isnan()] + [g.isnan() for g in grads]
-
-
-@pytest.mark.parametrize("kernel", NON_DOT_KERNELS)
-@pytest.mark.parametrize("normalize", nonlocal_ext.spec.NORMALIZATIONS)
-def test_nan_propagates_as_in_the_dense_formula(kernel, normalize):
-    """A NaN in one query row, key row or value row of one batch element: the outputs and gradients
-    that are NaN are exactly those of the float64 reference (and so, none of the other batch element's)."""
-    combo = (kernel, normalize, "diffusion", kernel == "log", False)  # symmetric once, on the log kernel
-    n = 21
-    kwargs = dict(kernel_kwargs(kernel), eps=1e-4)
-    grad_out = torch.randn(2, n, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    for position, which in ((0, 4), (1, 7), (2, 11)):  # query row 4, key row 7, value row 11 of batch element 1
-        inputs = make_inputs(kernel, normalize, (2,), n, n, 5, 3, with_self_value=False)
-        inputs[position][1, which, 2 if position < 2 else 1] = float("nan")
-        truth = _nan_pattern("reference", inputs, combo, which, grad_out, **kwargs)
-        ours = _nan_pattern("triton", [None if t is None else t.float() for t in inputs], combo, which, grad_out,
-                            **kwargs)
-        assert truth[0][1].any() and not truth[0][0].any()
-        for name, o, t in zip(["out", "grad query", "grad key", "grad value"], ours, truth):
-            assert torch.equal(o, t), f"{name}, NaN in input {position} row {which}: {o.sum()} vs {t.sum()} NaN"
-
-
-# ---- special inputs: the checks of tests/test_numerics.py, for backend="triton" ---------------------
+# ---- NaN and Inf propagation: non-finite exactly where the float64 reference is -----------------------
 
 import test_numerics as numerics  # noqa: E402  (its checks take the backend as an argument)
 
+#: Half of COMBOS, so that the interpreter's time stays near two minutes: for each kernel × normalization,
+#: each update case (aggregate, diffusion, diffusion with self_value) once, ``symmetric`` alternating, so
+#: each kernel meets each update case symmetric under two normalizations and not under the other two.
+PROPAGATION_COMBOS = [combo for combo in COMBOS if combo[3] == bool(
+    (NORMALIZATIONS.index(combo[1]) + UPDATE_CASES.index((combo[2], combo[4]))) % 2)]
+
+@pytest.mark.parametrize("combo", [pytest.param(combo, id=combo_id(combo)) for combo in PROPAGATION_COMBOS])
+def test_nonfinite_inputs_propagate_as_in_the_dense_formula(combo):
+    """tests/test_numerics.py's check, float32, on the combinations of :data:`PROPAGATION_COMBOS` (every
+    kernel × normalization): NaN, Inf and -Inf in one entry of a query, key, value or self_value row of
+    batch element 1 of 2 make non-finite exactly the outputs and gradients that are non-finite in the
+    float64 dense reference (none of batch element 0's), and the finite ones agree with it by the
+    suite's rule."""
+    kernel, normalize = combo[:2]
+    mismatches = numerics.propagation_mismatches(kernel, "triton", normalize, dtypes=(torch.float32,),
+                                                 combos=[combo])
+    assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(": ".join(m) for m in mismatches[:20])
+
+
+# ---- special inputs: the checks of tests/test_numerics.py, for backend="triton" ---------------------
 
 @pytest.mark.parametrize("kernel", NON_DOT_KERNELS)
 def test_special_inputs(kernel):

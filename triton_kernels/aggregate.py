@@ -188,6 +188,22 @@ def _backward_inputs(batch, N, M, D, C, q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_
 
 
 @triton.jit
+def _log_domain_h(z, d_a_hat, s_rows, t_cols, row_factor, col_factor, NORMALIZE: tl.constexpr):
+    """∂L/∂w̃ times e^z for a weight term e^z of a log-domain tile (la, lb = log A, log B):
+    none/count dâ e^(z+la+lb) · row (dâ − S_i) e^(z+la) · sym dâ e^(z+la+lb) − ½S_i e^(z+2la) − ½T_j e^(z+2lb);
+    the exponents stay ≤ the normalizers', so nothing overflows."""
+    la = row_factor[:, None]
+    lb = col_factor[None, :]
+    if NORMALIZE == NORM_SYM:
+        return (d_a_hat * tl.exp(z + la + lb) - 0.5 * s_rows[:, None] * tl.exp(z + 2.0 * la)
+                - 0.5 * t_cols[None, :] * tl.exp(z + 2.0 * lb))
+    elif NORMALIZE == NORM_ROW:
+        return (d_a_hat - s_rows[:, None]) * tl.exp(z + la + lb)
+    else:
+        return d_a_hat * tl.exp(z + la + lb)
+
+
+@triton.jit
 def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr,
                    s_ptr, gu_ptr, t_ptr, rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
                    KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -217,28 +233,28 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
             d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
 
         s_rows = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-        if NORMALIZE == NORM_SYM:
-            t_cols = tl.load(t_ptr + cols, mask=col_mask, other=0.0)
-            if log_domain(KERNEL):  # â = e^(z + la + lb), w̃/r = e^(z + 2la), w̃/c = e^(z + 2lb)
-                h = (d_a_hat * a_hat
-                     - 0.5 * s_rows[:, None] * tl.exp(z + 2.0 * row_factor[:, None])
-                     - 0.5 * t_cols[None, :] * tl.exp(z + 2.0 * col_factor[None, :]))
+        t_cols = tl.load(t_ptr + cols, mask=col_mask, other=0.0) if NORMALIZE == NORM_SYM else s_rows
+        if log_domain(KERNEL):
+            if SYMMETRIC:  # each term's gradient from its own exponent g = z_t − log 2 (weight_tile)
+                c1 = scale * _log_domain_h(g1, d_a_hat, s_rows, t_cols, row_factor, col_factor, NORMALIZE)
+                c2 = scale * _log_domain_h(g2, d_a_hat, s_rows, t_cols, row_factor, col_factor, NORMALIZE)
             else:
+                c1 = scale * _log_domain_h(z, d_a_hat, s_rows, t_cols, row_factor, col_factor, NORMALIZE)
+                c2 = tl.zeros_like(c1)
+        else:
+            if NORMALIZE == NORM_SYM:
                 h = (d_a_hat * (row_factor[:, None] * col_factor[None, :])
                      - 0.5 * s_rows[:, None] * (row_factor * row_factor)[:, None]
                      - 0.5 * t_cols[None, :] * (col_factor * col_factor)[None, :])
-        else:
-            if NORMALIZE == NORM_ROW:
-                d_a_hat_centered = d_a_hat - s_rows[:, None]
+            elif NORMALIZE == NORM_ROW:
+                h = (d_a_hat - s_rows[:, None]) * row_factor[:, None]
             else:
-                d_a_hat_centered = d_a_hat
-            if log_domain(KERNEL):
-                h = d_a_hat_centered * a_hat
-            else:
-                h = d_a_hat_centered * row_factor[:, None]
-        h = tl.where(valid, h, 0.0)
-        c1 = tl.where(dead1, 0.0, h * g1)  # dead pairs: exactly 0, as in the dense formula, even for NaN H
-        c2 = tl.where(dead2, 0.0, h * g2)
+                h = d_a_hat * row_factor[:, None]
+            c1 = h * g1
+            c2 = h * g2
+        # outside the tile: 0; dead pairs: exactly 0, as in the dense formula, even for a NaN H
+        c1 = tl.where(dead1 | ~valid, 0.0, c1)
+        c2 = tl.where(dead2 | ~valid, 0.0, c2)
     else:
         d_a_hat = tl.zeros_like(a_hat)
         c1 = tl.zeros_like(a_hat)

@@ -47,6 +47,8 @@ NORMALIZE_IDS = {name: i for i, name in enumerate(NORMALIZATIONS)}
 NORM_COUNT = tl.constexpr(NORMALIZE_IDS["count"])
 NORM_ROW = tl.constexpr(NORMALIZE_IDS["row"])
 NORM_SYM = tl.constexpr(NORMALIZE_IDS["sym"])
+#: log 2, for the halves of the symmetric log-domain weight ½(e^z1 + e^z2).
+LOG_2 = tl.constexpr(0.6931471805599453)
 
 
 # Properties of the kernel with id KERNEL, evaluated when a variant is compiled (constexpr results, so
@@ -179,6 +181,12 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
                 BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr):
     """``(w̃ or log w̃, g1, g2, dead1, dead2)`` of one tile; ``g2`` is 0 without ``symmetric``.
 
+    ``g1``, ``g2``: the slopes ∂w̃/∂x of the two terms (∂ log w̃/∂x for log-domain kernels), except for
+    log-domain kernels with ``symmetric``, where they are the terms' own log-weights z1 − log 2 and
+    z2 − log 2 (w̃ = e^g1 + e^g2, ∂w̃/∂x1 = scale·e^g1): the backward forms each term's gradient from its
+    own exponent, so a NaN in the swapped term does not reach the (q_i, k_j) gradient (as in the dense
+    formula, where ½(e^z1 + e^z2) differentiates term by term).
+
     ``dead1`` / ``dead2``: the pairs of (q_i, k_j) / (k_i, q_j) whose gradient is exactly 0 (see
     :func:`pair_tile`); the backward zeroes H·g there instead of multiplying (a NaN must not leak through).
     """
@@ -190,16 +198,15 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
             x2, _, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
                                  KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
             z2 = scale * x2
-            # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)); ∂/∂z1 = σ(z1 − z2). Selected with
-            # where, not tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
+            # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)). Selected with where, not
+            # tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
             first_high = z1 >= z2
             high = tl.where(first_high, z1, z2)
             low = tl.where(first_high, z2, z1)
             ratio = tl.exp(low - high)  # ≤ 1: no overflow
             z = high + tl.log(0.5 + 0.5 * ratio)
-            share1 = tl.where(first_high, 1.0, ratio) / (1.0 + ratio)
-            g1 = scale * share1
-            g2 = scale * (1.0 - share1)
+            g1 = z1 - LOG_2  # each term's own log-weight (see above)
+            g2 = z2 - LOG_2
         else:
             z = z1
             g1 = tl.zeros_like(z1) + scale  # (not z1·0 + scale: a NaN z must not reach the slope)
