@@ -10,6 +10,9 @@ against float64, with scale = max(max|truth of that tensor|, max|true output|, 1
 entries that are ~0 by cancellation get an absolute floor.
 
 Run alone: .venv/bin/python -m pytest -q tests/test_differential.py
+
+``backend="triton"`` runs the same cases under the Triton interpreter, through :func:`check_case`:
+tests/triton_suite.py::test_differential_random_case.
 """
 
 from __future__ import annotations
@@ -138,11 +141,17 @@ PARAMS = [pytest.param(index, backend, id=f"{backend}-{index}")
 
 @pytest.mark.parametrize("index,backend", PARAMS)
 def test_random_case(index, backend):
+    repro = f'.venv/bin/python -m pytest -q "tests/test_differential.py::test_random_case[{backend}-{index}]"'
+    check_case(index, backend, repro)
+
+
+def check_case(index, backend, repro):
+    """Case ``index`` on ``backend`` against the float64 reference, the output and the gradient of every input
+    by the suite's rule; a failure names the case and ends with ``rerun: {repro}``."""
     case = draw(index)
     dtype = getattr(torch, case["dtype"])
     (truth_out, truth_grads), (plain_out, plain_grads) = truth_and_plain(index)
     out, grads = evaluate(case, backend, dtype)
-    repro = f'.venv/bin/python -m pytest -q "tests/test_differential.py::test_random_case[{backend}-{index}]"'
     assert out.dtype == dtype and out.shape == truth_out.shape, f"{describe(case)}\nrerun: {repro}"
     names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
     floor = max(1.0, max_abs(truth_out))

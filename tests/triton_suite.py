@@ -347,3 +347,41 @@ def test_four_threads_at_once_equal_serial_calls(kernel):
 
 def test_repeated_calls_do_not_grow_memory():
     numerics.test_repeated_calls_do_not_grow_memory("triton")
+
+
+# ---- the randomized differential test of tests/test_differential.py, for backend="triton" --------------
+
+import test_differential as differential  # noqa: E402  (its seeded cases and their check, for any backend)
+
+#: Case indices 0 … 299 of tests/test_differential.py (all of its CASES), each with row and column tiles of
+#: DIFFERENTIAL_TILE; those that it leaves in one tile and the default tiles split in two
+#: (32 < max(N, M) ≤ 64) also with the default tiles.
+DIFFERENTIAL_CASES, DIFFERENTIAL_TILE, DEFAULT_TILE = 300, 128, configs.INTERPRETER_BLOCKS["BLOCK_I"]
+
+
+def differential_tiles(index):
+    n, m = differential.draw(index)["n"], differential.draw(index)["m"]
+    return [DIFFERENTIAL_TILE] + ([DEFAULT_TILE] if DEFAULT_TILE < max(n, m) <= 2 * DEFAULT_TILE else [])
+
+
+@pytest.mark.parametrize("index,tile", [pytest.param(index, tile, id=f"{index}-tiles{tile}")
+                                        for index in range(DIFFERENTIAL_CASES) for tile in differential_tiles(index)])
+def test_differential_random_case(index, tile, monkeypatch):
+    """tests/test_differential.py's seeded random case ``index`` (kernel, normalization, update, ``symmetric``,
+    ``self_value``, batch dims, N, M ∈ [1, 300], D, C ∈ [1, 130], the layout of each input, float32 or
+    float64) with ``backend="triton"``: the output and the gradient of every input against the float64
+    dense reference by that file's rule (``differential.check_case``); a failure prints the case and the
+    command that reruns it alone.
+
+    Every one of the first 300 cases runs: the draws are float32 and float64 CPU tensors, which the backend
+    takes under the interpreter (``triton.unsupported_reason`` refuses only bfloat16 there), so none is
+    excluded, and a refusal would fail the test, not skip it. Row and column tiles of 128 (only the order
+    of the sums changes, as between GPU tile configurations) keep the 347 runs near 2½ minutes on one core
+    (the large cases take several times as long in tiles of 32): N or M > 128 spans 2 or 3 tiles in 73
+    cases, and the 47 cases with 32 < max(N, M) ≤ 64 run a second time in the default tiles of 32, 2 of
+    them."""
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_I", tile)
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_J", tile)
+    repro = (f'TRITON_INTERPRET=1 .venv/bin/python -m pytest -q '
+             f'"tests/test_triton.py::test_differential_random_case[{index}-tiles{tile}]"')
+    differential.check_case(index, "triton", repro)
