@@ -289,6 +289,31 @@ def layers() -> list[str]:
             f"{run['threads']} threads; fastest of 5 steps; peak RSS growth of one step in a fresh process):", ""] + table(head, body)
 
 
+def gpu_suite() -> list[str]:
+    """The work model's predictions for the nonlocal-block suite on an H100 (bench/perf_model.py): fused,
+    dense and SDPA forward + backward times and what ``auto`` takes on CUDA (predictions, not measurements)."""
+    from nonlocal_ext.backends import cuda_choice
+    from nonlocal_ext.triton_kernels import work_model
+
+    budget = cuda_choice.DENSE_BUDGET_FRACTION * 80e9
+    head = ["shape (B, N, M, D = C)", "executed / needed fwd, bwd",
+            "`gaussian` + `row`, fp16: fused / dense / SDPA → auto", "`fractional` + `count`, fp16: fused / dense → auto"]
+    body = []
+    gaussian = work_model.suite_calls("gaussian", "row", "fp16")
+    fractional = work_model.suite_calls("fractional", "count", "fp16")
+    for name, call in gaussian.items():
+        ratios = ", ".join(f"{work_model.fused_work(call, p)['ratio']:.2f}" for p in ("forward", "backward"))
+        cells = []
+        for c, with_sdpa in ((call, True), (fractional[name], False)):
+            t = work_model.predictions(c, training=True)
+            times = [t["fused"], t["dense"]] + ([t["sdpa"]] if with_sdpa else [])
+            shown = " / ".join("n/a" if x is None else f"{x * 1e6:.0f}" for x in times)
+            cells.append(f"{shown} → {cuda_choice.choose(c, True, budget)}")
+        body.append([f"{name} ({call.batch}, {call.n}, {call.m}, {call.d})", ratios, *cells])
+    return [f"`.venv/bin/python bench/perf_model.py` (predicted H100 µs, forward + backward; dense budget "
+            f"{budget / 1e9:.0f} GB, a quarter of 80 GB):", ""] + table(head, body)
+
+
 TABLES = {
     "readme-cpu": readme_cpu,
     "cpu-header": cpu_header,
@@ -298,6 +323,7 @@ TABLES = {
     "aot": aot,
     "qtips": qtips,
     "layers": layers,
+    "gpu-suite": gpu_suite,
 }
 
 

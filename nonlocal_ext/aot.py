@@ -201,12 +201,14 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
         pointer_dtypes = {n: input_type for n in ("q_ptr", "k_ptr", "v_ptr", "u_ptr", "g_ptr")}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     src = ASTSource(fn, _signature(fn, constexprs, pointer_dtypes), constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg is not None:  # the register limit the autotuner passes to ptxas for this entry
+        options["maxnreg"] = config.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     usage = _resource_usage(compiled.asm["cubin"], arch)
     usage.update(kernel=family, variant=name, arch=arch,
                  shared_dynamic_bytes=int(compiled.metadata.shared),
-                 config=config_index, num_warps=config.num_warps, num_stages=config.num_stages,
+                 config=config_index, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
                  blocks={k: v for k, v in config.kwargs.items()})
     return usage
 

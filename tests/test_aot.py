@@ -90,7 +90,7 @@ def _list_of(row):
 
 def _same(config, row):
     return (dict(config.kwargs) == row["blocks"] and config.num_warps == row["num_warps"]
-            and config.num_stages == row["num_stages"])
+            and config.num_stages == row["num_stages"] and config.maxnreg == row.get("maxnreg"))
 
 
 def test_autotune_entries_compiled_without_spills_on_their_targets():

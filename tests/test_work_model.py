@@ -30,28 +30,36 @@ VARIANTS = list(itertools.product(NON_DOT_KERNELS, NORMALIZATIONS, UPDATES, (Fal
 
 @pytest.mark.parametrize("width", [64, 128, 256, 512, 1024])
 def test_forward_computes_each_tile_once_up_to_512(width):
-    """executed / needed tensor-core work of the forward at D = C = width, every variant, the launcher's
-    default tiles: ≤ 1.3 up to 512 (one program covers C), ≤ 2 at 1024 — for half inputs; float32 up to
-    256 (its 512-wide value tile spilled: two programs per row block at 512, 1.5–1.67)."""
+    """executed / needed tensor-core work of the forward at D = C = width, every variant (every dtype), the
+    launcher's default tiles: ≤ 1.3 up to 512 (one program covers C), ≤ 2 at 1024."""
     for call in _calls(width):
-        if call.fp32 and width > 256:
-            continue
         assert 1.0 <= fused_work(call, "forward")["ratio"] <= (1.3 if width <= 512 else 2.0), call
 
 
-@pytest.mark.parametrize("width", [64, 128])
-def test_backward_computes_each_tile_once_up_to_128(width):
-    """The backward's ≤ 1.5 holds at D = C = 64 for every variant and at 128 for all but half inputs with
-    ``symmetric`` (whose row pass keeps 64-wide output tiles: 1.75). From 256 on the output tiles stay
-    128 wide (wider ones spilled), so each pass recomputes the tile ⌈width / 128⌉ times (bench/NOTES_triton.md)."""
+@pytest.mark.parametrize("width", [64, 128, 256, 512, 1024])
+def test_backward_computes_each_tile_once_up_to_512(width):
+    """The backward at D = C = width, every variant but float32 from 512 on: ≤ 1.5 up to 512 (one column
+    and one row program per block cover all of D and C: each tile computed once per pass), ≤ 2.5 at 1024
+    (two feature programs)."""
     for call in _calls(width):
-        bound = 1.75 if (width == 128 and call.symmetric and not call.fp32) else 1.5
-        assert 1.0 <= fused_work(call, "backward")["ratio"] <= bound, call
+        if call.fp32 and width >= 512:
+            continue
+        assert 1.0 <= fused_work(call, "backward")["ratio"] <= (1.5 if width <= 512 else 2.5), call
 
 
-def test_backward_recomputation_above_128_is_one_tile_per_128_features():
-    for width in (256, 512, 1024):
-        chunks = width // 128
+@pytest.mark.parametrize("width,bound,bound_symmetric", [(512, 1.84, 2.8), (1024, 3.17, 5.1)])
+def test_float32_backward_from_512_keeps_narrower_column_tiles(width, bound, bound_symmetric):
+    """The known miss: the float32 column pass at 512 keeps 256-wide output tiles (128 with ``symmetric``),
+    whose two or three 512-wide tf32x3 accumulators did not fit the register file (configs.py)."""
+    for call in _calls(width):
+        if call.fp32:
+            assert 1.0 <= fused_work(call, "backward")["ratio"] <= (bound_symmetric if call.symmetric else bound), call
+
+
+def test_backward_recomputes_once_per_pass():
+    """Non-symmetric, not ``sym``: column pass S + dâ + dv + dk = 2D + 2C per pair, row pass S + dâ + dq =
+    2D + C, against the needed 3D + 2C; at 1024 each pass runs two feature programs (class width 512)."""
+    for width, chunks in ((256, 1), (512, 1), (1024, 2)):
         call = Call(1, 4096, 1024, width, width, "fractional", "count", dtype="fp16")
         # column: chunks·(D + C) + C + D, row: chunks·(D + C) + D; needed 3D + 2C
         assert fused_work(call, "backward")["ratio"] == pytest.approx((4 * chunks + 3) / 5)
@@ -65,17 +73,19 @@ def _calls(width):
 
 def test_every_entry_of_a_width_class_covers_it():
     """Whatever the autotuner picks, the forward's value tile and the backward's output tiles give the
-    recomputation count the work model counts: the forward's default BLOCK_C is the class width (float32 at
-    512: 256) and no entry's is smaller; the backward's OUT_D = OUT_C are the same for every entry."""
+    recomputation count the work model counts: the forward's default BLOCK_C is the class width and no
+    entry's is smaller; the backward's OUT_D = OUT_C are the class width in every entry (the float32
+    column pass at 512: 256, 128 with ``symmetric``)."""
     from nonlocal_ext.triton_kernels import configs
     for width in configs.WIDTH_CLASSES:
         for fp32, symmetric in itertools.product((False, True), (False, True)):
             forward = configs.configs_for("forward", fp32, symmetric, width)
-            assert forward[0].kwargs["BLOCK_C"] == (256 if fp32 and width == 512 else width)
+            assert forward[0].kwargs["BLOCK_C"] == width
             assert all(c.kwargs["BLOCK_C"] >= forward[0].kwargs["BLOCK_C"] for c in forward)
             for family in ("column", "row"):
                 lst = configs.configs_for(family, fp32, symmetric, width)
-                assert len({(c.kwargs["OUT_D"], c.kwargs["OUT_C"]) for c in lst}) == 1
+                out = width if not (family == "column" and fp32 and width == 512) else 128 if symmetric else 256
+                assert {(c.kwargs["OUT_D"], c.kwargs["OUT_C"]) for c in lst} == {(out, out)}
 
 
 def test_old_tiling_reproduces_the_issues_interpreter_counts():
@@ -111,6 +121,7 @@ GB = 1e9
 
 
 I3D = Call(4, 784, 196, 512, 512, "gaussian", "row", dtype="fp16")
+DETECTION = Call(2, 3400, 850, 512, 512, "gaussian", "row", dtype="fp16")
 
 
 @pytest.mark.parametrize("call,training,budget,expected", [
@@ -122,11 +133,13 @@ I3D = Call(4, 784, 196, 512, 512, "gaussian", "row", dtype="fp16")
     (Call(1, 16384, 16384, 64, 128, "fractional", "row", dtype="fp32"), True, 5 * GB, "triton"),
     # res3, D = C = 256: fused ahead in training too
     (Call(8, 784, 196, 256, 256, "fractional", "count", dtype="fp16"), True, 20 * GB, "triton"),
-    # I3D at D = C = 512: fused for inference (each tile once); training: the backward recomputes the tile
-    # 4× in 16-row tiles and dense is predicted faster, unless its buffers exceed the budget
+    # I3D at D = C = 512: fused for inference and training (each tile once per pass)
     (I3D, False, 20 * GB, "triton"),
-    (I3D, True, 20 * GB, "reference"),
-    (I3D, True, 0.01 * GB, "triton"),
+    (I3D, True, 20 * GB, "triton"),
+    # detection res4 at D = C = 512, training: the 16-row backward tiles run below the dense GEMMs' rate and
+    # dense is predicted faster, unless its buffers exceed the budget
+    (DETECTION, True, 20 * GB, "reference"),
+    (DETECTION, True, 0.01 * GB, "triton"),
 ])
 def test_choice_at_representative_shapes(call, training, budget, expected):
     assert cuda_choice.choose(call, training, budget) == expected

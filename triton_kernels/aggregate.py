@@ -34,8 +34,10 @@ variable q·k or ρ, coincident pairs, log domain) is read from the registry at 
 Wide D and C: the second grid axis enumerates output feature blocks (forward BLOCK_C; backward
 OUT_D = OUT_C), and a program accumulates only its block of the outputs, recomputing the tile's GEMMs
 over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks the feature blocks of the call's
-width class (:func:`.configs.configs_for`): the forward has one block (each tile computed once) up to
-C = 512, the backward up to D, C = 128 (wider output tiles spilled); more blocks above.
+width class (:func:`.configs.configs_for`): one block (each tile computed once per pass) up to C = 512 in
+the forward and D, C = 512 in the backward; more blocks above. Epilogues that add a row-scaled input tile
+to an accumulator (diffusion's u, the distance kernels' q_i and k_j, du's G) run after the accumulator is
+stored (:func:`.tiles.scaled_rows_into`), so the two wide tiles are never live together.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (NORM_COUNT, NORM_ROW, NORM_SYM, is_distance, load_rows, log_domain, store_rows, tile_dot, value_dot,
-                    weight_tile)
+from .tiles import (NORM_COUNT, NORM_ROW, NORM_SYM, is_distance, load_rows, log_domain, scaled_rows_into, store_rows,
+                    tile_dot, value_dot, weight_tile)
 
 
 @triton.jit
@@ -147,10 +149,10 @@ def forward_kernel(
     if pid_c == 0:
         tl.store(row_stats_ptr + rows, row_stat.to(row_stats_ptr.dtype.element_ty), mask=row_mask)
     if WITH_VALUES:
-        if DIFFUSION:
-            u = load_rows(u_ptr, rows, row_mask, offs_c, C, EVEN_C).to(ACC_DTYPE)
-            acc = acc - weighted_sums[:, None] * u
         store_rows(out_ptr, rows, row_mask, offs_c, C, acc * factor[:, None])
+        if DIFFUSION:  # out_i −= A_i (Σ_j w̃ B) u_i, once the accumulator is stored
+            scaled_rows_into(out_ptr, u_ptr, rows, row_mask, pid_c * BLOCK_C, C, -(weighted_sums * factor), True,
+                             ACC_DTYPE, BLOCK_C)
 
 
 @triton.jit
@@ -327,15 +329,18 @@ def backward_column_kernel(
             if pid_f == 0:
                 tl.store(t_ptr + cols, t_cols.to(t_ptr.dtype.element_ty), mask=col_mask)
     if WITH_DK:
-        if is_distance(KERNEL):
-            k_own = load_rows(k_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
-            dk = 2.0 * (k_own * c_cols[:, None] - dk)
-        store_rows(dk_ptr, cols, col_mask, offs_d, D, dk)
+        if is_distance(KERNEL):  # dk_j = 2(k_j Σ_i C_ij − Σ_i C_ij q_i): the second sum stored first
+            store_rows(dk_ptr, cols, col_mask, offs_d, D, -2.0 * dk)
+            scaled_rows_into(dk_ptr, k_ptr, cols, col_mask, pid_f * OUT_D, D, 2.0 * c_cols, True, ACC_DTYPE, OUT_D)
+        else:
+            store_rows(dk_ptr, cols, col_mask, offs_d, D, dk)
         if SYMMETRIC:
             if is_distance(KERNEL):
-                q_own = load_rows(q_ptr, cols, col_mask, offs_d, D, False).to(ACC_DTYPE)
-                dq_swap = 2.0 * (q_own * c_swap_cols[:, None] - dq_swap)
-            store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, dq_swap)
+                store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, -2.0 * dq_swap)
+                scaled_rows_into(dq_swap_ptr, q_ptr, cols, col_mask, pid_f * OUT_D, D, 2.0 * c_swap_cols, True,
+                                 ACC_DTYPE, OUT_D)
+            else:
+                store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, dq_swap)
 
 
 @triton.jit
@@ -390,15 +395,17 @@ def backward_row_kernel(
         if DIFFUSION:
             a_hat_rows += tl.sum(a_hat, 1)
 
-    if is_distance(KERNEL):
-        q_own = load_rows(q_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
-        dq = 2.0 * (q_own * c_rows[:, None] - dq)
-    store_rows(dq_ptr, rows, row_mask, offs_d, D, dq)
+    if is_distance(KERNEL):  # dq_i = 2(q_i Σ_j C_ij − Σ_j C_ij k_j): the second sum stored first
+        store_rows(dq_ptr, rows, row_mask, offs_d, D, -2.0 * dq)
+        scaled_rows_into(dq_ptr, q_ptr, rows, row_mask, pid_f * OUT_D, D, 2.0 * c_rows, True, ACC_DTYPE, OUT_D)
+    else:
+        store_rows(dq_ptr, rows, row_mask, offs_d, D, dq)
     if SYMMETRIC:
         if is_distance(KERNEL):
-            k_own = load_rows(k_ptr, rows, row_mask, offs_d, D, False).to(ACC_DTYPE)
-            dk_swap = 2.0 * (k_own * c_swap_rows[:, None] - dk_swap)
-        store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, dk_swap)
-    if DIFFUSION:
-        g = load_rows(g_ptr, rows, row_mask, offs_c, C, False).to(ACC_DTYPE)
-        store_rows(du_ptr, rows, row_mask, offs_c, C, -a_hat_rows[:, None] * g)
+            store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, -2.0 * dk_swap)
+            scaled_rows_into(dk_swap_ptr, k_ptr, rows, row_mask, pid_f * OUT_D, D, 2.0 * c_swap_rows, True,
+                             ACC_DTYPE, OUT_D)
+        else:
+            store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, dk_swap)
+    if DIFFUSION:  # du_i = −(Σ_j â_ij) G_i
+        scaled_rows_into(du_ptr, g_ptr, rows, row_mask, pid_f * OUT_C, C, -a_hat_rows, False, ACC_DTYPE, OUT_C)

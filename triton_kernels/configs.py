@@ -30,14 +30,16 @@ SM80, SM90 = "sm_80", "sm_90"
 _ARCHS: dict[int, tuple[str, ...]] = {}
 
 
-def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None):
+def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None, maxnreg=None):
     """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
     compiled without spills (see below). ``out``: the backward kernels' output feature tile
-    (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs."""
+    (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs.
+    ``maxnreg``: the register limit passed to ptxas (None: its own choice, which at 8 warps is sometimes
+    128 or 80 registers and then spills)."""
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c,
               "OUT_D": out, "OUT_C": out}
     config = triton.Config({name: size for name, size in blocks.items() if size is not None},
-                           num_warps=warps, num_stages=stages)
+                           num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     _ARCHS[id(config)] = archs
     return config
 
@@ -80,16 +82,22 @@ FORWARD_CONFIGS_FP32 = [
 # wide tiles: 32 × 32 in the half column pass (hence BLOCK_J 16), 32 × 64 in the half row pass. Half
 # column passes without `symmetric` take 4 warps: at 8, ptxas capped four `sym` variants on sm_90 at 128
 # registers and they spilled 8–16 bytes.
-COLUMN_CONFIGS = [_config(32, 16, 32, 32, 8, 1, out=64)]
+COLUMN_CONFIGS = [_config(16, 16, 32, 32, 8, 1, out=64)]  # 32 × 16 spilled 8 bytes on sm_90 after the sliced epilogue
 COLUMN_CONFIGS_NONSYMMETRIC = [_config(16, 16, 32, 32, 4, 1, out=64)]
 ROW_CONFIGS = [_config(32, 32, 64, 64, 8, 1, out=64)]
 BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
 
-# Backward, width classes 128 and above: 128-wide output tiles at 16 rows (16 × 128 = the row pass's
-# verified 32 × 64). Wider output tiles spilled in the heaviest variants (bench/NOTES_triton.md: OUT 256
-# and 512 with two or three accumulators, 8–288 bytes), so from D or C = 256 on the backward runs
-# ⌈width / 128⌉ feature programs per row (column) block, each recomputing the tile.
-BACKWARD_CONFIGS_WIDE = [_config(16, 16, 32, 32, 8, 1, out=128)]
+# Backward, width classes 128 and above: the output tiles are the class width (OUT_D = OUT_C = 128, 256,
+# 512), so one column and one row program per block cover all of D and C and each pass computes every
+# tile once (twice from 1024 on). That fits in 16 × 16 tiles because the epilogues that add a row-scaled
+# input tile (q_i, k_j, u_i) to the accumulator run after it is stored, in 64-column slices
+# (tiles.scaled_rows_into): before that change the 512-wide row pass spilled 16–1848 bytes (the input
+# tile and the accumulator were live together). What spilled after that (8–40 bytes in 10 of ~800 builds
+# of the AOT heavy and target sets, with 32- or 16-wide GEMM slices) were builds that ptxas had held at 128
+# or 80 registers on its own; with the limit set to 255 (``maxnreg``) they use 130–205 and spill nothing.
+# The GEMM slices are 16 wide: at 512 the float32 (tf32x3) passes still spilled 8–24 bytes at 255
+# registers with 32-wide ones (bench/NOTES_triton.md, "Backward: each tile once up to 512").
+BACKWARD_WIDE = {width: [_config(16, 16, 16, 16, 8, 1, out=width, maxnreg=255)] for width in (128, 256, 512)}
 
 PREPROCESS_CONFIGS = [
     _config(32, None, None, 64, 4, 1),
@@ -100,11 +108,14 @@ PREPROCESS_CONFIGS = [
 #: forward, max(D, C) for the backward passes), clamped to 64…512. Every forward configuration of a
 #: class's list covers the class width in one program (BLOCK_C), so the forward computes each affinity
 #: tile once per row block for C ≤ 512 and ⌈C / 512⌉ times above; the backward's output tiles
-#: (OUT_D = OUT_C) cover 64 and 128, and ⌈width / 128⌉ feature programs beyond (the work model,
-#: :mod:`.work_model`, counts it). Wider value tiles are paid with fewer rows per program.
+#: (OUT_D = OUT_C) are the class width too, so each backward pass computes every tile once for D, C ≤ 512
+#: and ⌈max(D, C) / 512⌉ times above (the work model, :mod:`.work_model`, counts it). Wider value
+#: tiles are paid with fewer rows per program.
 WIDTH_CLASSES = (64, 128, 256, 512)
 
-FORWARD_CONFIGS_FP32_WIDE = [_config(16, 32, 32, 256, 8, 1)]
+# float32 at 512: 16×16×32×512 spilled 336–1760 bytes in the diffusion variants while the epilogue's u tile
+# was live beside the accumulator; with the sliced epilogue it compiles without spills.
+FORWARD_CONFIGS_FP32_WIDE = {256: [_config(16, 32, 32, 256, 8, 1)], 512: [_config(16, 16, 32, 512, 8, 1)]}
 
 _WIDE = {
     # family, fp32, symmetric: {width class: list}
@@ -117,8 +128,7 @@ _WIDE = {
     ("forward", True): {
         64: FORWARD_CONFIGS_FP32,
         128: [_config(32, 32, 32, 128, 8, 1)],
-        256: FORWARD_CONFIGS_FP32_WIDE,
-        512: FORWARD_CONFIGS_FP32_WIDE,  # 16×16×32×512 spilled 336–1760 bytes (ptxas held it at 128 registers)
+        **FORWARD_CONFIGS_FP32_WIDE,
     },
     # backward: (family, fp32, symmetric); one list object for the wide classes (the same kernels)
     ("column", False, True): {64: COLUMN_CONFIGS},
@@ -132,10 +142,13 @@ _WIDE = {
 }
 for _key, _lists in _WIDE.items():
     if _key[0] != "forward":
-        _lists.update({width: BACKWARD_CONFIGS_WIDE for width in WIDTH_CLASSES[1:]})
-# The half row pass with `symmetric` (dq and dk′): 16×16→128 spilled 8–16 bytes (ptxas held it at 128
-# registers) in the heavy variants; it keeps the 64-wide output tiles of class 64.
-_WIDE[("row", False, True)].update({width: ROW_CONFIGS for width in WIDTH_CLASSES[1:]})
+        _lists.update(BACKWARD_WIDE)
+# The float32 column pass at 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: two or three 512-wide
+# accumulators did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16 warps; 8- and 16-wide slices;
+# 32 rows), so that pass keeps narrower output tiles: 256 (two feature programs), and 128 with `symmetric`
+# (256 still spilled 8–16 bytes in `rbf` on sm_90). Executed/needed there: up to 1.75 and 2.5.
+_WIDE[("column", True, False)][512] = [_config(16, 16, 8, 8, 8, 1, out=256, maxnreg=255)]
+_WIDE[("column", True, True)][512] = [_config(16, 16, 16, 16, 8, 1, out=128, maxnreg=255)]
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.

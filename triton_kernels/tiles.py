@@ -113,6 +113,24 @@ def store_rows(ptr, rows, row_mask, offs, width, value):
 
 
 @triton.jit
+def scaled_rows_into(dst_ptr, src_ptr, rows, row_mask, col0, width, coef, ADD: tl.constexpr,
+                     ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """``dst[rows, col0 : col0 + BLOCK] = [dst +] coef[:, None] · src[rows, same columns]`` in slices of
+    64 columns, for the epilogues that add a row-scaled input tile (u, q_i, k_j) to a
+    stored accumulator: called after the accumulator is stored, so that the BLOCK-wide input tile and the
+    accumulator are never live together (at 512-wide tiles that pair spilled 400–1800 bytes). Slices of 64
+    columns (a literal: every BLOCK passed is a multiple of it)."""
+    tl.static_assert(BLOCK % 64 == 0)
+    tl.debug_barrier()  # the accumulator's stores (another thread's layout) before this thread reads dst
+    for c0 in tl.static_range(0, BLOCK, 64):
+        offs = col0 + c0 + tl.arange(0, 64)
+        term = coef[:, None] * load_rows(src_ptr, rows, row_mask, offs, width, False).to(ACC_DTYPE)
+        if ADD:
+            term += load_rows(dst_ptr, rows, row_mask, offs, width, False)
+        store_rows(dst_ptr, rows, row_mask, offs, width, term)
+
+
+@triton.jit
 def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK: tl.constexpr):
     """``acc + a[rows] @ b[cols]ᵀ`` for contiguous (·, width) matrices a and b, in slices of ``BLOCK``."""
