@@ -231,7 +231,8 @@ def accuracy() -> list[str]:
 
 AOT_FILES = {
     "aot_full": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set full --jobs 2 --json bench/results/aot_full.json`"
-                " (every shipped variant at its default configuration, before the width classes)",
+                " (every shipped variant at its default configuration, compiled before the width classes and before"
+                " the sliced epilogues of 2026-12-06: a record of that code; today's kernels are in the two files below)",
     "aot_quick_wide": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set quick` (the set `tests/test_aot.py` "
                       "compiles, every width class once)",
     "aot_configs": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set heavy --configs all` and `--set targets "
