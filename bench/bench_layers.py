@@ -7,8 +7,9 @@
 One step = forward + backward (``out.backward(grad)``, parameter gradients reset to None before each
 step), float32, CPU, train mode, the machine's torch threads. Time: the fastest of ``--repeat``
 steps after a warm-up (nonlocal-bench's timer). Memory: peak RSS growth of one step in a fresh
-process (``/proc/self/clear_refs``; nonlocal-bench's measurement), with the block and its input
-already allocated. ``speed-up`` is (original time) / (converted time): ≥ 1.0 means the converted
+process (``/proc/self/clear_refs``; nonlocal-bench's measurement, with glibc returning freed blocks at
+once, ``fresh_process.exact_rss``), after one warm-up step, with the block and its input already
+allocated. ``speed-up`` is (original time) / (converted time): ≥ 1.0 means the converted
 layer is at least as fast.
 
 Blocks (the installed packages' own classes, pinned in requirements-dev.txt):
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 import nonlocal_ext
-from nonlocal_ext.benchmark.fresh_process import rss_kib
+from nonlocal_ext.benchmark.fresh_process import exact_rss, rss_kib
 from nonlocal_ext.benchmark.measure import time_step
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
@@ -105,8 +106,11 @@ def setup(block: str, shape, which: str):
 
 
 def peak_mb_here(block: str, shape, which: str) -> float:
-    """Peak RSS growth (MB) of one training step in this process (call it in a fresh one)."""
+    """Peak RSS growth (MB) of one training step after a warm-up step, in this process (call it in a
+    fresh one: the first step also pays one-time costs such as lazily loaded code)."""
+    exact_rss()
     step = setup(block, shape, which)
+    step()
     baseline = rss_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -30,12 +31,14 @@ namespace cpu {
 
 // Running per-row state of one row block. Linear domain: r = Σ w, h = Σ w b. Log domain
 // (is_log_domain): acc and h are scaled by exp(−m2), m2 = running max of z + log b; r is kept as
-// (m, l) with l = Σ exp(z − m) only when b is not 1 (else it equals (m2, h)).
+// (m, l) with l = Σ exp(z − m) only when b is not 1 (else it equals (m2, h)). acc starts
+// uninitialized: the first column block's GEMM writes it (no fill, no rescale of zeros).
 template <typename T>
 struct RowState {
-  std::vector<T> acc, r, h, m, l, m2;
+  std::unique_ptr<T[]> acc;
+  std::vector<T> r, h, m, l, m2;
   RowState(int64_t rows, int64_t c)
-      : acc(rows * c, T(0)), r(rows, T(0)), h(rows, T(0)),
+      : acc(new T[rows * c]), r(rows, T(0)), h(rows, T(0)),
         m(rows, -std::numeric_limits<T>::infinity()), l(rows, T(0)),
         m2(rows, -std::numeric_limits<T>::infinity()) {}
 };
@@ -67,8 +70,8 @@ NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols
         for (int64_t j = 0; j < bj; ++j) w[j] = Math<T>::exp(w[j] - m_new);
         st.h[i] = st.h[i] * rescale + row_sum(w, bj);
         st.m2[i] = m_new;
-        if (value && rescale != T(1)) {
-          T* acc = st.acc.data() + i * c;
+        if (value && j0 > 0 && rescale != T(1)) {
+          T* acc = st.acc.get() + i * c;
           for (int64_t e = 0; e < c; ++e) acc[e] *= rescale;
         }
       } else {
@@ -80,8 +83,8 @@ NLX_INLINE void row_pass(const Roles<T>& r, const KernelArgs<T>& p, int64_t cols
       }
     }
     if (value)
-      tile_gemm<T>(r.half, bi, c, bj, s1, bj, value + j0 * c, r.half ? r.half->value + j0 * c : nullptr, c, true,
-                   st.acc.data(), c);
+      tile_gemm<T>(r.half, bi, c, bj, s1, bj, value + j0 * c, r.half ? r.half->value + j0 * c : nullptr, c, j0 > 0,
+                   st.acc.get(), c);
   }
 }
 
@@ -200,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
         factor = row_factor(ri, o, m);
         rowsum = factor * (with_b ? st.h[i] : ri);
       }
-      const T* acc = st.acc.data() + i * c;
+      const T* acc = st.acc.get() + i * c;
       T* dst = out_rows + i * c;
       for (int64_t e = 0; e < c; ++e) dst[e] = factor * acc[e];
       if (u_rows)

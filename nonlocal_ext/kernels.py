@@ -62,6 +62,7 @@ __all__ = [
     "EULER_GAMMA",
     "default_eps",
     "in_log_domain",
+    "certainly_finite",
     "nonfinite_rows",
     "prepared_points",
     "pair_variable",
@@ -306,7 +307,7 @@ def values_readable(t: torch.Tensor) -> bool:
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def _certainly_finite(t: torch.Tensor) -> bool:
+def certainly_finite(t: torch.Tensor) -> bool:
     """True only if every entry of ``t`` is finite, screened by one sum (a finite sum needs finite
     terms; an overflowing sum of finite terms only sends the caller down its general path). CPU
     tensors with readable values only: elsewhere it would cost a device sync or break a traced
@@ -355,7 +356,7 @@ def prepared_points(kernel: AffinityKernel, query: torch.Tensor, key: torch.Tens
     Differentiable (identity) in both. Inputs that are all finite (checked by one sum on CPU) are
     returned unchanged for dot kernels and shifted in one pass for distance kernels.
     """
-    q_finite, k_finite = _certainly_finite(query), _certainly_finite(key)
+    q_finite, k_finite = certainly_finite(query), certainly_finite(key)
     if kernel.family == "distance" and translate:
         shift = common_translation(key, finite=k_finite)
         query = query - shift if q_finite else query - (shift - nonfinite_rows(query))

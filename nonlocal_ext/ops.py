@@ -98,7 +98,12 @@ def _aggregate(query, key, value, kernel, *, scale, power, gamma, eps, normalize
     # backend); distance kernels also take coordinates relative to the keys' centre (translation
     # invariant in every backend, no cancellation for points far from the origin), here or, for a
     # backend that translates as it copies its operands, in the backend.
-    query, key = prepared_points(spec.kernel, query, key, translate=not getattr(impl, "TRANSLATES_POINTS", False))
+    # A backend may take the NaN/Inf screen over where it is cheaper on what it computes anyway
+    # (``screens_products``: the dense reference on q kᵀ).
+    screens = getattr(impl, "screens_products", None)
+    if screens is None or not screens(spec, query, key):
+        query, key = prepared_points(spec.kernel, query, key,
+                                     translate=not getattr(impl, "TRANSLATES_POINTS", False))
     batch = query.shape[:-2]
 
     def flat(t):

@@ -99,6 +99,41 @@ def test_nonfinite_inputs_propagate_as_in_the_dense_formula(kernel, backend, nor
     assert not mismatches, f"{len(mismatches)} mismatches:\n" + "\n".join(": ".join(m) for m in mismatches[:20])
 
 
+@pytest.mark.parametrize("normalize", NORMALIZATIONS)
+@pytest.mark.parametrize("kernel", ["dot", "gaussian"])
+def test_reference_screen_of_products_gives_what_the_screen_of_rows_gives(kernel, normalize, monkeypatch):
+    """Where N·M < (N + M)·D the dense reference screens q kᵀ for NaN/Inf instead of the op screening q
+    and k (``reference.screens_products``): every poisoned call (query/key/value/self_value rows, NaN and
+    ±Inf, every update and ``symmetric``) gives bit for bit the outputs and gradients of the op's own
+    screen, in float64, float32 and bfloat16 (whose products run in half where the CPU has them)."""
+    from nonlocal_ext.backends import reference
+    n = m = 7
+    screen_of_rows = lambda spec, query, key: False  # noqa: E731 - the op's screen, as before the change
+    calls = 0
+    for update, symmetric, with_self_value, name, bad in poisoned_calls(kernel, normalize):
+        inputs = make_inputs(kernel, normalize, (2,), n, m, 9, 2, with_self_value=with_self_value, seed=5)
+        row, col = POISONED[name]
+        index = ["query", "key", "value", "self_value"].index(name)
+        inputs[index] = inputs[index].clone()
+        inputs[index][1, row, col] = BAD_VALUES[bad]
+        grad_out = torch.randn(2, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            low = [None if t is None else t.to(dtype) for t in inputs]
+            spec = nonlocal_ext.spec.validate(*low[:3], kernel, scale=1.0, power=None, gamma=None, eps=None,
+                                              normalize=normalize, update=update, symmetric=symmetric,
+                                              self_value=low[3], backend="reference")
+            assert reference.screens_products(spec, low[0], low[1])
+            args = (kernel, normalize, update, symmetric, grad_out)
+            ours = run("reference", *low, *args)
+            with monkeypatch.context() as patch:
+                patch.setattr(reference, "screens_products", screen_of_rows)
+                rows = run("reference", *low, *args)
+            for o, r in zip([ours[0]] + ours[1], [rows[0]] + rows[1]):
+                torch.testing.assert_close(o, r, rtol=0, atol=0, equal_nan=True)
+            calls += 1
+    assert calls >= 3 * 4 * 3
+
+
 # ------------------------------------------------------------------------------------ special inputs
 
 

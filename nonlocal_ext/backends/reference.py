@@ -10,6 +10,9 @@ with float32 accumulation inside the GEMM, as ``softmax(q @ k.T) @ v`` does in t
 is rounded to half once and Â once before Â v (FlashAttention's treatment of P; under ``row``, Â is
 the half-precision softmax, whose max and sum are float32). Distance kernels
 keep float32 products: ρ = ‖q‖² + ‖k‖² − 2q·k would cancel in half.
+
+For the dot-family kernels it takes over the op's NaN/Inf screen where that is cheaper
+(:func:`screens_products`): one sum over q kᵀ instead of over q and k.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import math
 
 import torch
 
-from ..kernels import in_log_domain, pair_variable
+from ..kernels import certainly_finite, in_log_domain, pair_variable, prepared_points, values_readable
 from ..numerics import compute_dtype, safe_inverse_power
 
 NAME = "reference"
@@ -26,6 +29,27 @@ NAME = "reference"
 
 def unsupported_reason(spec, query) -> str | None:
     return None
+
+
+def screens_products(spec, query, key) -> bool:
+    """Whether the op leaves its NaN/Inf screen of the query and key rows (:func:`prepared_points`) to this
+    backend: for dot-family kernels on CPU tensors whose values can be read, where q kᵀ has fewer entries
+    than q and k together (N·M < (N + M)·D: pooled keys, wide features). A NaN or ±Inf coordinate of a
+    row makes every product of that row NaN or ±Inf (NaN·x is NaN, ±Inf·x is ±Inf or NaN, and M, N ≥ 1),
+    so q kᵀ is all finite exactly when the rows are, or else it overflowed; either way
+    :func:`_dot_products` then prepares the rows as the op would and multiplies again."""
+    n, m, d = query.shape[-2], key.shape[-2], query.shape[-1]
+    return (spec.kernel.family == "dot" and query.device.type == "cpu" and n > 0 and m > 0
+            and n * m < (n + m) * d and values_readable(query) and values_readable(key))
+
+
+def _dot_products(spec, query, key):
+    """q kᵀ of a dot-family kernel, with the op's NaN/Inf rule applied here when it left it to this backend."""
+    scores = query @ key.transpose(-1, -2)
+    if screens_products(spec, query, key) and not certainly_finite(scores):
+        query, key = prepared_points(spec.kernel, query, key)
+        scores = query @ key.transpose(-1, -2)
+    return scores
 
 
 def _affinity(spec, query, key):
@@ -82,7 +106,7 @@ def aggregate(query, key, value, self_value, spec):
     """out = Â v, or Â v − rowsum(Â) ⊙ u for diffusion; inputs are (B, N, D), (B, M, D), (B, M, C)."""
     dtype = compute_dtype(query.dtype)
     if half_products(spec, query):  # the products in half, the rest in float32
-        scores = query @ key.transpose(-1, -2)
+        scores = _dot_products(spec, query, key)
         if spec.normalize == "row" and in_log_domain(spec.kernel, "row") and not spec.symmetric:
             # softmax of a half tensor keeps its max and sum in float32 and stores Â in half
             a = torch.softmax(spec.kernel.log_weight(scores, spec.params), dim=-1)
@@ -94,7 +118,8 @@ def aggregate(query, key, value, self_value, spec):
             out = (out.to(dtype) - a.sum(-1, keepdim=True, dtype=dtype) * u.to(dtype)).to(query.dtype)
         return out
     q, k, v = (t.to(dtype) for t in (query, key, value))
-    a = _normalized(spec, _affinity(spec, q, k), k.shape[-2])
+    z = _weights(spec, _dot_products(spec, q, k)) if spec.kernel.family == "dot" else _affinity(spec, q, k)
+    a = _normalized(spec, z, k.shape[-2])
     out = a @ v
     if spec.diffusion:
         u = v if self_value is None else self_value.to(dtype)

@@ -9,12 +9,17 @@ it is a separate program, so nothing the sweep has done in this process is inher
 
 The kernel's high-water mark ``VmHWM`` is reset through ``/proc/self/clear_refs`` just before the
 step, so the allocator's cache and earlier cases cannot hide or inflate it (Linux only; elsewhere
-:func:`peak_mb` gives nothing and the column is empty). The step is :func:`.measure.make_step`'s:
+:func:`peak_mb` gives nothing and the column is empty). The fresh process also has glibc map every
+block of 64 KiB or more on its own and unmap it when freed (:func:`exact_rss`): with glibc's default,
+adaptive threshold, freed tensors stay in the heap or not depending on the order of earlier
+allocations, and the same step's peak varied by ±15 MB between runs (bench/NOTES.md, "Peak memory
+of a layer step"). The step is :func:`.measure.make_step`'s:
 this module imports :mod:`.measure`, which does not import it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -40,6 +45,7 @@ def _forkserver():
 
 def _run(request: dict, connection) -> None:
     """In the fresh process: measure, send ``{"peak_mb": MB, "seconds": s}`` or ``{"error": message}``."""
+    exact_rss()
     torch.set_num_threads(request["threads"])  # as in the sweep's process
     try:
         result = peak_rss_growth(request["case"], all_runners()[request["runner"]])
@@ -91,6 +97,21 @@ def small_case(case: Case) -> Case:
     """A tiny case of the same kind, for warming up one-time allocations."""
     n = min(case.N, 64)
     return dataclasses.replace(case, N=n, M=n if case.M == case.N else min(case.M, 48))
+
+
+#: glibc's mallopt parameter M_MMAP_THRESHOLD, and the threshold exact_rss sets.
+_M_MMAP_THRESHOLD = -3
+_MMAP_BYTES = 64 << 10
+
+
+def exact_rss() -> None:
+    """Make this process's RSS follow its live allocations: glibc serves every block of 64 KiB or more
+    (every tensor of more than 16 Ki floats) by a mapping of its own, returned to the system when freed.
+    Setting the threshold also turns off glibc's adaptive threshold. No-op without glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def rss_kib(field: str) -> int:
