@@ -106,9 +106,9 @@ def _aggregate(query, key, value, kernel, *, scale, power, gamma, eps, normalize
                                      translate=not getattr(impl, "TRANSLATES_POINTS", False))
     batch = query.shape[:-2]
 
-    def flat(t):
-        return None if t is None else t.reshape((math.prod(batch),) + t.shape[-2:])
+    def flat(t):  # one batch dim (a reshape call costs microseconds: skipped where there is one already)
+        return t if t is None or t.dim() == 3 else t.reshape((math.prod(batch),) + t.shape[-2:])
 
     out = impl.aggregate(flat(query), flat(key), flat(value), flat(self_value), spec)
     check_sym_sums(spec, (query, key, value, self_value), out)
-    return out.reshape(batch + out.shape[-2:])
+    return out if len(batch) == 1 else out.reshape(batch + out.shape[-2:])

@@ -74,13 +74,16 @@ def test_require_extension_reports_missing_build(monkeypatch):
     assert info.value.__cause__ is missing
 
 
-@pytest.mark.parametrize("prefix", ["", "triton_"])
 @pytest.mark.parametrize("op_name", sorted(EXPECTED_SCHEMAS))
-def test_both_fused_backends_have_the_shared_schema(prefix, op_name):
-    """The C++ ops and the Triton ops take and return the same (backends/_common.py's schemas), so one
-    fake kernel and one autograd formula serve both."""
-    from nonlocal_ext.backends import _common, triton  # noqa: F401 - triton defines its ops on import
+def test_one_op_per_pass_serves_both_fused_backends(op_name):
+    """One op per pass, with backends/_common.py's schema: its CPU kernel is the C++ one, its CUDA kernel
+    the Triton launcher (one fake kernel, one autograd formula); no second pair of ops."""
+    from nonlocal_ext.backends import _common, triton  # noqa: F401 - triton registers its CUDA kernels on import
 
     shared = {"aggregate_forward": _common.FORWARD_SCHEMA, "aggregate_backward": _common.BACKWARD_SCHEMA}[op_name]
-    schema = getattr(torch.ops.nonlocal_ext, prefix + op_name).default._schema
-    assert schema == torch._C.parse_schema(f"nonlocal_ext::{prefix}{op_name}{shared}")
+    schema = getattr(torch.ops.nonlocal_ext, op_name).default._schema
+    assert schema == torch._C.parse_schema(f"nonlocal_ext::{op_name}{shared}")
+    for key in ("CPU", "CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nonlocal_ext::{op_name}", key), key
+    assert _common.cpu_kernels_owner() == "cpu"
+    assert not [name for name in dir(torch.ops.nonlocal_ext) if name.startswith("triton_")]

@@ -198,12 +198,28 @@ def test_bfloat16_probe_accepts_an_exact_dot(exact_bfloat16_dot):
 
 
 def test_custom_op_opcheck():
-    """torch.library.opcheck: schema, fake implementation, autograd registration, dynamic shapes."""
-    from nonlocal_ext.backends import triton as triton_backend
+    """torch.library.opcheck: schema, fake implementation, autograd registration, dynamic shapes, of the op
+    whose CPU kernels the Triton launchers are in this (interpreter) process after a first Triton call."""
+    from nonlocal_ext.backends import _common
     q, k, v, u = make_inputs("rbf", "sym", (2,), 6, 5, 3, 2, with_self_value=True, dtype=torch.float32)
+    nonlocal_ext.nonlocal_aggregate(q, k, v, "rbf", scale=0.5, normalize="sym", update="diffusion", self_value=u,
+                                    backend="triton")
+    assert _common.cpu_kernels_owner() == "triton"
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), u.requires_grad_(),
             "rbf", 0.5, 0.0, 0.5, 1e-4, "sym", "diffusion", False)  # power 0: the kernel has none
-    torch.library.opcheck(triton_backend.aggregate_forward, args)
+    torch.library.opcheck(torch.ops.nonlocal_ext.aggregate_forward, args)
+
+
+def test_cpu_backend_is_refused_where_the_interpreter_holds_the_cpu_kernels():
+    """After a Triton call on CPU tensors the ops' CPU kernels are the Triton launchers in this process, so
+    ``backend="cpu"`` is a ValueError saying why, and ``auto`` does not pick it."""
+    q, k, v, _ = make_inputs("gaussian", "row", (2,), 9, 7, 3, 2, with_self_value=False, dtype=torch.float32)
+    nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="triton")
+    with pytest.raises(ValueError, match="backend='cpu' is unavailable in this process: the Triton interpreter"):
+        nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="cpu")
+    assert "cpu" not in nonlocal_ext.backends.available(nonlocal_ext.spec.validate(
+        q, k, v, "gaussian", scale=1.0, power=None, gamma=None, eps=None, normalize="row", update="aggregate",
+        symmetric=False, self_value=None, backend="auto"), q)
 
 
 def test_torch_compile_fullgraph_traces_the_op():

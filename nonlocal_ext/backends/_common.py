@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from .._extension import extension_available
 from ..numerics import compute_dtype
 
 
-# --- the fused backends' custom ops (cpu, triton): one schema, one fake, one autograd formula ------
+# --- the fused backends' custom ops (cpu, triton): one pair of ops, one fake, one autograd formula ----
 #
-# Both backends expose a forward op and a backward op with these schemas: ``nonlocal_ext::aggregate_*``
-# (defined by the C++ library, csrc/nonlocal_ext.cpp, for the CPU kernels; tests/test_extension.py
-# checks that its text is this one) and ``nonlocal_ext::triton_aggregate_*`` (defined from these strings,
-# backends/triton.py). Two op names rather than two dispatch keys of one op: the Triton interpreter
-# runs the Triton kernels on CPU tensors, whose dispatch key belongs to the C++ kernels.
+# ``nonlocal_ext::aggregate_forward`` and ``nonlocal_ext::aggregate_backward``, with these schemas, are
+# defined by the C++ library (csrc/nonlocal_ext.cpp, whose text tests/test_extension.py checks against
+# these strings) together with its CPU kernels; the Triton launchers are their CUDA kernels. Without the
+# C++ library, :func:`fused_ops` defines them from these strings. Under the Triton interpreter, which
+# runs the Triton kernels on CPU tensors, the Triton backend takes the CPU kernels of the ops over for
+# that process (:func:`take_cpu_kernels`), and ``backend="cpu"`` is then unavailable there.
 
 OP_NAMESPACE = "nonlocal_ext"
 FORWARD_SCHEMA = ("(Tensor query, Tensor key, Tensor value, Tensor? self_value, str kernel, float scale, "
@@ -73,3 +77,46 @@ def register_fused_ops(forward: str, backward: str) -> None:
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(backward_fake)
     torch.library.register_autograd(forward, backward_formula, setup_context=save_for_backward)
+
+
+FORWARD_OP, BACKWARD_OP = f"{OP_NAMESPACE}::aggregate_forward", f"{OP_NAMESPACE}::aggregate_backward"
+_library: torch.library.Library | None = None
+_cpu_kernels_owner = "cpu"
+
+
+def fused_ops() -> torch.library.Library:
+    """The library fragment of the fused ops: on first call it defines them (unless the C++ library did)
+    and registers their fake kernels and autograd formula once, for every backend that implements them."""
+    global _library
+    if _library is None:
+        _library = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
+        if not extension_available():  # loaded first: its definitions must not meet ours
+            for op, schema in ((FORWARD_OP, FORWARD_SCHEMA), (BACKWARD_OP, BACKWARD_SCHEMA)):
+                _library.define(op.split("::")[1] + schema)
+        register_fused_ops(FORWARD_OP, BACKWARD_OP)
+    return _library
+
+
+def register_kernels(device: str, forward, backward) -> None:
+    """``forward`` and ``backward`` as the ops' kernels for the dispatch key ``device`` ("CUDA", "CPU")."""
+    library = fused_ops()
+    for op, kernel in ((FORWARD_OP, forward), (BACKWARD_OP, backward)):
+        library.impl(op.split("::")[1], kernel, device)
+
+
+def take_cpu_kernels(owner: str, forward, backward) -> None:
+    """For the Triton interpreter: ``owner``'s kernels become the ops' CPU kernels in this process, in place of
+    the C++ ones (once; dispatch has one kernel per key). :func:`cpu_kernels_owner` tells the cpu backend."""
+    global _cpu_kernels_owner
+    if _cpu_kernels_owner == owner:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
+        register_kernels("CPU", forward, backward)
+    _cpu_kernels_owner = owner
+
+
+def cpu_kernels_owner() -> str:
+    """Which backend's kernels the ops run on CPU tensors in this process: "cpu" (the C++ kernels), or
+    "triton" once the interpreter has taken them over."""
+    return _cpu_kernels_owner

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .._extension import extension_available, require_extension
-from ._common import OP_NAMESPACE, op_arguments, register_fused_ops
+from .._extension import require_extension
+from ._common import cpu_kernels_owner, op_arguments
 
 NAME = "cpu"
 
@@ -35,6 +35,9 @@ def unsupported_reason(spec, query) -> str | None:
         return str(error)
     if query.device.type != "cpu":
         return f"backend='cpu' runs on CPU tensors, got a tensor on {query.device}"
+    if cpu_kernels_owner() != NAME:
+        return ("backend='cpu' is unavailable in this process: the Triton interpreter runs the Triton kernels "
+                "as the ops' CPU kernels here (TRITON_INTERPRET=1)")
     return None
 
 
@@ -42,6 +45,3 @@ def aggregate(query, key, value, self_value, spec):
     out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec))
     return out
 
-
-if extension_available():  # the ops' fake kernels and autograd formula (the C++ library defines the ops)
-    register_fused_ops(f"{OP_NAMESPACE}::aggregate_forward", f"{OP_NAMESPACE}::aggregate_backward")

@@ -117,11 +117,11 @@ def aggregate(query, key, value, self_value, spec):
             u = value if self_value is None else self_value
             out = (out.to(dtype) - a.sum(-1, keepdim=True, dtype=dtype) * u.to(dtype)).to(query.dtype)
         return out
-    q, k, v = (t.to(dtype) for t in (query, key, value))
+    q, k, v = (t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
     z = _weights(spec, _dot_products(spec, q, k)) if spec.kernel.family == "dot" else _affinity(spec, q, k)
     a = _normalized(spec, z, k.shape[-2])
     out = a @ v
     if spec.diffusion:
         u = v if self_value is None else self_value.to(dtype)
         out = out - a.sum(-1, keepdim=True) * u
-    return out.to(query.dtype)
+    return out if out.dtype == query.dtype else out.to(query.dtype)
