@@ -6,7 +6,8 @@
 
 One step = forward + backward (``out.backward(grad)``, parameter gradients reset to None before each
 step), float32, CPU, train mode, the machine's torch threads. Time: the fastest of ``--repeat``
-steps after a warm-up (nonlocal-bench's timer). Memory: peak RSS growth of one step in a fresh
+steps after a warm-up (nonlocal-bench's timer), the original's and the converted layer's steps taking
+turns. Memory: peak RSS growth of one step in a fresh
 process (``/proc/self/clear_refs``; nonlocal-bench's measurement, with glibc returning freed blocks at
 once, ``fresh_process.exact_rss``), after one warm-up step, with the block and its input already
 allocated. ``speed-up`` is (original time) / (converted time): ≥ 1.0 means the converted
@@ -125,6 +126,18 @@ def peak_mb(block: str, shape, which: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def interleaved_best(steps: dict, repeat: int) -> dict:
+    """The fastest of ``repeat`` timed calls of each step, the steps taking turns (one warm-up call each
+    first), so that a drift of the machine's speed during the case reaches both alike."""
+    for step in steps.values():
+        step()
+    times = {which: [] for which in steps}
+    for _ in range(repeat):
+        for which, step in steps.items():
+            times[which] += time_step(step, "cpu", 1, warmup=0)
+    return {which: min(t) for which, t in times.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", default=",".join(BLOCKS), help="comma-separated: mmcv,pytorchvideo,timm")
@@ -165,7 +178,7 @@ def main(argv=None) -> int:
             if steps["original"] is None:
                 print(f"{block:<13}{shape_name:<10}{desc:<22}{'(no such variant)':>34}")
                 continue
-            seconds = {which: min(time_step(step, "cpu", args.repeat, warmup=1)) for which, step in steps.items()}
+            seconds = interleaved_best(steps, args.repeat)
             del steps
             memory = ({which: None for which in seconds} if args.skip_memory
                       else {which: peak_mb(block, shape, which) for which in seconds})
@@ -175,7 +188,7 @@ def main(argv=None) -> int:
                    "speedup": seconds["original"] / seconds["converted"],
                    "original_peak_mb": memory["original"], "converted_peak_mb": memory["converted"]}
             rows.append(row)
-            mb = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+            mb = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
             print(f"{block:<13}{shape_name:<10}{desc:<22}{1e3 * row['original_s']:>12.1f}{1e3 * row['converted_s']:>13.1f}"
                   f"{row['speedup']:>8.2f}×{mb(row['original_peak_mb']):>9}{mb(row['converted_peak_mb']):>9}", flush=True)
     if args.json:

@@ -285,9 +285,10 @@ def layers() -> list[str]:
             continue
         size = f"{r['batch']}×{r['channels']}×" + "×".join(map(str, r["spatial"])) + (" pooled" if r["sub_sample"] else "")
         body.append([r["block"], r["shape"], size, f"{1e3 * r['original_s']:.1f}", f"{1e3 * r['converted_s']:.1f}",
-                     f"{r['speedup']:.2f}×", f"{r['original_peak_mb']:.0f}", f"{r['converted_peak_mb']:.0f}"])
+                     f"{r['speedup']:.2f}×", f"{r['original_peak_mb']:.1f}", f"{r['converted_peak_mb']:.1f}"])
     return [f"`.venv/bin/python bench/bench_layers.py --json bench/results/layers.json` (torch {run['torch']}, "
-            f"{run['threads']} threads; fastest of 5 steps; peak RSS growth of one step in a fresh process):", ""] + table(head, body)
+            f"{run['threads']} threads; fastest of 5 steps, the two layers taking turns; peak RSS growth of the step "
+            f"after a warm-up step in a fresh process, glibc returning freed blocks at once):", ""] + table(head, body)
 
 
 def gpu_suite() -> list[str]:
