@@ -53,6 +53,18 @@ def poisoned_calls(kernel, normalize, combos=COMBOS):
                 yield update, symmetric, with_self_value, name, bad
 
 
+def poisoned_inputs(kernel, normalize, with_self_value, name, bad, n, m, d):
+    """Float64 inputs ``[query, key, value, self_value or None]`` (batch 2, C = 2) with ``bad`` at the
+    POISONED entry of input ``name`` in batch element 1, and an upstream gradient ``(2, n, 2)``."""
+    inputs = make_inputs(kernel, normalize, (2,), n, m, d, 2, with_self_value=with_self_value, seed=5)
+    index = ["query", "key", "value", "self_value"].index(name)
+    row, col = POISONED[name]
+    inputs[index] = inputs[index].clone()
+    inputs[index][1, row, col] = BAD_VALUES[bad]
+    grad_out = torch.randn(2, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    return inputs, grad_out
+
+
 def propagation_mismatches(kernel, backend, normalize, dtypes=(torch.float64, torch.float32), combos=COMBOS):
     """Every poisoned call of this kernel × normalization (each update, ``symmetric``, ``self_value`` of
     ``combos``, poisoned input, bad value, each of ``dtypes``) on ``backend``, against the float64 dense
@@ -62,12 +74,7 @@ def propagation_mismatches(kernel, backend, normalize, dtypes=(torch.float64, to
     names = ["out", "grad query", "grad key", "grad value", "grad self_value"]
     mismatches = []
     for update, symmetric, with_self_value, name, bad in poisoned_calls(kernel, normalize, combos):
-        inputs = make_inputs(kernel, normalize, (2,), n, m, 3, 2, with_self_value=with_self_value, seed=5)
-        index = ["query", "key", "value", "self_value"].index(name)
-        row, col = POISONED[name]
-        inputs[index] = inputs[index].clone()
-        inputs[index][1, row, col] = BAD_VALUES[bad]
-        grad_out = torch.randn(2, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        inputs, grad_out = poisoned_inputs(kernel, normalize, with_self_value, name, bad, n, m, 3)
         args = (kernel, normalize, update, symmetric, grad_out)
         truth = run("reference", *inputs, *args, **kernel_kwargs(kernel))
         for dtype in dtypes:
@@ -107,16 +114,10 @@ def test_reference_screen_of_products_gives_what_the_screen_of_rows_gives(kernel
     ±Inf, every update and ``symmetric``) gives bit for bit the outputs and gradients of the op's own
     screen, in float64, float32 and bfloat16 (whose products run in half where the CPU has them)."""
     from nonlocal_ext.backends import reference
-    n = m = 7
     screen_of_rows = lambda spec, query, key: False  # noqa: E731 - the op's screen, as before the change
     calls = 0
     for update, symmetric, with_self_value, name, bad in poisoned_calls(kernel, normalize):
-        inputs = make_inputs(kernel, normalize, (2,), n, m, 9, 2, with_self_value=with_self_value, seed=5)
-        row, col = POISONED[name]
-        index = ["query", "key", "value", "self_value"].index(name)
-        inputs[index] = inputs[index].clone()
-        inputs[index][1, row, col] = BAD_VALUES[bad]
-        grad_out = torch.randn(2, n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        inputs, grad_out = poisoned_inputs(kernel, normalize, with_self_value, name, bad, 7, 7, 9)
         for dtype in (torch.float64, torch.float32, torch.bfloat16):
             low = [None if t is None else t.to(dtype) for t in inputs]
             spec = nonlocal_ext.spec.validate(*low[:3], kernel, scale=1.0, power=None, gamma=None, eps=None,
