@@ -206,6 +206,7 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
         options["maxnreg"] = config.maxnreg
     compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
     usage = _resource_usage(compiled.asm["cubin"], arch)
+    usage["dots"] = dot_layouts(compiled.asm["ttgir"])
     usage.update(kernel=family, variant=name, arch=arch,
                  shared_dynamic_bytes=int(compiled.metadata.shared),
                  config=config_index, num_warps=config.num_warps, num_stages=config.num_stages, maxnreg=config.maxnreg,
@@ -242,6 +243,31 @@ def _resource_usage(cubin: bytes, arch: str) -> dict:
     operands = {_operand_type(fields) for fields in mma}
     return dict(registers=field("REG"), spill_bytes=field("STACK") + field("LOCAL"), shared_bytes=field("SHARED"),
                 mma_instructions=len(mma), mma_operand_types=sorted(operands))
+
+
+_MMA_LAYOUT = re.compile(r"^#(mma\w*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
+                         r".*?instrShape = \[(\d+), (\d+)", re.M)
+_DOT_RESULT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*-> tensor<(\d+)x(\d+)x\w+, #(mma\w*)>")
+
+
+def dot_layouts(ttgir: str) -> list[dict]:
+    """The tensor-core products of a kernel's TTGIR: output shape, warps per CTA along its rows and columns,
+    instruction tile, and ``replication``: how many warps compute each instruction tile of the output (1: the
+    warps split the output; a 16 × 16 product spread over 8 warps as 4 × 2 is computed 4 times, since its
+    rows hold one 16-row instruction tile). One entry per distinct (shape, layout)."""
+    layouts = {name: (int(version), (int(wm), int(wn)), (int(im), int(in_)))
+               for name, version, wm, wn, im, in_ in _MMA_LAYOUT.findall(ttgir)}
+    found = {}
+    for m, n, name in _DOT_RESULT.findall(ttgir):
+        version, warps, instr = layouts[name]
+        shape = (int(m), int(n))
+        tiles = [-(-size // step) for size, step in zip(shape, instr)]
+        replication = 1
+        for w, t in zip(warps, tiles):
+            replication *= max(1, w // t)
+        found[(shape, warps, instr)] = dict(shape=list(shape), warps=list(warps), instr=list(instr),
+                                            mma_version=version, replication=replication)
+    return list(found.values())
 
 
 def _job(args):

@@ -269,6 +269,7 @@ WORK_CASES = [
     (("log", "none", "diffusion", False, True), (1, 33, 70, 300, 200), torch.float16),
     (("gaussian", "sym", "aggregate", False, False), (1, 33, 17, 512, 512), torch.float32),
     (("fractional", "row", "aggregate", False, False), (1, 17, 33, 1024, 1024), torch.float16),
+    (("rbf", "row", "aggregate", True, False), (1, 19, 19, 512, 512), torch.float32),  # sliced accumulators
     (("fractional", "count", "diffusion", False, True), (2, 40, 37, 2, 5), torch.float32),  # ρ direct: no pair dot
     (("rbf", "row", "aggregate", True, False), (1, 33, 33, 3, 4), torch.float16),
 ]

@@ -45,8 +45,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (NORM_COUNT, NORM_ROW, NORM_SYM, is_distance, load_rows, log_domain, scaled_rows_into, store_rows,
-                    tile_dot, value_dot, weight_tile)
+from .tiles import (NORM_COUNT, NORM_ROW, NORM_SYM, is_distance, load_rows, log_domain, scaled_rows_into,
+                    sliced_dot, store_rows, store_slices, tile_dot, value_dot, weight_tile, zero_slices)
 
 
 @triton.jit
@@ -274,7 +274,7 @@ def backward_column_kernel(
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        OUT_D: tl.constexpr, OUT_C: tl.constexpr):
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr):
     """Column pass over key block J and feature block f: dv[J, f] and, for ``sym`` + diffusion,
     Σ_i â_ij gu_i into t (``WITH_DV_T``); dk[J, f] and, with ``symmetric``, the swapped pair's dq[J, f]
     (``WITH_DK``). The launcher completes T_j = v_j·dv_j − Σ_i â_ij gu_i (= Σ_i dâ_ij â_ij) between the
@@ -292,15 +292,16 @@ def backward_column_kernel(
 
     cols = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < M
-    offs_c = pid_f * OUT_C + tl.arange(0, OUT_C)
-    offs_d = pid_f * OUT_D + tl.arange(0, OUT_D)
+    c0 = pid_f * OUT_C
+    d0 = pid_f * OUT_D
 
-    dv = tl.zeros([BLOCK_J, OUT_C], dtype=ACC_DTYPE)
+    # The accumulators as tuples of SLICE-wide tiles (tiles.zero_slices): one slice of G, q, k live at a time.
+    dv = zero_slices(BLOCK_J, OUT_C, SLICE, ACC_DTYPE)
     t_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)
-    dk = tl.zeros([BLOCK_J, OUT_D], dtype=ACC_DTYPE)      # Σ_i C_ij q_i
-    c_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)           # Σ_i C_ij
-    dq_swap = tl.zeros([BLOCK_J, OUT_D], dtype=ACC_DTYPE)  # Σ_i C'_ij k_i
-    c_swap_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)      # Σ_i C'_ij
+    dk = zero_slices(BLOCK_J, OUT_D, SLICE, ACC_DTYPE)        # Σ_i C_ij q_i
+    c_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)        # Σ_i C_ij
+    dq_swap = zero_slices(BLOCK_J, OUT_D, SLICE, ACC_DTYPE)   # Σ_i C'_ij k_i
+    c_swap_cols = tl.zeros([BLOCK_J], dtype=ACC_DTYPE)   # Σ_i C'_ij
     for i0 in tl.range(0, N, BLOCK_I):
         rows = i0 + tl.arange(0, BLOCK_I)
         row_mask = rows < N
@@ -310,37 +311,36 @@ def backward_column_kernel(
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
             QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
         if WITH_DV_T:
-            g = load_rows(g_ptr, rows, row_mask, offs_c, C, False)
-            dv = value_dot(tl.trans(a_hat), g, dv, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            dv = sliced_dot(tl.trans(a_hat), g_ptr, rows, row_mask, c0, C, dv, LOW_PRECISION_VALUES, VALUE_PRECISION,
+                            SLICE)
             if NORMALIZE == NORM_SYM and DIFFUSION:  # Σ_i â_ij gu_i, the diffusion part of T_j (launcher)
                 t_cols += tl.sum(a_hat * tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None], 0)
         if WITH_DK:
-            q = load_rows(q_ptr, rows, row_mask, offs_d, D, False)
-            dk = value_dot(tl.trans(c1), q, dk, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            dk = sliced_dot(tl.trans(c1), q_ptr, rows, row_mask, d0, D, dk, LOW_PRECISION_VALUES, VALUE_PRECISION,
+                            SLICE)
             c_cols += tl.sum(c1, 0)
             if SYMMETRIC:
-                k = load_rows(k_ptr, rows, row_mask, offs_d, D, False)
-                dq_swap = value_dot(tl.trans(c2), k, dq_swap, LOW_PRECISION_VALUES, VALUE_PRECISION)
+                dq_swap = sliced_dot(tl.trans(c2), k_ptr, rows, row_mask, d0, D, dq_swap, LOW_PRECISION_VALUES,
+                                     VALUE_PRECISION, SLICE)
                 c_swap_cols += tl.sum(c2, 0)
 
     if WITH_DV_T:
-        store_rows(dv_ptr, cols, col_mask, offs_c, C, dv)
+        store_slices(dv_ptr, cols, col_mask, c0, C, dv, 1.0, SLICE)
         if NORMALIZE == NORM_SYM and DIFFUSION:
             if pid_f == 0:
                 tl.store(t_ptr + cols, t_cols.to(t_ptr.dtype.element_ty), mask=col_mask)
     if WITH_DK:
         if is_distance(KERNEL):  # dk_j = 2(k_j Σ_i C_ij − Σ_i C_ij q_i): the second sum stored first
-            store_rows(dk_ptr, cols, col_mask, offs_d, D, -2.0 * dk)
-            scaled_rows_into(dk_ptr, k_ptr, cols, col_mask, pid_f * OUT_D, D, 2.0 * c_cols, True, ACC_DTYPE, OUT_D)
+            store_slices(dk_ptr, cols, col_mask, d0, D, dk, -2.0, SLICE)
+            scaled_rows_into(dk_ptr, k_ptr, cols, col_mask, d0, D, 2.0 * c_cols, True, ACC_DTYPE, OUT_D)
         else:
-            store_rows(dk_ptr, cols, col_mask, offs_d, D, dk)
+            store_slices(dk_ptr, cols, col_mask, d0, D, dk, 1.0, SLICE)
         if SYMMETRIC:
             if is_distance(KERNEL):
-                store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, -2.0 * dq_swap)
-                scaled_rows_into(dq_swap_ptr, q_ptr, cols, col_mask, pid_f * OUT_D, D, 2.0 * c_swap_cols, True,
-                                 ACC_DTYPE, OUT_D)
+                store_slices(dq_swap_ptr, cols, col_mask, d0, D, dq_swap, -2.0, SLICE)
+                scaled_rows_into(dq_swap_ptr, q_ptr, cols, col_mask, d0, D, 2.0 * c_swap_cols, True, ACC_DTYPE, OUT_D)
             else:
-                store_rows(dq_swap_ptr, cols, col_mask, offs_d, D, dq_swap)
+                store_slices(dq_swap_ptr, cols, col_mask, d0, D, dq_swap, 1.0, SLICE)
 
 
 @triton.jit
@@ -353,7 +353,7 @@ def backward_row_kernel(
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        OUT_D: tl.constexpr, OUT_C: tl.constexpr):
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr):
     """Row pass over query block I and feature block f: dq[I, f], du[I, f] (diffusion) and, with
     ``symmetric``, the swapped pair's dk[I, f]."""
     pid_i = tl.program_id(0)
@@ -369,12 +369,11 @@ def backward_row_kernel(
 
     rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     row_mask = rows < N
-    offs_c = pid_f * OUT_C + tl.arange(0, OUT_C)
-    offs_d = pid_f * OUT_D + tl.arange(0, OUT_D)
+    d0 = pid_f * OUT_D
 
-    dq = tl.zeros([BLOCK_I, OUT_D], dtype=ACC_DTYPE)       # Σ_j C_ij k_j
-    c_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)            # Σ_j C_ij
-    dk_swap = tl.zeros([BLOCK_I, OUT_D], dtype=ACC_DTYPE)  # Σ_j C'_ij q_j
+    dq = zero_slices(BLOCK_I, OUT_D, SLICE, ACC_DTYPE)       # Σ_j C_ij k_j (as in the column pass)
+    c_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)              # Σ_j C_ij
+    dk_swap = zero_slices(BLOCK_I, OUT_D, SLICE, ACC_DTYPE)  # Σ_j C'_ij q_j
     c_swap_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)       # Σ_j C'_ij
     a_hat_rows = tl.zeros([BLOCK_I], dtype=ACC_DTYPE)        # Σ_j â_ij
     for j0 in tl.range(0, M, BLOCK_J):
@@ -385,27 +384,25 @@ def backward_row_kernel(
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, True,
             QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
-        k = load_rows(k_ptr, cols, col_mask, offs_d, D, False)
-        dq = value_dot(c1, k, dq, LOW_PRECISION_VALUES, VALUE_PRECISION)
+        dq = sliced_dot(c1, k_ptr, cols, col_mask, d0, D, dq, LOW_PRECISION_VALUES, VALUE_PRECISION, SLICE)
         c_rows += tl.sum(c1, 1)
         if SYMMETRIC:
-            q = load_rows(q_ptr, cols, col_mask, offs_d, D, False)
-            dk_swap = value_dot(c2, q, dk_swap, LOW_PRECISION_VALUES, VALUE_PRECISION)
+            dk_swap = sliced_dot(c2, q_ptr, cols, col_mask, d0, D, dk_swap, LOW_PRECISION_VALUES, VALUE_PRECISION,
+                                 SLICE)
             c_swap_rows += tl.sum(c2, 1)
         if DIFFUSION:
             a_hat_rows += tl.sum(a_hat, 1)
 
     if is_distance(KERNEL):  # dq_i = 2(q_i Σ_j C_ij − Σ_j C_ij k_j): the second sum stored first
-        store_rows(dq_ptr, rows, row_mask, offs_d, D, -2.0 * dq)
-        scaled_rows_into(dq_ptr, q_ptr, rows, row_mask, pid_f * OUT_D, D, 2.0 * c_rows, True, ACC_DTYPE, OUT_D)
+        store_slices(dq_ptr, rows, row_mask, d0, D, dq, -2.0, SLICE)
+        scaled_rows_into(dq_ptr, q_ptr, rows, row_mask, d0, D, 2.0 * c_rows, True, ACC_DTYPE, OUT_D)
     else:
-        store_rows(dq_ptr, rows, row_mask, offs_d, D, dq)
+        store_slices(dq_ptr, rows, row_mask, d0, D, dq, 1.0, SLICE)
     if SYMMETRIC:
         if is_distance(KERNEL):
-            store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, -2.0 * dk_swap)
-            scaled_rows_into(dk_swap_ptr, k_ptr, rows, row_mask, pid_f * OUT_D, D, 2.0 * c_swap_rows, True,
-                             ACC_DTYPE, OUT_D)
+            store_slices(dk_swap_ptr, rows, row_mask, d0, D, dk_swap, -2.0, SLICE)
+            scaled_rows_into(dk_swap_ptr, k_ptr, rows, row_mask, d0, D, 2.0 * c_swap_rows, True, ACC_DTYPE, OUT_D)
         else:
-            store_rows(dk_swap_ptr, rows, row_mask, offs_d, D, dk_swap)
+            store_slices(dk_swap_ptr, rows, row_mask, d0, D, dk_swap, 1.0, SLICE)
     if DIFFUSION:  # du_i = −(Σ_j â_ij) G_i
         scaled_rows_into(du_ptr, g_ptr, rows, row_mask, pid_f * OUT_C, C, -a_hat_rows, False, ACC_DTYPE, OUT_C)

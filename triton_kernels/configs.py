@@ -30,14 +30,16 @@ SM80, SM90 = "sm_80", "sm_90"
 _ARCHS: dict[int, tuple[str, ...]] = {}
 
 
-def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None, maxnreg=None):
+def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None, maxnreg=None,
+            slice=None):
     """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
     compiled without spills (see below). ``out``: the backward kernels' output feature tile
-    (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs.
+    (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs, and their
+    accumulators are tuples of ``slice``-wide tiles (``SLICE``; None: one tile of the output width).
     ``maxnreg``: the register limit passed to ptxas (None: its own choice, which at 8 warps is sometimes
     128 or 80 registers and then spills)."""
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c,
-              "OUT_D": out, "OUT_C": out}
+              "OUT_D": out, "OUT_C": out, "SLICE": None if out is None else slice or out}
     config = triton.Config({name: size for name, size in blocks.items() if size is not None},
                            num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     _ARCHS[id(config)] = archs
@@ -143,12 +145,15 @@ _WIDE = {
 for _key, _lists in _WIDE.items():
     if _key[0] != "forward":
         _lists.update(BACKWARD_WIDE)
-# The float32 column pass at 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: two or three 512-wide
-# accumulators did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16 warps; 8- and 16-wide slices;
-# 32 rows), so that pass keeps narrower output tiles: 256 (two feature programs), and 128 with `symmetric`
-# (256 still spilled 8–16 bytes in `rbf` on sm_90). Executed/needed there: up to 1.75 and 2.5.
-_WIDE[("column", True, False)][512] = [_config(16, 16, 8, 8, 8, 1, out=256, maxnreg=255)]
-_WIDE[("column", True, True)][512] = [_config(16, 16, 16, 16, 8, 1, out=128, maxnreg=255)]
+# The float32 column pass at 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: with 512-wide accumulators
+# and operands, two or three of them did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16 warps; 8- and
+# 16-wide slices; 32 rows; 24–288 bytes at 16×16×16×16, 8 warps). With the accumulators held as tuples of
+# 128-wide slices (``SLICE``: one slice of G, q, k loaded and split at a time) and 16 warps, every float32
+# column variant at 512 compiles without spills on sm_80 and sm_90 (160 builds; 64-wide slices at 8 warps still
+# spilled 8–80 bytes), so this pass too covers the class in one program.
+FP32_COLUMN_WIDE = [_config(16, 16, 16, 16, 16, 1, out=512, maxnreg=255, slice=128)]
+_WIDE[("column", True, False)][512] = FP32_COLUMN_WIDE
+_WIDE[("column", True, True)][512] = FP32_COLUMN_WIDE
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.
@@ -199,8 +204,8 @@ def interpreter_blocks(config) -> dict:
     """The tiles the interpreter runs a kernel with: :data:`INTERPRETER_BLOCKS`, with the feature tiles
     of ``config`` (the default of the call's list)."""
     blocks = {name: INTERPRETER_BLOCKS[name] for name in config.kwargs if name in INTERPRETER_BLOCKS}
-    if "OUT_D" in config.kwargs:  # backward: output feature tiles of the class
-        blocks.update(OUT_D=config.kwargs["OUT_D"], OUT_C=config.kwargs["OUT_C"])
+    if "OUT_D" in config.kwargs:  # backward: output feature tiles of the class, sliced as on a GPU
+        blocks.update(OUT_D=config.kwargs["OUT_D"], OUT_C=config.kwargs["OUT_C"], SLICE=config.kwargs["SLICE"])
     elif "BLOCK_I" in config.kwargs and "BLOCK_J" in config.kwargs:  # forward: the value tile of the class
         blocks["BLOCK_C"] = config.kwargs["BLOCK_C"]
     return blocks

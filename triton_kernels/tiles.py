@@ -131,6 +131,38 @@ def scaled_rows_into(dst_ptr, src_ptr, rows, row_mask, col0, width, coef, ADD: t
 
 
 @triton.jit
+def zero_slices(ROWS: tl.constexpr, WIDTH: tl.constexpr, SLICE: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """A ROWS × WIDTH accumulator as a tuple of ROWS × SLICE zero tiles (WIDTH a multiple of SLICE).
+
+    A product into it (:func:`sliced_dot`) loads and converts its right operand one slice at a time, so
+    only one slice of that operand is live at once: the float32 column pass at 512 (tf32x3, which splits
+    each operand in two) holds two or three such accumulators and did not fit the register file with
+    full-width operands."""
+    tl.static_assert(WIDTH % SLICE == 0)
+    return (tl.zeros([ROWS, SLICE], dtype=ACC_DTYPE),) * (WIDTH // SLICE)
+
+
+@triton.jit
+def sliced_dot(a, b_ptr, rows, row_mask, col0, width, accs, LOW_PRECISION_OPERANDS: tl.constexpr,
+               PRECISION: tl.constexpr, SLICE: tl.constexpr):
+    """``accs[s] + a @ b[rows, col0 + s·SLICE : col0 + (s + 1)·SLICE]`` for each slice s of the accumulator
+    (:func:`zero_slices`), b a contiguous (·, width) matrix (:func:`value_dot`); 0 outside ``width``."""
+    out = ()
+    for s in tl.static_range(len(accs)):
+        offs = col0 + s * SLICE + tl.arange(0, SLICE)
+        b = load_rows(b_ptr, rows, row_mask, offs, width, False)
+        out = out + (value_dot(a, b, accs[s], LOW_PRECISION_OPERANDS, PRECISION),)
+    return out
+
+
+@triton.jit
+def store_slices(ptr, rows, row_mask, col0, width, accs, coef, SLICE: tl.constexpr):
+    """``ptr[rows, col0 + s·SLICE + ...] = coef · accs[s]`` for each slice s (:func:`zero_slices`)."""
+    for s in tl.static_range(len(accs)):
+        store_rows(ptr, rows, row_mask, col0 + s * SLICE + tl.arange(0, SLICE), width, coef * accs[s])
+
+
+@triton.jit
 def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.constexpr, PRECISION: tl.constexpr,
              BLOCK: tl.constexpr):
     """``acc + a[rows] @ b[cols]ᵀ`` for contiguous (·, width) matrices a and b, in slices of ``BLOCK``."""
