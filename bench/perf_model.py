@@ -9,7 +9,8 @@ exact count of ``tl.dot`` work, tests/test_work_model.py its ratios and ``auto``
 
 1. executed / needed tensor-core work at D = C ∈ {64, …, 1024}, before (the tiling of the previous
    kernels: 64-wide feature tiles, every program recomputing the tile over all of D) and now, over
-   every kernel × normalization × update × symmetric × dtype (max over them, and gaussian + row);
+   every kernel × normalization × update × symmetric × dtype (max over them, and gaussian + row), and
+   the same work as the warps issue it (instruction tiles that several warps repeat counted each time);
 2. the nonlocal-block suite (B, N, M, D = C): predicted H100 forward + backward times of the fused,
    dense and SDPA paths, the dense path's N×M memory and ``auto``'s choice (budget: 80 GB × the
    default fraction of free memory; a real call uses the device's free memory).
@@ -44,16 +45,22 @@ def _calls(width, n=4096, m=1024):
 
 
 def ratio_table(widths=(64, 128, 256, 512, 1024)) -> str:
-    lines = ["executed / needed tensor-core work (N = 4096, M = 1024; M = N with symmetric)",
+    lines = ["executed / needed tensor-core work (N = 4096, M = 1024; M = N with symmetric); issued: as the warps "
+             "issue it on sm_90 (repeated instruction tiles included)",
              f"{'D = C':>6}  {'gaussian+row fwd':>16} {'bwd':>5}  {'before fwd':>10} {'bwd':>5}  "
-             f"{'max over all variants fwd':>25} {'bwd':>5}"]
+             f"{'max over all variants fwd':>25} {'bwd':>5}  {'issued, g+r fp16 fwd':>20} {'bwd':>5}  "
+             f"{'issued, max fwd':>15} {'bwd':>5}"]
     for width in widths:
         base = Call(1, 4096, 1024, width, width, "gaussian", "row", "aggregate", False, "fp16")
         now = [fused_work(base, p)["ratio"] for p in ("forward", "backward")]
         before = [fused_work(base, p, blocks=BEFORE)["ratio"] for p in ("forward", "backward")]
         worst = [max(fused_work(call, p)["ratio"] for call in _calls(width)) for p in ("forward", "backward")]
+        issued = [fused_work(base, p)["issued_ratio"] for p in ("forward", "backward")]
+        worst_issued = [max(fused_work(call, p)["issued_ratio"] for call in _calls(width))
+                        for p in ("forward", "backward")]
         lines.append(f"{width:>6}  {now[0]:>16.2f} {now[1]:>5.2f}  {before[0]:>10.2f} {before[1]:>5.2f}  "
-                     f"{worst[0]:>25.2f} {worst[1]:>5.2f}")
+                     f"{worst[0]:>25.2f} {worst[1]:>5.2f}  {issued[0]:>20.2f} {issued[1]:>5.2f}  "
+                     f"{worst_issued[0]:>15.2f} {worst_issued[1]:>5.2f}")
     return "\n".join(lines)
 
 
@@ -65,25 +72,26 @@ def suite_table(kernel="gaussian", normalize="row", dtype="fp16") -> str:
     budget = cuda_choice.DENSE_BUDGET_FRACTION * H100_BYTES
     lines = [f"nonlocal-block suite, {kernel} + {normalize}, {dtype}, forward + backward, predicted H100 µs "
              f"(dense budget {budget / 1e9:.0f} GB)",
-             f"{'shape':<13} {'B':>3} {'N':>5} {'M':>5} {'D=C':>5} {'fused':>7} {'ratio f/b':>10} "
+             f"{'shape':<13} {'B':>3} {'N':>5} {'M':>5} {'D=C':>5} {'fused':>7} {'ratio f/b':>10} {'issued f/b':>11} "
              f"{'dense':>7} {'dense GB':>8} {'sdpa':>6}  auto"]
     for name, call in work_model.suite_calls(kernel, normalize, dtype).items():
         times = work_model.predictions(call, training=True)
         ratios = "/".join(f"{fused_work(call, p)['ratio']:.2f}" for p in ("forward", "backward"))
+        issued = "/".join(f"{fused_work(call, p)['issued_ratio']:.2f}" for p in ("forward", "backward"))
         choice = cuda_choice.choose(call, True, budget)
         lines.append(f"{name:<13} {call.batch:>3} {call.n:>5} {call.m:>5} {call.d:>5} {_us(times['fused']):>7} "
-                     f"{ratios:>10} {_us(times['dense']):>7} {work_model.dense_bytes(call) / 1e9:>8.2f} "
+                     f"{ratios:>10} {issued:>11} {_us(times['dense']):>7} {work_model.dense_bytes(call) / 1e9:>8.2f} "
                      f"{_us(times['sdpa']):>6}  {choice}")
     return "\n".join(lines)
 
 
 def shape_table(call: Call) -> str:
     lines = [f"{call}",
-             f"{'pass':<9} {'dot GFLOP':>9} {'tensor GFLOP':>12} {'needed':>8} {'ratio':>6} {'HBM MB':>8} "
+             f"{'pass':<9} {'dot GFLOP':>9} {'issued':>8} {'tensor GFLOP':>12} {'needed':>8} {'ratio':>6} {'HBM MB':>8} "
              f"{'L2 MB':>8} {'fused us':>8} {'dense us':>8} {'sdpa us':>8}"]
     for p in ("forward", "backward"):
         w = fused_work(call, p)
-        lines.append(f"{p:<9} {w['dot_flops'] / 1e9:>9.2f} {w['tensor_flops'] / 1e9:>12.2f} "
+        lines.append(f"{p:<9} {w['dot_flops'] / 1e9:>9.2f} {w['issued_flops'] / 1e9:>8.2f} {w['tensor_flops'] / 1e9:>12.2f} "
                      f"{w['needed_flops'] / 1e9:>8.2f} {w['ratio']:>6.2f} {w['hbm_bytes'] / 1e6:>8.1f} "
                      f"{w['loaded_bytes'] / 1e6:>8.1f} {_us(work_model.predict_fused(call, p)):>8} "
                      f"{_us(work_model.predict_dense(call, p)):>8} {_us(work_model.predict_sdpa(call, p)):>8}")

@@ -119,6 +119,57 @@ def test_autotune_entries_compiled_without_spills_on_their_targets():
                     [(r["variant"], r["arch"], r["spill_bytes"]) for r in compiled if r["spill_bytes"]]
 
 
+def _copies(config, rows) -> tuple[int, int]:
+    """The most warps computing one instruction tile, over the rows compiled from ``config``: (pair tiles, the
+    products into the accumulators); the pair tiles are the BLOCK_I × BLOCK_J products."""
+    tile = value = 1
+    for r in rows:
+        for dot in r["dots"]:
+            if dot["shape"] == [config.kwargs["BLOCK_I"], config.kwargs["BLOCK_J"]]:
+                tile = max(tile, dot["replication"])
+            else:
+                value = max(value, dot["replication"])
+    return tile, value
+
+
+def test_replication_of_each_entry_is_its_compiled_layout():
+    """The work model's repeated instruction tiles (configs.replication_of: how many warps compute each 16 × 8
+    tile of the pair tiles and of the products into the accumulators) are those of the compiled sm_90 kernels
+    in bench/results/aot_configs.json, for every entry of every list (the most over the variants compiled
+    from it: an entry shared by several lists, e.g. the half and float32 column passes, takes the most)."""
+    from nonlocal_ext.triton_kernels import configs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
+        rows = [r for r in json.load(f) if r["arch"] == "sm_90" and r["kernel"] != "preprocess"]
+    checked = 0
+    for family in ("forward", "column", "row"):
+        entries = {id(config): config for fp32 in (False, True) for symmetric in (False, True)
+                   for width in configs.WIDTH_CLASSES for config in configs.configs_for(family, fp32, symmetric, width)}
+        for config in entries.values():
+            if configs.SM90 not in configs.archs_of(config):
+                continue
+            compiled = [r for r in rows if r["kernel"] == family and _same(config, r)
+                        and any(c is config for c in _list_of(r))]
+            assert compiled and all(r["dots"] for r in compiled), config
+            assert configs.replication_of(family, config) == _copies(config, compiled), (family, config.kwargs)
+            checked += 1
+    assert checked > 20
+
+
+def test_quick_set_layouts_repeat_no_more_than_the_model_says(report):
+    """The quick set compiled here (both targets): no product's instruction tiles are computed by more warps
+    than configs.replication_of says for its configuration (sm_80 lays some out with fewer copies)."""
+    from nonlocal_ext.triton_kernels import configs
+    _, rows = report
+    for r in rows:
+        if r["kernel"] == "preprocess":
+            continue
+        config = _list_of(r)[r.get("config", 0)]
+        tile, value = _copies(config, [r])
+        model = configs.replication_of(r["kernel"], config)
+        assert tile <= model[0] and value <= model[1], (r["variant"], r["arch"], (tile, value), model)
+
+
 def test_each_gpu_autotunes_over_its_targets_list():
     from nonlocal_ext.triton_kernels import configs
     assert [configs.target_of(c) for c in [(8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)]] == \

@@ -92,9 +92,24 @@ def test_old_tiling_reproduces_the_issues_interpreter_counts():
 def test_float32_counts_three_tensor_core_products_per_dot():
     call = Call(1, 1024, 1024, 64, 64, "rbf", "row", dtype="fp32")
     work = fused_work(call)
-    assert work["tensor_flops"] == 3 * work["dot_flops"]
-    assert fused_work(Call(1, 1024, 1024, 64, 64, "rbf", "row"))["tensor_flops"] == \
-        fused_work(Call(1, 1024, 1024, 64, 64, "rbf", "row"))["dot_flops"]
+    assert work["tensor_flops"] == 3 * work["issued_flops"]
+    half = fused_work(Call(1, 1024, 1024, 64, 64, "rbf", "row"))
+    assert half["tensor_flops"] == half["issued_flops"]
+
+
+def test_issued_work_counts_the_repeated_instruction_tiles():
+    """Half backward at D = C = 512 (16 × 16 pair tiles): the column pass's pair tiles S and dâ are computed by
+    4 warps each (4 × 2 layout), the row pass's by 8 (8 × 1), the products into the accumulators once: column
+    4(D + C) + (C + D), row 8(D + C) + D, against the needed 3D + 2C: 27/5. The forward's 64 × 32 tiles at
+    class 64 are not repeated; issued work is never below the dot work."""
+    call = Call(2, 2048, 512, 512, 512, "gaussian", "row", dtype="fp16")
+    assert fused_work(call, "backward")["issued_ratio"] == pytest.approx(27 / 5)
+    assert fused_work(Call(2, 2048, 512, 64, 64), "forward")["issued_ratio"] == pytest.approx(1.0)
+    for width in (64, 512, 1024):
+        for call in _calls(width):
+            for p in ("forward", "backward"):
+                work = fused_work(call, p)
+                assert work["issued_flops"] >= work["dot_flops"], (call, p)
 
 
 def test_predictions_scale_with_the_work():

@@ -51,6 +51,20 @@ def archs_of(config) -> tuple[str, ...]:
     return _ARCHS[id(config)]
 
 
+#: (kernel family, id(config)) -> (pair-tile copies, value-product copies), as :data:`_ARCHS`; filled below.
+_COPIES: dict[tuple[str, int], tuple[int, int]] = {}
+
+
+def replication_of(family: str, config) -> tuple[int, int]:
+    """How many warps compute each 16 × 8 tensor-core tile of a configuration's pair tiles (q kᵀ, G vᵀ) and of
+    its products into the accumulators, on sm_90 (the layouts of the compiled kernels, ``aot.dot_layouts``;
+    1: the warps split the output). A 16-row × 16-column tile has two instruction tiles: at 8 warps Triton lays
+    the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times) — the price of accumulators of 512
+    columns in registers, which need 16-row tiles (32- and 64-row column tiles spilled 112–552 bytes at 512).
+    ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ)."""
+    return _COPIES[family, id(config)]
+
+
 # Every entry below compiled without spills on the targets in its `archs` in the heaviest variant
 # of each affinity and dtype and in the variants of the GPU targets (docs/gpu.md)
 # (`python -m nonlocal_ext.aot --set heavy --configs all` and `--set targets --configs all`,
@@ -154,6 +168,29 @@ for _key, _lists in _WIDE.items():
 FP32_COLUMN_WIDE = [_config(16, 16, 16, 16, 16, 1, out=512, maxnreg=255, slice=128)]
 _WIDE[("column", True, False)][512] = FP32_COLUMN_WIDE
 _WIDE[("column", True, True)][512] = FP32_COLUMN_WIDE
+
+# Repeated instruction tiles, measured: the most warps computing one 16 × 8 tile of the pair tiles (q kᵀ, G vᵀ;
+# BLOCK_I × BLOCK_J) and of the products into the accumulators, over every variant compiled from the entry
+# (bench/results/aot_configs.json, sm_90; `aot.dot_layouts`; tests/test_aot.py checks each against it). The
+# 16 × 16 pair tiles of the backward have two instruction tiles for 8 or 16 warps; Triton lays the warps out
+# along the rows (8 × 1, or 4 × 2 in the half column pass at 512) and each tile is computed 4 to 16 times.
+def _measured(family, lists, copies):
+    for lst in lists:
+        for config in lst:
+            _COPIES[family, id(config)] = copies
+
+
+_measured("forward", [FORWARD_CONFIGS, _WIDE[("forward", False)][128], _WIDE[("forward", False)][256]], (1, 1))
+_measured("forward", [_WIDE[("forward", False)][512], FORWARD_CONFIGS_FP32_WIDE[256]], (2, 1))
+_measured("forward", [FORWARD_CONFIGS_FP32, _WIDE[("forward", True)][128]], (4, 1))
+_COPIES["forward", id(FORWARD_CONFIGS_FP32[2])] = (2, 2)  # 64 × 32 (sm_90 only)
+_measured("forward", [FORWARD_CONFIGS_FP32_WIDE[512]], (8, 1))
+_measured("column", [BACKWARD_CONFIGS_FP32, BACKWARD_WIDE[128], BACKWARD_WIDE[256]], (8, 1))
+_measured("column", [COLUMN_CONFIGS_NONSYMMETRIC], (2, 1))  # 4 warps
+_measured("column", [COLUMN_CONFIGS, BACKWARD_WIDE[512]], (4, 1))
+_measured("column", [FP32_COLUMN_WIDE], (16, 1))  # 16 warps
+_measured("row", [ROW_CONFIGS], (1, 1))
+_measured("row", [BACKWARD_CONFIGS_FP32, BACKWARD_WIDE[128], BACKWARD_WIDE[256], BACKWARD_WIDE[512]], (8, 1))
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.

@@ -7,13 +7,21 @@ interpreter's tiles), :func:`fused_work` follows the loop structure of :mod:`.ag
 * ``dot_flops``: 2·m·n·k summed over every ``tl.dot`` the kernels execute, padding of tail tiles
   included: exactly what the interpreter executes (tests/triton_suite.py counts it by wrapping
   ``InterpreterBuilder.create_dot``); distance kernels with D ≤ 3 form ρ from direct differences
-  (no pair GEMM, vector work not counted); ``tensor_flops`` is the same work as the tensor cores see it
-  (float32 inputs use tf32x3: three tf32 products per dot);
+  (no pair GEMM, vector work not counted);
+* ``issued_flops``: the same work as the warps issue it on sm_90. Where a product's output has fewer
+  16 × 8 tensor-core instruction tiles than the program has warps along one side, Triton's layout makes
+  several warps compute the same tile: the 16 × 16 pair tiles of the wide backward passes are computed
+  4 times (half inputs, 8 warps) to 16 times (float32 column pass at 512, 16 warps). The copies per
+  product (``tile``: the pair tiles q kᵀ and G vᵀ; ``value``: the products into the accumulators) are
+  measured from the compiled layouts and kept beside each configuration (:func:`.configs.replication_of`,
+  checked against the AOT report by tests/test_aot.py); ``tensor_flops`` is the issued work as the
+  tensor cores see it (float32 inputs use tf32x3: three tf32 products per dot);
 * ``needed_flops``: the work of the computation itself, 2·B·N·M·(p·D + C) forward and
   2·B·N·M·(3p·D + 2C) backward (p = 2 with ``symmetric``: S and S′, dk and dq′, dq and dk′), plus for
   ``sym`` the one pair product that the column sums force before the value product can start
   (forward: the column-sum pass; backward: the pass that finds T_j = Σ_i dâ_ij â_ij, which every H_ij
-  needs) — 2·B·N·M·p·D each; ``ratio`` = dot_flops / needed_flops;
+  needs) — 2·B·N·M·p·D each; ``ratio`` = dot_flops / needed_flops (the recomputation the issue bounds),
+  ``issued_ratio`` = issued_flops / needed_flops (what the time prediction uses);
 * ``loaded_bytes``: every tile load of the loops (served from L2 mostly) and ``hbm_bytes``: each input
   read and each output written once, when one batch element's operands fit in L2, else the loaded bytes.
 
@@ -33,7 +41,7 @@ from dataclasses import dataclass
 
 from nonlocal_ext.kernels import KERNELS, uses_direct_differences
 
-from .configs import configs_for, family_width, interpreter_blocks
+from .configs import configs_for, family_width, interpreter_blocks, replication_of
 
 #: H100 SXM peaks (dense).
 PEAK_TENSOR = {"fp16": 990e12, "bf16": 990e12, "tf32": 495e12}
@@ -97,7 +105,9 @@ def blocks_for(family: str, call: Call, interpreted: bool = False, swapped: bool
     ``swapped``: the column-sum pass of ``sym`` (the forward kernel without values)."""
     width = 0 if swapped else family_width(family, call.d, call.c)
     config = configs_for(family, call.fp32, call.symmetric, width)[0]
-    return interpreter_blocks(config) if interpreted else dict(config.kwargs)
+    if interpreted:
+        return interpreter_blocks(config)
+    return dict(config.kwargs, replication=replication_of("forward" if swapped else family, config))
 
 
 def _cdiv(a, b):
@@ -105,20 +115,22 @@ def _cdiv(a, b):
 
 
 def _forward_program(blk, cols, d, c, pairs, with_values, pair_d):
-    """(dot FLOPs, loaded elements) of one forward program over ``cols`` keys; ``pair_d``: the features of
-    the pair GEMM (0 where ρ comes from direct differences)."""
+    """(tile dot FLOPs, value dot FLOPs, loaded elements) of one forward program over ``cols`` keys;
+    ``pair_d``: the features of the pair GEMM (0 where ρ comes from direct differences)."""
     bi, bj, bd, bc = blk["BLOCK_I"], blk["BLOCK_J"], blk["BLOCK_D"], blk["BLOCK_C"]
     steps = _cdiv(cols, bj)
-    flops = steps * pairs * _cdiv(pair_d, bd) * 2 * bi * bj * bd
+    tile = steps * pairs * _cdiv(pair_d, bd) * 2 * bi * bj * bd
+    value = 0
     loads = steps * pairs * _cdiv(d, bd) * (bi + bj) * bd
     if with_values:
-        flops += steps * 2 * bi * bj * bc
+        value = steps * 2 * bi * bj * bc
         loads += steps * bj * bc
-    return flops, loads
+    return tile, value, loads
 
 
 def _backward_program(blk, inner, d, c, pairs, with_dv, with_dk, column, pair_d):
-    """(dot FLOPs, loaded elements) of one column (row) program over ``inner`` rows (columns)."""
+    """(tile dot FLOPs, value dot FLOPs, loaded elements) of one column (row) program over ``inner`` rows
+    (columns)."""
     bi, bj, bd, bc, out = blk["BLOCK_I"], blk["BLOCK_J"], blk["BLOCK_D"], blk["BLOCK_C"], blk["OUT_D"]
     step = bi if column else bj
     steps = _cdiv(inner, step)
@@ -127,18 +139,18 @@ def _backward_program(blk, inner, d, c, pairs, with_dv, with_dk, column, pair_d)
     if with_dk or not column:  # dâ = G vᵀ (the first `sym` column pass, dv only, does without)
         tile += _cdiv(c, bc) * 2 * bi * bj * bc
         loads += _cdiv(c, bc) * (bi + bj) * bc
-    per_step = tile
+    value = 0
     if column:
         if with_dv:
-            per_step += 2 * bj * bi * out
+            value += 2 * bj * bi * out
             loads += bi * out
         if with_dk:
-            per_step += pairs * 2 * bj * bi * out
+            value += pairs * 2 * bj * bi * out
             loads += pairs * bi * out
     else:
-        per_step += pairs * 2 * bi * bj * out
+        value += pairs * 2 * bi * bj * out
         loads += pairs * bj * out
-    return steps * per_step, steps * loads
+    return steps * tile, steps * value, steps * loads
 
 
 def fused_work(call: Call, pass_: str = "forward", interpreted: bool = False, blocks=None) -> dict:
@@ -152,41 +164,40 @@ def fused_work(call: Call, pass_: str = "forward", interpreted: bool = False, bl
         blk.setdefault(family, blocks_for(family, call, interpreted))
     blk.setdefault("column_sums", blocks_for("forward", call, interpreted, swapped=True))
     pair_d = 0 if uses_direct_differences(KERNELS[call.kernel], d) else d
-    flops = loads = 0
+    flops = issued = loads = 0
+
+    def add(family_blocks, programs, tile, value, loaded):
+        nonlocal flops, issued, loads
+        tile_copies, value_copies = family_blocks.get("replication", (1, 1))
+        flops += b * programs * (tile + value)
+        issued += b * programs * (tile * tile_copies + value * value_copies)
+        loads += b * programs * loaded
+
     if pass_ == "forward":
         needed = 2 * b * n * m * (p * d + c)
         if sym:
             needed += 2 * b * n * m * p * d
-            f, ld = _forward_program(blk["column_sums"], n, d, c, p, False, pair_d)
-            programs = _cdiv(m, blk["column_sums"]["BLOCK_I"])
-            flops += b * programs * f
-            loads += b * programs * ld
+            add(blk["column_sums"], _cdiv(m, blk["column_sums"]["BLOCK_I"]),
+                *_forward_program(blk["column_sums"], n, d, c, p, False, pair_d))
         fb = blk["forward"]
-        f, ld = _forward_program(fb, m, d, c, p, True, pair_d)
-        programs = _cdiv(n, fb["BLOCK_I"]) * _cdiv(c, fb["BLOCK_C"])
-        flops += b * programs * f
-        loads += b * programs * ld
+        add(fb, _cdiv(n, fb["BLOCK_I"]) * _cdiv(c, fb["BLOCK_C"]), *_forward_program(fb, m, d, c, p, True, pair_d))
         unique = (n + m) * d + m * c + (n * c if call.update == "diffusion" else 0) + n * c
     else:
         needed = 2 * b * n * m * (3 * p * d + 2 * c) + (2 * b * n * m * p * d if sym else 0)
         cb, rb = blk["column"], blk["row"]
         features = lambda x: max(_cdiv(c, x["OUT_C"]), _cdiv(d, x["OUT_D"]), 1)  # noqa: E731
         for with_dv, with_dk in ([(True, False), (False, True)] if sym else [(True, True)]):
-            f, ld = _backward_program(cb, n, d, c, p, with_dv, with_dk, column=True, pair_d=pair_d)
-            programs = _cdiv(m, cb["BLOCK_J"]) * features(cb)
-            flops += b * programs * f
-            loads += b * programs * ld
-        f, ld = _backward_program(rb, m, d, c, p, False, False, column=False, pair_d=pair_d)
-        programs = _cdiv(n, rb["BLOCK_I"]) * features(rb)
-        flops += b * programs * f
-        loads += b * programs * ld
+            add(cb, _cdiv(m, cb["BLOCK_J"]) * features(cb),
+                *_backward_program(cb, n, d, c, p, with_dv, with_dk, column=True, pair_d=pair_d))
+        add(rb, _cdiv(n, rb["BLOCK_I"]) * features(rb),
+            *_backward_program(rb, m, d, c, p, False, False, column=False, pair_d=pair_d))
         unique = 2 * ((n + m) * d + m * c + n * c) + n * c  # inputs, G, out; gradients written
     per_batch_operands = ((n + m) * d + m * c + n * c) * call.element_bytes
     loaded_bytes = loads * call.element_bytes
     hbm_bytes = b * unique * call.element_bytes if per_batch_operands <= L2_BYTES else loaded_bytes
-    tensor_flops = flops * (3 if call.fp32 else 1)
-    return dict(dot_flops=flops, tensor_flops=tensor_flops, needed_flops=needed, ratio=flops / needed,
-                loaded_bytes=loaded_bytes, hbm_bytes=hbm_bytes)
+    tensor_flops = issued * (3 if call.fp32 else 1)
+    return dict(dot_flops=flops, issued_flops=issued, tensor_flops=tensor_flops, needed_flops=needed,
+                ratio=flops / needed, issued_ratio=issued / needed, loaded_bytes=loaded_bytes, hbm_bytes=hbm_bytes)
 
 
 def _tensor_peak(call: Call) -> float:
