@@ -298,13 +298,14 @@ def gpu_suite() -> list[str]:
     from nonlocal_ext.triton_kernels import work_model
 
     budget = cuda_choice.DENSE_BUDGET_FRACTION * 80e9
-    head = ["shape (B, N, M, D = C)", "executed / needed fwd, bwd",
+    head = ["shape (B, N, M, D = C)", "executed / needed fwd, bwd (as issued by the warps)",
             "`gaussian` + `row`, fp16: fused / dense / SDPA → auto", "`fractional` + `count`, fp16: fused / dense → auto"]
     body = []
     gaussian = work_model.suite_calls("gaussian", "row", "fp16")
     fractional = work_model.suite_calls("fractional", "count", "fp16")
     for name, call in gaussian.items():
-        ratios = ", ".join(f"{work_model.fused_work(call, p)['ratio']:.2f}" for p in ("forward", "backward"))
+        works = [work_model.fused_work(call, p) for p in ("forward", "backward")]
+        ratios = ", ".join(f"{w['ratio']:.2f}" for w in works) + " (" + ", ".join(f"{w['issued_ratio']:.2f}" for w in works) + ")"
         cells = []
         for c, with_sdpa in ((call, True), (fractional[name], False)):
             t = work_model.predictions(c, training=True)

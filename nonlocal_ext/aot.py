@@ -245,9 +245,9 @@ def _resource_usage(cubin: bytes, arch: str) -> dict:
                 mma_instructions=len(mma), mma_operand_types=sorted(operands))
 
 
-_MMA_LAYOUT = re.compile(r"^#(mma\w*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
-                         r".*?instrShape = \[(\d+), (\d+)", re.M)
-_DOT_RESULT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*-> tensor<(\d+)x(\d+)x\w+, #(mma\w*)>")
+_MMA_LAYOUT = re.compile(r"^#(mma\w*) = #ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[([\d, ]+)\]"
+                         r".*?instrShape = \[([\d, ]+)\]", re.M)
+_DOT_RESULT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot)\b.*-> tensor<((?:\d+x)+)\w+, #(mma\w*)>")
 
 
 def dot_layouts(ttgir: str) -> list[dict]:
@@ -255,12 +255,16 @@ def dot_layouts(ttgir: str) -> list[dict]:
     instruction tile, and ``replication``: how many warps compute each instruction tile of the output (1: the
     warps split the output; a 16 × 16 product spread over 8 warps as 4 × 2 is computed 4 times, since its
     rows hold one 16-row instruction tile). One entry per distinct (shape, layout)."""
-    layouts = {name: (int(version), (int(wm), int(wn)), (int(im), int(in_)))
-               for name, version, wm, wn, im, in_ in _MMA_LAYOUT.findall(ttgir)}
+    def numbers(text):
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+    layouts = {name: (int(version), numbers(warps), numbers(instr))
+               for name, version, warps, instr in _MMA_LAYOUT.findall(ttgir)}
     found = {}
-    for m, n, name in _DOT_RESULT.findall(ttgir):
+    for dims, name in _DOT_RESULT.findall(ttgir):
         version, warps, instr = layouts[name]
-        shape = (int(m), int(n))
+        shape = tuple(int(x) for x in dims.strip("x").split("x"))
+        instr = (1,) * (len(shape) - len(instr)) + instr  # batched products: one batch element per instruction
         tiles = [-(-size // step) for size, step in zip(shape, instr)]
         replication = 1
         for w, t in zip(warps, tiles):

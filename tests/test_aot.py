@@ -121,11 +121,11 @@ def test_autotune_entries_compiled_without_spills_on_their_targets():
 
 def _copies(config, rows) -> tuple[int, int]:
     """The most warps computing one instruction tile, over the rows compiled from ``config``: (pair tiles, the
-    products into the accumulators); the pair tiles are the BLOCK_I × BLOCK_J products."""
+    products into the accumulators); the pair tiles are the BLOCK_I × BLOCK_J products (batched with SPLIT_K)."""
     tile = value = 1
     for r in rows:
         for dot in r["dots"]:
-            if dot["shape"] == [config.kwargs["BLOCK_I"], config.kwargs["BLOCK_J"]]:
+            if dot["shape"][-2:] == [config.kwargs["BLOCK_I"], config.kwargs["BLOCK_J"]]:
                 tile = max(tile, dot["replication"])
             else:
                 value = max(value, dot["replication"])

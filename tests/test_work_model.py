@@ -98,12 +98,14 @@ def test_float32_counts_three_tensor_core_products_per_dot():
 
 
 def test_issued_work_counts_the_repeated_instruction_tiles():
-    """Half backward at D = C = 512 (16 × 16 pair tiles): the column pass's pair tiles S and dâ are computed by
-    4 warps each (4 × 2 layout), the row pass's by 8 (8 × 1), the products into the accumulators once: column
-    4(D + C) + (C + D), row 8(D + C) + D, against the needed 3D + 2C: 27/5. The forward's 64 × 32 tiles at
-    class 64 are not repeated; issued work is never below the dot work."""
-    call = Call(2, 2048, 512, 512, 512, "gaussian", "row", dtype="fp16")
-    assert fused_work(call, "backward")["issued_ratio"] == pytest.approx(27 / 5)
+    """Half backward at D = C = 64, not symmetric: the column pass (16 × 16 pair tiles, 4 warps) has each
+    instruction tile of S and dâ computed by 2 warps, the products into the accumulators and the row pass's
+    32 × 32 tiles by one: column 2(D + C) + (C + D), row (D + C) + D, against the needed 3D + 2C: 9/5. From
+    class 128 on the split pair tiles repeat nothing (issued = executed, 7/5 at 512). The forward's 64 × 32
+    half tiles are not repeated; issued work is never below the dot work."""
+    assert fused_work(Call(2, 2048, 512, 64, 64), "backward")["issued_ratio"] == pytest.approx(9 / 5)
+    wide = fused_work(Call(2, 2048, 512, 512, 512), "backward")
+    assert wide["issued_ratio"] == wide["ratio"] == pytest.approx(7 / 5)
     assert fused_work(Call(2, 2048, 512, 64, 64), "forward")["issued_ratio"] == pytest.approx(1.0)
     for width in (64, 512, 1024):
         for call in _calls(width):

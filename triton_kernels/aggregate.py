@@ -37,7 +37,10 @@ over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks the featu
 width class (:func:`.configs.configs_for`): one block (each tile computed once per pass) up to C = 512 in
 the forward and D, C = 512 in the backward; more blocks above. Epilogues that add a row-scaled input tile
 to an accumulator (diffusion's u, the distance kernels' q_i and k_j, du's G) run after the accumulator is
-stored (:func:`.tiles.scaled_rows_into`), so the two wide tiles are never live together.
+stored (:func:`.tiles.scaled_rows_into`), so the two wide tiles are never live together. The backward's
+accumulators are tuples of ``SLICE``-wide tiles (:func:`.tiles.zero_slices`), so that one slice of an operand
+is loaded at a time, and from class 128 on its 16 × 16 pair tiles are batched products with one warp per
+16-column chunk (``SPLIT_K``, :func:`.tiles.tile_dot`), so that no two warps compute the same tensor-core tile.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def forward_kernel(
         WITH_VALUES: tl.constexpr, LOW_PRECISION_VALUES: tl.constexpr,
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+        BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+        SPLIT_K: tl.constexpr):
     """out[I, c-block] and row_stats[I] (r_i, or log r_i for log-domain kernels)."""
     pid_i = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -115,7 +119,7 @@ def forward_kernel(
         col_mask = cols < M
         z, _, _, _, _ = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
                                     scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                    BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
+                                    BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D, SPLIT_K)
         if log_domain(KERNEL):
             z = tl.where(col_mask[None, :], z, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(z, 1))
@@ -212,14 +216,14 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
                    DIFFUSION: tl.constexpr, WITH_H: tl.constexpr,
                    QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_D: tl.constexpr, EVEN_C: tl.constexpr,
                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DIRECT_D: tl.constexpr):
+                   DIRECT_D: tl.constexpr, SPLIT_K: tl.constexpr):
     """Recompute one tile: ``(â, dâ, C = H·g1, C' = H·g2)``, all zero outside the valid rows and columns.
 
     ``WITH_H=False`` skips dâ and H (the first ``sym`` column pass, before T is known): dâ, C and C' are then 0.
     """
     z, g1, g2, dead1, dead2 = weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D,
                                           scale, power, gamma, eps, KERNEL, SYMMETRIC, EVEN_D, QK_PRECISION,
-                                          ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
+                                          ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D, SPLIT_K)
     valid = row_mask[:, None] & col_mask[None, :]
     row_factor = tl.load(row_factor_ptr + rows, mask=row_mask, other=0.0)
     col_factor = tl.load(col_factor_ptr + cols, mask=col_mask, other=0.0)
@@ -230,7 +234,7 @@ def _backward_tile(q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_pt
 
     if WITH_H:
         d_a_hat = tile_dot(g_ptr, v_ptr, rows, cols, row_mask, col_mask, C,
-                           tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_C, QK_PRECISION, BLOCK_C)
+                           tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_C, QK_PRECISION, BLOCK_C, SPLIT_K)
         if DIFFUSION:
             d_a_hat -= tl.load(gu_ptr + rows, mask=row_mask, other=0.0)[:, None]
 
@@ -274,7 +278,7 @@ def backward_column_kernel(
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr):
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr, SPLIT_K: tl.constexpr):
     """Column pass over key block J and feature block f: dv[J, f] and, for ``sym`` + diffusion,
     Σ_i â_ij gu_i into t (``WITH_DV_T``); dk[J, f] and, with ``symmetric``, the swapped pair's dq[J, f]
     (``WITH_DK``). The launcher completes T_j = v_j·dv_j − Σ_i â_ij gu_i (= Σ_i dâ_ij â_ij) between the
@@ -309,7 +313,7 @@ def backward_column_kernel(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, WITH_DK,
-            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D, SPLIT_K)
         if WITH_DV_T:
             dv = sliced_dot(tl.trans(a_hat), g_ptr, rows, row_mask, c0, C, dv, LOW_PRECISION_VALUES, VALUE_PRECISION,
                             SLICE)
@@ -353,7 +357,7 @@ def backward_row_kernel(
         QK_PRECISION: tl.constexpr, VALUE_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
         EVEN_D: tl.constexpr, EVEN_C: tl.constexpr, DIRECT_D: tl.constexpr,
         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr):
+        OUT_D: tl.constexpr, OUT_C: tl.constexpr, SLICE: tl.constexpr, SPLIT_K: tl.constexpr):
     """Row pass over query block I and feature block f: dq[I, f], du[I, f] (diffusion) and, with
     ``symmetric``, the swapped pair's dk[I, f]."""
     pid_i = tl.program_id(0)
@@ -383,7 +387,7 @@ def backward_row_kernel(
             q_ptr, k_ptr, v_ptr, g_ptr, q_sq_ptr, k_sq_ptr, row_factor_ptr, col_factor_ptr, s_ptr, gu_ptr, t_ptr,
             rows, cols, row_mask, col_mask, D, C, scale, power, gamma, eps,
             KERNEL, SYMMETRIC, NORMALIZE, DIFFUSION, True,
-            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D)
+            QK_PRECISION, ACC_DTYPE, EVEN_D, EVEN_C, BLOCK_I, BLOCK_J, BLOCK_D, BLOCK_C, DIRECT_D, SPLIT_K)
         dq = sliced_dot(c1, k_ptr, cols, col_mask, d0, D, dq, LOW_PRECISION_VALUES, VALUE_PRECISION, SLICE)
         c_rows += tl.sum(c1, 1)
         if SYMMETRIC:

@@ -31,15 +31,18 @@ _ARCHS: dict[int, tuple[str, ...]] = {}
 
 
 def _config(block_i, block_j, block_d, block_c, warps, stages, archs=(SM80, SM90), out=None, maxnreg=None,
-            slice=None):
+            slice=None, split_k=1):
     """A tile configuration (None: the kernel has no such tile); ``archs``: the targets on which it
     compiled without spills (see below). ``out``: the backward kernels' output feature tile
     (``OUT_D = OUT_C``); their ``BLOCK_D`` / ``BLOCK_C`` are the slices of the recomputed GEMMs, and their
     accumulators are tuples of ``slice``-wide tiles (``SLICE``; None: one tile of the output width).
+    ``split_k``: the pair-tile products (q kᵀ, G vᵀ) as batched products over that many chunks of each
+    BLOCK_D / BLOCK_C slice, one warp per chunk (``SPLIT_K``, :func:`.tiles.tile_dot`).
     ``maxnreg``: the register limit passed to ptxas (None: its own choice, which at 8 warps is sometimes
     128 or 80 registers and then spills)."""
     blocks = {"BLOCK_I": block_i, "BLOCK_J": block_j, "BLOCK_D": block_d, "BLOCK_C": block_c,
-              "OUT_D": out, "OUT_C": out, "SLICE": None if out is None else slice or out}
+              "OUT_D": out, "OUT_C": out, "SLICE": None if out is None else slice or out,
+              "SPLIT_K": None if block_j is None else split_k}
     config = triton.Config({name: size for name, size in blocks.items() if size is not None},
                            num_warps=warps, num_stages=stages, maxnreg=maxnreg)
     _ARCHS[id(config)] = archs
@@ -111,9 +114,13 @@ BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
 # tile and the accumulator were live together). What spilled after that (8–40 bytes in 10 of ~800 builds
 # of the AOT heavy and target sets, with 32- or 16-wide GEMM slices) were builds that ptxas had held at 128
 # or 80 registers on its own; with the limit set to 255 (``maxnreg``) they use 130–205 and spill nothing.
-# The GEMM slices are 16 wide: at 512 the float32 (tf32x3) passes still spilled 8–24 bytes at 255
-# registers with 32-wide ones (bench/NOTES_triton.md, "Backward: each tile once up to 512").
-BACKWARD_WIDE = {width: [_config(16, 16, 16, 16, 8, 1, out=width, maxnreg=255)] for width in (128, 256, 512)}
+# The pair tiles (q kᵀ, G vᵀ: 16 × 16, two tensor-core instruction tiles) are batched products over one chunk of
+# 16 columns per warp (``split_k`` = warps, slices of 16 × warps columns): as plain products over 8 warps, each
+# instruction tile was computed by 4 or 8 warps (bench/NOTES_triton.md, "Warps that repeated the pair tiles").
+# Wider passes take 16 warps and 128-wide accumulator slices where 8 warps spilled (8–72 bytes).
+BACKWARD_WIDE = {128: [_config(16, 16, 128, 128, 8, 1, out=128, maxnreg=255, split_k=8)],
+                 256: [_config(16, 16, 128, 128, 8, 1, out=256, maxnreg=255, split_k=8)],
+                 512: [_config(16, 16, 128, 128, 8, 1, out=512, maxnreg=255, split_k=8)]}
 
 PREPROCESS_CONFIGS = [
     _config(32, None, None, 64, 4, 1),
@@ -159,15 +166,21 @@ _WIDE = {
 for _key, _lists in _WIDE.items():
     if _key[0] != "forward":
         _lists.update(BACKWARD_WIDE)
-# The float32 column pass at 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: with 512-wide accumulators
-# and operands, two or three of them did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16 warps; 8- and
-# 16-wide slices; 32 rows; 24–288 bytes at 16×16×16×16, 8 warps). With the accumulators held as tuples of
-# 128-wide slices (``SLICE``: one slice of G, q, k loaded and split at a time) and 16 warps, every float32
-# column variant at 512 compiles without spills on sm_80 and sm_90 (160 builds; 64-wide slices at 8 warps still
-# spilled 8–80 bytes), so this pass too covers the class in one program.
-FP32_COLUMN_WIDE = [_config(16, 16, 16, 16, 16, 1, out=512, maxnreg=255, slice=128)]
-_WIDE[("column", True, False)][512] = FP32_COLUMN_WIDE
-_WIDE[("column", True, True)][512] = FP32_COLUMN_WIDE
+# The float32 column pass at 256 and 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: with 512-wide
+# accumulators and operands, two or three of them did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16
+# warps; 8- and 16-wide slices; 32 rows; 24–288 bytes at 16×16×16×16, 8 warps). With the accumulators held as
+# tuples of 128-wide slices (``SLICE``: one slice of G, q, k loaded and split at a time) and 16 warps, every
+# float32 column variant compiles without spills on sm_80 and sm_90, so this pass too covers the class in one
+# program. The half column pass at 512 and the float32 row pass at 512 take 16 warps too (8 warps, split pair
+# tiles: 8–72 spill bytes).
+FP32_COLUMN_WIDE = {256: [_config(16, 16, 256, 256, 16, 1, out=256, maxnreg=255, slice=128, split_k=16)],
+                    512: [_config(16, 16, 128, 128, 16, 1, out=512, maxnreg=255, slice=128, split_k=8)]}
+HALF_COLUMN_512 = [_config(16, 16, 256, 256, 16, 1, out=512, maxnreg=255, slice=128, split_k=16)]
+FP32_ROW_512 = [_config(16, 16, 256, 256, 16, 1, out=512, maxnreg=255, split_k=16)]
+for _symmetric in (False, True):
+    _WIDE[("column", True, _symmetric)].update(FP32_COLUMN_WIDE)
+    _WIDE[("column", False, _symmetric)][512] = HALF_COLUMN_512
+    _WIDE[("row", True, _symmetric)][512] = FP32_ROW_512
 
 # Repeated instruction tiles, measured: the most warps computing one 16 × 8 tile of the pair tiles (q kᵀ, G vᵀ;
 # BLOCK_I × BLOCK_J) and of the products into the accumulators, over every variant compiled from the entry
@@ -185,12 +198,13 @@ _measured("forward", [_WIDE[("forward", False)][512], FORWARD_CONFIGS_FP32_WIDE[
 _measured("forward", [FORWARD_CONFIGS_FP32, _WIDE[("forward", True)][128]], (4, 1))
 _COPIES["forward", id(FORWARD_CONFIGS_FP32[2])] = (2, 2)  # 64 × 32 (sm_90 only)
 _measured("forward", [FORWARD_CONFIGS_FP32_WIDE[512]], (8, 1))
-_measured("column", [BACKWARD_CONFIGS_FP32, BACKWARD_WIDE[128], BACKWARD_WIDE[256]], (8, 1))
+_measured("column", [BACKWARD_CONFIGS_FP32], (8, 1))
 _measured("column", [COLUMN_CONFIGS_NONSYMMETRIC], (2, 1))  # 4 warps
-_measured("column", [COLUMN_CONFIGS, BACKWARD_WIDE[512]], (4, 1))
-_measured("column", [FP32_COLUMN_WIDE], (16, 1))  # 16 warps
+_measured("column", [COLUMN_CONFIGS], (4, 1))
 _measured("row", [ROW_CONFIGS], (1, 1))
-_measured("row", [BACKWARD_CONFIGS_FP32, BACKWARD_WIDE[128], BACKWARD_WIDE[256], BACKWARD_WIDE[512]], (8, 1))
+_measured("row", [BACKWARD_CONFIGS_FP32], (8, 1))
+for _family in ("column", "row"):  # the split pair tiles: one warp per chunk
+    _measured(_family, [*BACKWARD_WIDE.values(), *FP32_COLUMN_WIDE.values(), HALF_COLUMN_512, FP32_ROW_512], (1, 1))
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.
@@ -241,6 +255,8 @@ def interpreter_blocks(config) -> dict:
     """The tiles the interpreter runs a kernel with: :data:`INTERPRETER_BLOCKS`, with the feature tiles
     of ``config`` (the default of the call's list)."""
     blocks = {name: INTERPRETER_BLOCKS[name] for name in config.kwargs if name in INTERPRETER_BLOCKS}
+    if "SPLIT_K" in config.kwargs:  # the pair tiles split as on a GPU (chunks of BLOCK_D / SPLIT_K columns)
+        blocks["SPLIT_K"] = config.kwargs["SPLIT_K"]
     if "OUT_D" in config.kwargs:  # backward: output feature tiles of the class, sliced as on a GPU
         blocks.update(OUT_D=config.kwargs["OUT_D"], OUT_C=config.kwargs["OUT_C"], SLICE=config.kwargs["SLICE"])
     elif "BLOCK_I" in config.kwargs and "BLOCK_J" in config.kwargs:  # forward: the value tile of the class

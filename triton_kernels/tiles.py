@@ -164,20 +164,40 @@ def store_slices(ptr, rows, row_mask, col0, width, accs, coef, SLICE: tl.constex
 
 @triton.jit
 def tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, width, acc, EVEN: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK: tl.constexpr):
-    """``acc + a[rows] @ b[cols]ᵀ`` for contiguous (·, width) matrices a and b, in slices of ``BLOCK``."""
-    for w0 in tl.range(0, width, BLOCK):
-        offs = w0 + tl.arange(0, BLOCK)
-        a = load_rows(a_ptr, rows, row_mask, offs, width, EVEN)
-        b = load_rows(b_ptr, cols, col_mask, offs, width, EVEN)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+             BLOCK: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``acc + a[rows] @ b[cols]ᵀ`` for contiguous (·, width) matrices a and b, in slices of ``BLOCK``.
+
+    ``SPLIT_K`` > 1: each slice is cut into SPLIT_K chunks of ``BLOCK // SPLIT_K`` columns multiplied as one
+    batched product, (SPLIT_K, rows, chunk) @ (SPLIT_K, chunk, cols), which Triton gives one warp per chunk
+    (SPLIT_K = the program's warps), and the chunks are summed at the end. A 16 × 16 tile has two 16 × 8
+    tensor-core instruction tiles; as a plain product over 8 warps, 4 or 8 warps computed each of them."""
+    if SPLIT_K == 1:
+        for w0 in tl.range(0, width, BLOCK):
+            offs = w0 + tl.arange(0, BLOCK)
+            a = load_rows(a_ptr, rows, row_mask, offs, width, EVEN)
+            b = load_rows(b_ptr, cols, col_mask, offs, width, EVEN)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    else:
+        CHUNK: tl.constexpr = BLOCK // SPLIT_K
+        parts = tl.zeros([SPLIT_K, acc.shape[0], acc.shape[1]], dtype=acc.dtype)
+        chunk0 = tl.arange(0, SPLIT_K) * CHUNK
+        a_rows = rows.to(tl.int64)[None, :, None] * width
+        b_cols = cols.to(tl.int64)[None, None, :] * width
+        for w0 in tl.range(0, width, BLOCK):
+            offs_a = w0 + chunk0[:, None, None] + tl.arange(0, CHUNK)[None, None, :]  # (SPLIT_K, 1, CHUNK)
+            offs_b = w0 + chunk0[:, None, None] + tl.arange(0, CHUNK)[None, :, None]  # (SPLIT_K, CHUNK, 1)
+            a = tl.load(a_ptr + a_rows + offs_a, mask=row_mask[None, :, None] & (offs_a < width), other=0.0)
+            b = tl.load(b_ptr + b_cols + offs_b, mask=col_mask[None, None, :] & (offs_b < width), other=0.0)
+            parts = tl.dot(a, b, parts, input_precision=PRECISION)
+        acc += tl.sum(parts, 0)
     return acc
 
 
 @triton.jit
 def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
               KERNEL: tl.constexpr, EVEN_D: tl.constexpr, QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr):
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr,
+              SPLIT_K: tl.constexpr):
     """``(x, coincident, dead)`` between rows ``a[rows]`` and ``b[cols]``: x = a·b or ‖a − b‖².
 
     ``DIRECT_D`` > 0 (distance kernels with D = DIRECT_D ≤ 3 features): ρ = Σ_d (a_d − b_d)² from direct
@@ -199,7 +219,7 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
             clamped = x != x  # NaN (a sum of squares is never negative)
         else:
             s = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D,
-                         tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_D, QK_PRECISION, BLOCK_D)
+                         tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE), EVEN_D, QK_PRECISION, BLOCK_D, SPLIT_K)
         # The norms after the GEMM loop: held across it, their tile cost registers (16 spill bytes on
         # sm_80 under triton 3.8 in a float32 `symmetric` forward).
         a_sq = tl.load(a_sq_ptr + rows, mask=row_mask, other=0.0)
@@ -217,7 +237,7 @@ def pair_tile(a_ptr, b_ptr, a_sq_ptr, b_sq_ptr, rows, cols, row_mask, col_mask, 
         dead = coincident | clamped
     else:
         x = tile_dot(a_ptr, b_ptr, rows, cols, row_mask, col_mask, D, tl.zeros([BLOCK_I, BLOCK_J], dtype=ACC_DTYPE),
-                     EVEN_D, QK_PRECISION, BLOCK_D)
+                     EVEN_D, QK_PRECISION, BLOCK_D, SPLIT_K)
         coincident = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int1)
         dead = coincident
     return x, coincident, dead
@@ -228,7 +248,8 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
                 scale, power, gamma, eps,
                 KERNEL: tl.constexpr, SYMMETRIC: tl.constexpr, EVEN_D: tl.constexpr,
                 QK_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr):
+                BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, DIRECT_D: tl.constexpr,
+                SPLIT_K: tl.constexpr):
     """``(w̃ or log w̃, g1, g2, dead1, dead2)`` of one tile; ``g2`` is 0 without ``symmetric``.
 
     ``g1``, ``g2``: the slopes ∂w̃/∂x of the two terms (∂ log w̃/∂x for log-domain kernels), except for
@@ -241,12 +262,12 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
     :func:`pair_tile`); the backward zeroes H·g there instead of multiplying (a NaN must not leak through).
     """
     x1, coincident1, dead1 = pair_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                       KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
+                                       KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D, SPLIT_K)
     if log_domain(KERNEL):
         z1 = scale * x1
         if SYMMETRIC:
             x2, _, _ = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask, D, eps,
-                                 KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
+                                 KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE, BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D, SPLIT_K)
             z2 = scale * x2
             # log ½(e^z1 + e^z2) = max + log(½ + ½e^(min − max)). Selected with where, not
             # tl.maximum/minimum: a NaN in z1 or z2 lands in `low` or `high` and propagates.
@@ -269,7 +290,7 @@ def weight_tile(q_ptr, k_ptr, q_sq_ptr, k_sq_ptr, rows, cols, row_mask, col_mask
         if SYMMETRIC:
             x2, coincident2, dead2 = pair_tile(k_ptr, q_ptr, k_sq_ptr, q_sq_ptr, rows, cols, row_mask, col_mask,
                                                D, eps, KERNEL, EVEN_D, QK_PRECISION, ACC_DTYPE,
-                                               BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D)
+                                               BLOCK_I, BLOCK_J, BLOCK_D, DIRECT_D, SPLIT_K)
             w2, d2 = affinity(x2, KERNEL, scale, power, gamma)
             w2 = tl.where(coincident2, 0.0, w2)
             d2 = tl.where(coincident2, 0.0, d2)
