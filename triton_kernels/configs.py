@@ -62,8 +62,9 @@ def replication_of(family: str, config) -> tuple[int, int]:
     """How many warps compute each 16 × 8 tensor-core tile of a configuration's pair tiles (q kᵀ, G vᵀ) and of
     its products into the accumulators, on sm_90 (the layouts of the compiled kernels, ``aot.dot_layouts``;
     1: the warps split the output). A 16-row × 16-column tile has two instruction tiles: at 8 warps Triton lays
-    the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times) — the price of accumulators of 512
-    columns in registers, which need 16-row tiles (32- and 64-row column tiles spilled 112–552 bytes at 512).
+    the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times). The backward from class 128 on
+    splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing; wider row tiles instead did not
+    fit beside 512-column accumulators (32- and 64-row column tiles spilled 112–552 bytes at 512).
     ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ)."""
     return _COPIES[family, id(config)]
 
@@ -185,8 +186,8 @@ for _symmetric in (False, True):
 # Repeated instruction tiles, measured: the most warps computing one 16 × 8 tile of the pair tiles (q kᵀ, G vᵀ;
 # BLOCK_I × BLOCK_J) and of the products into the accumulators, over every variant compiled from the entry
 # (bench/results/aot_configs.json, sm_90; `aot.dot_layouts`; tests/test_aot.py checks each against it). The
-# 16 × 16 pair tiles of the backward have two instruction tiles for 8 or 16 warps; Triton lays the warps out
-# along the rows (8 × 1, or 4 × 2 in the half column pass at 512) and each tile is computed 4 to 16 times.
+# 16 × 16 pair tiles of class 64's backward have two instruction tiles for 4 or 8 warps, laid out 2 × 2, 4 × 2
+# or 8 × 1: each tile computed 2 to 8 times; the forward's small float32 and 512-wide tiles 2 to 8 times.
 def _measured(family, lists, copies):
     for lst in lists:
         for config in lst:
