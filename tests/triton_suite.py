@@ -300,6 +300,21 @@ def test_work_model_counts_the_interpreters_dot_work(combo, shape, dtype, dot_fl
 
 # ---- wide feature dimensions: D, C ∈ {256, 512, 1024} against the reference -----------------------------
 
+#: (D, C) of the wide classes in turn: 256 (one 256-wide output tile), 300 × 200 (the 512 class, masked tails in
+#: the split pair-tile chunks and the accumulator slices), 1000 × 1024 (two feature programs of 512).
+WIDE_FEATURES = [(256, 256), (300, 200), (1000, 1024)]
+
+
+@pytest.mark.parametrize("index,combo", list(enumerate(COMBOS)), ids=[combo_id(c) for c in COMBOS])
+def test_every_combination_at_a_wide_class(index, combo):
+    """Every combination once at a wide class (the split pair tiles, the sliced accumulators, several feature
+    programs), the classes in turn, float64 against the float64 reference: 19 queries against 17 keys (19 × 19
+    for the square-only combinations), as the class-64 test above does at D = 5, C = 3."""
+    d, c = WIDE_FEATURES[index % len(WIDE_FEATURES)]
+    n, m = (19, 19) if square_only(combo) else (19, 17)
+    check_against_reference(combo, ((), n, m, d, c), torch.float64)
+
+
 @pytest.mark.parametrize("combo,shape,dtype", WIDE_CASES, ids=[case_id(*case) for case in WIDE_CASES])
 def test_wide_features_match_reference(combo, shape, dtype):
     check_against_reference(combo, shape, dtype)
