@@ -35,7 +35,8 @@ Wide D and C: the second grid axis enumerates output feature blocks (forward BLO
 OUT_D = OUT_C), and a program accumulates only its block of the outputs, recomputing the tile's GEMMs
 over all of D and C in slices of BLOCK_D / BLOCK_C. The launcher picks the feature blocks of the call's
 width class (:func:`.configs.configs_for`): one block (each tile computed once per pass) up to C = 512 in
-the forward and D, C = 512 in the backward; more blocks above. Epilogues that add a row-scaled input tile
+the forward and D, C = 512 in the backward (but the float32 ``symmetric`` column pass at 512: four); more
+blocks above. Epilogues that add a row-scaled input tile
 to an accumulator (diffusion's u, the distance kernels' q_i and k_j, du's G) run after the accumulator is
 stored (:func:`.tiles.scaled_rows_into`), so the two wide tiles are never live together. The backward's
 accumulators are tuples of ``SLICE``-wide tiles (:func:`.tiles.zero_slices`), so that one slice of an operand

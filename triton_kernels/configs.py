@@ -133,7 +133,8 @@ PREPROCESS_CONFIGS = [
 #: class's list covers the class width in one program (BLOCK_C), so the forward computes each affinity
 #: tile once per row block for C ≤ 512 and ⌈C / 512⌉ times above; the backward's output tiles
 #: (OUT_D = OUT_C) are the class width too, so each backward pass computes every tile once for D, C ≤ 512
-#: and ⌈max(D, C) / 512⌉ times above (the work model, :mod:`.work_model`, counts it). Wider value
+#: and ⌈max(D, C) / 512⌉ times above (the work model, :mod:`.work_model`, counts it), except the float32
+#: ``symmetric`` column pass at 512, which keeps 128-wide output tiles (see below). Wider value
 #: tiles are paid with fewer rows per program.
 WIDTH_CLASSES = (64, 128, 256, 512)
 
