@@ -63,7 +63,8 @@ def replication_of(family: str, config) -> tuple[int, int]:
     its products into the accumulators, on sm_90 (the layouts of the compiled kernels, ``aot.dot_layouts``;
     1: the warps split the output). A 16-row × 16-column tile has two instruction tiles: at 8 warps Triton lays
     the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times). The backward from class 128 on
-    splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing; wider row tiles instead did not
+    splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing but in the float32 ``symmetric``
+    column pass at 512 (whole 16 × 16 tiles over 8 warps); wider row tiles instead did not
     fit beside 512-column accumulators (32- and 64-row column tiles spilled 112–552 bytes at 512).
     ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ)."""
     return _COPIES[family, id(config)]
