@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nonlocal_ext
-from nonlocal_ext.backends import cpu, reference
+from nonlocal_ext.backends import cost, reference
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -49,26 +49,41 @@ def test_reference_in_half_is_plain_dense_in_half_or_in_float32(dtype):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def auto_pick(dtype, batch, n, m, d, c, backward):
-    q, k, v = (torch.empty(1, rows, cols, dtype=dtype).expand(batch, rows, cols) for rows, cols in ((n, d), (m, d), (m, c)))
-    spec = spec_of(q, k, v, "gaussian", backend="auto")
-    return nonlocal_ext.backends.select("auto", spec, q, k, v, backward=backward), spec, q
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_class_names_the_instructions_of_the_half_products(dtype):
+    q = torch.randn(1, 3, 2, dtype=dtype)
+    expected = "amx" if torch.cpu._is_amx_tile_supported() else "avx512"
+    for kernel in ("gaussian", "rbf"):
+        spec = spec_of(q, q, q, kernel)
+        assert reference.half_class(spec, q) == (expected if reference.half_products(spec, q) else None)
+
+
+def test_auto_prices_half_inputs_by_the_class_of_this_cpu(monkeypatch):
+    seen = []
+    monkeypatch.setattr(cost, "choose", lambda *args: seen.append(args[9]) or "reference")
+    q = torch.empty(2, 40, 8, dtype=torch.bfloat16)
+    spec = spec_of(q, q, q, "gaussian", backend="auto")
+    assert nonlocal_ext.backends.select("auto", spec, q, q, q) is reference
+    assert seen == [reference.half_class(spec, q)]
 
 
 @pytest.mark.parametrize("batch,n,m,d,c,backward", [
-    (2, 3400, 850, 512, 512, False),  # detection res4: dense half products ≈ 4× the float32 ones
+    (2, 3400, 850, 512, 512, False),  # detection res4: dense half products ≈ 4× the float32 ones on AMX
     (2, 3400, 850, 512, 512, True),
     (8, 784, 196, 256, 256, True),    # res3
 ])
-def test_auto_takes_the_dense_half_products_at_block_shapes(batch, n, m, d, c, backward):
-    pick, spec, q = auto_pick(torch.bfloat16, batch, n, m, d, c, backward)
-    if reference.half_products(spec, q):
-        assert pick is reference
-    else:  # priced as float32 work: the same choice as for float32 inputs
-        assert pick is auto_pick(torch.float32, batch, n, m, d, c, backward)[0]
+def test_auto_takes_the_dense_half_products_on_amx_at_block_shapes(batch, n, m, d, c, backward):
+    assert cost.choose(batch, n, m, d, c, "gaussian", "row", False, backward, "amx", True) == "reference"
 
 
-def test_auto_keeps_the_fused_kernels_at_attention_shapes_in_half():
+@pytest.mark.parametrize("backward", [False, True])
+def test_auto_takes_float32_blocks_where_half_products_are_slower(backward):
+    """Without AMX (the measured suite's machine: bf16 GEMM 147 against float32 267 GFLOP/s) ``chunked``, which
+    computes in float32, was the fastest in bf16 at the large shapes (detection res4, N = M = 4096)."""
+    for batch, n, m, d in ((2, 3400, 850, 512), (2, 4096, 4096, 128)):
+        assert cost.choose(batch, n, m, d, d, "gaussian", "row", False, backward, "avx512", True) == "chunked"
+
+
+def test_auto_keeps_the_fused_kernels_at_attention_shapes_in_half_on_amx():
     """N = M = 4096, D = 64, C = 128: the fused forward (no N×M matrix) stays ahead in bfloat16."""
-    pick, _, _ = auto_pick(torch.bfloat16, 1, 4096, 4096, 64, 128, False)
-    assert pick is cpu
+    assert cost.choose(1, 4096, 4096, 64, 128, "gaussian", "row", False, False, "amx", True) == "cpu"

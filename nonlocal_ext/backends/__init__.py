@@ -24,15 +24,9 @@ def available(spec, query) -> list[str]:
     return [name for name, b in BACKENDS.items() if b.unsupported_reason(spec, query) is None]
 
 
-#: Without fused kernels for the device, ``auto`` uses the dense reference up to this many
-#: affinities B·N·M and ``chunked`` above (bench/NOTES.md: chunked at 0.49–0.96× of dense at
-#: N = M = 1024, mixed at 2048, ``chunked`` ahead from 4096); its N×M temporaries stay small.
+#: On devices other than CPU and CUDA (no fused kernels, no cost model measured there) ``auto`` uses the
+#: dense reference up to this many affinities B·N·M and ``chunked`` above; its N×M temporaries stay small.
 DENSE_MAX_ELEMENTS = 1 << 21
-
-#: Bytes the dense path's N×M temporaries may take when ``auto`` prefers it to the fused kernels
-#: (it holds up to DENSE_TEMPORARIES matrices of B·N·M elements with autograd).
-DENSE_MEMORY_BUDGET = 1 << 30
-DENSE_TEMPORARIES = 8
 
 
 def select(name: str, spec, query, key, value=None, backward: bool = False):
@@ -40,12 +34,12 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
 
     ``auto`` on CUDA: ``kernel="dot"`` takes the exact linear-time path; every other kernel goes to
     the work model's per-call decision (``cuda_choice``: fused, dense within a memory budget, or
-    SDPA). On CPU, :mod:`.cost` prices the candidates (``backward``: whether a backward will run)
-    and the cheapest runs: the fused ``cpu`` kernels where they are available, the dense
-    ``reference`` while its N×M temporaries fit DENSE_MEMORY_BUDGET, and for ``dot`` the linear
-    path. Without fused kernels the dense side is the ``reference`` for small problems
-    (B·N·M ≤ DENSE_MAX_ELEMENTS) and ``chunked`` for the rest. A backend asked for by name is used
-    or refused with the reason and the list of what is available, never silently replaced.
+    SDPA). On CPU, :func:`.cost.choose` prices the candidates (``backward``: whether a backward will run)
+    and the cheapest runs: the fused ``cpu`` kernels where they are built, the dense ``reference`` while
+    its N×M temporaries fit the memory budget, ``chunked``, and for ``dot`` the linear path. Other devices:
+    ``linear`` for ``dot``, else the ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS) and
+    ``chunked`` for the rest. A backend asked for by name is used or refused with the reason and the list
+    of what is available, never silently replaced.
     """
     if name == "auto":
         dot = spec.kernel.name == "dot"
@@ -54,18 +48,12 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
         d, m = query.shape[-1], key.shape[-2]
         c = d if value is None else value.shape[-1]
         n, batch = query.shape[-2], math.prod(query.shape[:-2])
-        affinities = batch * n * m  # B·N·M
-        half = reference.half_products(spec, query)
-        dense = cost.dense_work(affinities, d, c, spec.kernel.name, backward, half)
-        if cpu.unsupported_reason(spec, query) is None:
-            dense_bytes = DENSE_TEMPORARIES * affinities * 4 * (2 if query.dtype == torch.float64 else 1)
-            fused = cost.fused_work(affinities, m, d, c, spec.normalize, backward, half)
-            best, work = (reference, dense) if dense_bytes <= DENSE_MEMORY_BUDGET and dense < fused else (cpu, fused)
-        else:
-            best, work = (reference if affinities <= DENSE_MAX_ELEMENTS else chunked), dense
-        if dot and cost.linear_work(batch, n, m, d, c, spec.symmetric, backward) < work:
-            return linear
-        return best
+        if query.device.type != "cpu":
+            return linear if dot else reference if batch * n * m <= DENSE_MAX_ELEMENTS else chunked
+        choice = cost.choose(batch, n, m, d, c, spec.kernel.name, spec.normalize, spec.symmetric, backward,
+                             reference.half_class(spec, query), cpu.unsupported_reason(spec, query) is None,
+                             query.element_size())
+        return BACKENDS[choice]
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)
     if reason is not None:

@@ -1,88 +1,163 @@
-"""The cost model behind ``backend="auto"`` on CPU: the dense ``reference`` or the fused ``cpu`` kernels.
+"""The cost model behind ``backend="auto"`` on CPU: :func:`choose` prices each path that can run a call and
+takes the cheapest.
 
-Both paths are priced in GEMM-FLOP equivalents per affinity (pair i, j; B·N·M pairs per call):
+Every path is priced in GEMM-FLOP equivalents (time × the float32 GEMM rate) for B·N·M pairs:
 
 * **dense** (``reference``, plain autograd): GEMMs of 2(D + C) FLOPs per pair in the forward, 3× that
   with the backward (dÂ = G vᵀ, dv = ÂᵀG, dq, dk), plus the elementwise passes over the N×M matrices
   (forming W, normalizing, their backward): :data:`DENSE_PASSES`, cheaper by :data:`CACHED_PASSES`
   when the whole N×M matrix fits in the core's cache (:data:`CACHED_BYTES`), dearer by
-  :data:`UNCACHED_PASSES` when it exceeds the last-level cache (:data:`UNCACHED_BYTES`).
+  :data:`UNCACHED_PASSES` when it exceeds the last-level cache (:data:`UNCACHED_BYTES`), and a fixed
+  cost per call (:data:`DENSE_CALL`). Only while its N×M temporaries fit :data:`DENSE_MEMORY_BUDGET`.
 * **fused** (``cpu``): the forward's 2(D + C) and the backward's 2(3D + 2C) (it recomputes q kᵀ
   instead of storing W), at :data:`FUSED_FORWARD_SPEED` and :data:`FUSED_BACKWARD_SPEED` times the
-  dense GEMM rate (its tiles go through brgemm without packing; its backward adds tile transposes and
-  column partials), the kernel's elementwise work in cache (:data:`FUSED_PASSES`), ``sym``'s column
+  dense GEMM rate, the kernel's elementwise work in cache (:data:`FUSED_PASSES`), ``sym``'s column
   pass, a penalty for narrow key sets (M < 256 fills a 256-wide tile partly: :func:`narrow_penalty`)
   and a fixed cost per call (:data:`FUSED_CALL`).
-
+* **chunked**: the fused path's GEMM work (it recomputes each block of W in the backward) at
+  :data:`CHUNKED_SPEED`, the dense path's elementwise passes on blocks that stay in cache
+  (:data:`CHUNKED_PASSES` of them), and a fixed cost per block of rows (:data:`CHUNKED_BLOCK`).
 * **linear** (``kernel="dot"`` only): two thin products per pass, 2(N + M)·D·(C + 1) FLOPs per batch
   element (twice with ``symmetric``), 3× that with the backward, in float64 (it accumulates there):
   :data:`LINEAR_SPEED` times the dense float32 GEMM rate. It wins when N·M is large against D·C
   (attention shapes) and loses at nonlocal-block shapes (D = C = 256–1024 and M = N/4).
 
-The constants come from one-thread CPU-time probes of the nonlocal-block suite
-(``nonlocal-bench --suite blocks``) and of N = M ∈ {256…4096}, D = 64, C = 128; bench/NOTES.md
-("The auto cost model"; the fused GEMM speeds and the half factors re-read on an AMX machine in
-"`auto` on an AMX machine, and dense products in half") has the tables they were read from.
+Half inputs whose products run in half on this CPU (``half``: :func:`.reference.half_class`, "amx" or
+"avx512" by the CPU's half instructions) change the dense path's GEMM speed and elementwise passes
+(:data:`HALF_DENSE_GEMM_SPEED`, :data:`HALF_DENSE_PASSES`) and the fused kernels' speed
+(:data:`HALF_FUSED_SPEED`), one value per class; ``chunked`` computes in float32 either way.
+
+The constants between the ``calibrate.py`` markers are fitted by ``bench/calibrate.py`` to the times
+``make bench`` measured (``bench/results/blocks.json`` and ``cpu.json``), each path to its own rows, the
+half constants of the class of the machine that measured them (:data:`FITTED_ON`); tests/test_cost.py
+checks that they are that fit. The "amx" half constants were read on a Sapphire Rapids with AMX
+(bench/NOTES.md, "`auto` on an AMX machine, and dense products in half"). bench/NOTES.md ("The auto cost
+model, fitted") has the fit and the picks it gives.
 """
 
 from __future__ import annotations
 
-#: Elementwise work of the dense path, in GEMM-FLOP equivalents per pair: (forward, forward+backward).
-DENSE_PASSES = {"dot": (200.0, 600.0), "gaussian": (460.0, 1480.0), "rbf": (1400.0, 3000.0),
-                "fractional": (2700.0, 7000.0), "log": (2700.0, 7000.0)}
-#: The same work on matrices (B·N·M float32 values) that stay in the core's cache costs this fraction,
-CACHED_PASSES = 0.35
+import math
+
+#: Bytes the dense path's N×M temporaries may take (it holds up to DENSE_TEMPORARIES matrices of
+#: B·N·M elements with autograd).
+DENSE_MEMORY_BUDGET = 1 << 30
+DENSE_TEMPORARIES = 8
+#: The whole N×M matrix (B·N·M float32 values) in the core's cache, or beyond the last-level cache.
 CACHED_BYTES = 4 << 20
-#: and on matrices larger than the last-level cache this multiple.
-UNCACHED_PASSES = 2.0
 UNCACHED_BYTES = 32 << 20
-#: Elementwise work of the fused kernels per pair (exp/log in registers): forward, forward+backward.
-FUSED_PASSES = (100.0, 300.0)
-#: Fixed work of one fused call (custom-op dispatch, transposed copies, statistics, the backward's
-#: partial sums), in GEMM-FLOP equivalents: forward, forward+backward.
-FUSED_CALL = (7e6, 40e6)
+#: Elements of W per block of ``chunked`` (its BLOCK_ELEMENTS).
+CHUNK_ELEMENTS = 1 << 20
+
+# calibrate.py: begin
+DENSE_PASSES = {
+    "dot": (466.8, 1348.0),
+    "gaussian": (433.8, 1106.0),
+    "rbf": (1927.0, 4050.0),
+    "fractional": (2857.0, 5386.0),
+    "log": (2857.0, 5386.0),
+}
+CACHED_PASSES = 0.8926
+UNCACHED_PASSES = 2.338
+DENSE_CALL = (12590000.0, 135500000.0)
+FUSED_PASSES = (128.6, 934.6)
+FUSED_CALL = (33330000.0, 310900000.0)
 FUSED_FORWARD_SPEED = 0.75
-FUSED_BACKWARD_SPEED = 0.6
-#: The linear path's float64 thin GEMMs, as a fraction of the dense float32 GEMM rate.
-LINEAR_SPEED = 0.4
-#: Half inputs where the CPU multiplies half natively (``reference.half_products``): the dense path's
-#: GEMMs run this much faster than float32, its elementwise passes (half storage) cost this fraction,
-#: and the fused kernels (half tile products, float32 weights) run this much faster overall.
-HALF_DENSE_GEMM_SPEED = 4.0
-HALF_DENSE_PASSES = 0.6
-HALF_FUSED_SPEED = 1.5
+FUSED_BACKWARD_SPEED = 0.7373
+NARROW_PENALTY = 1.2
+DENSE_NARROW_PENALTY = 1.581
+CHUNKED_SPEED = 0.8337
+CHUNKED_PASSES = 0.8065
+CHUNKED_BLOCK = (61320000.0, 417200000.0)
+LINEAR_SPEED = 0.2651
+HALF_DENSE_GEMM_SPEED = {
+    "amx": 4.0,
+    "avx512": 0.6986,
+}
+HALF_DENSE_PASSES = {
+    "amx": 0.6,
+    "avx512": 1.008,
+}
+HALF_FUSED_SPEED = {
+    "amx": 1.5,
+    "avx512": 0.6176,
+}
+FITTED_ON = "avx512"
+# calibrate.py: end
+
+#: The paths :func:`choose` prices, by ``backend=`` name.
+PATHS = ("reference", "cpu", "chunked", "linear")
 
 
-def narrow_penalty(m: int) -> float:
-    """Slow-down of the fused kernels when fewer than 256 keys fill their 256-wide tiles."""
-    return 1.0 + 0.35 * max(0.0, (256 - m) / 256)
+def narrow_penalty(m: int, penalty: float | None = None) -> float:
+    """Slow-down of GEMMs over fewer than 256 keys: the fused kernels' 256-wide tiles filled partly
+    (:data:`NARROW_PENALTY`), or the dense and chunked products q kᵀ with few columns and Â v with a short
+    inner dimension (:data:`DENSE_NARROW_PENALTY`)."""
+    return 1.0 + (NARROW_PENALTY if penalty is None else penalty) * max(0.0, (256 - m) / 256)
 
 
-def dense_work(pairs: int, d: int, c: int, kernel: str, backward: bool, half: bool = False) -> float:
-    """``half``: half inputs whose products run in half (``reference.half_products``)."""
-    gemm = 2.0 * (d + c) * (3 if backward else 1)
+def _passes(pairs: int, kernel: str, backward: bool) -> float:
     passes = DENSE_PASSES[kernel][backward]
     if pairs * 4 <= CACHED_BYTES:
-        passes *= CACHED_PASSES
-    elif pairs * 4 > UNCACHED_BYTES:
-        passes *= UNCACHED_PASSES
+        return passes * CACHED_PASSES
+    return passes * UNCACHED_PASSES if pairs * 4 > UNCACHED_BYTES else passes
+
+
+def dense_work(pairs: int, m: int, d: int, c: int, kernel: str, backward: bool, half: str | None = None) -> float:
+    """``half``: the class of half products these inputs run (:func:`.reference.half_class`), or None."""
+    gemm = 2.0 * (d + c) * (3 if backward else 1) * narrow_penalty(m, DENSE_NARROW_PENALTY)
+    passes = _passes(pairs, kernel, backward)
     if half:
-        gemm, passes = gemm / HALF_DENSE_GEMM_SPEED, passes * HALF_DENSE_PASSES
-    return pairs * (gemm + passes)
+        gemm, passes = gemm / HALF_DENSE_GEMM_SPEED[half], passes * HALF_DENSE_PASSES[half]
+    return pairs * (gemm + passes) + DENSE_CALL[backward]
 
 
-def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool, half: bool = False) -> float:
-    """``half``: half inputs on a CPU that multiplies them natively."""
+def _recomputing_gemms(d: int, c: int, normalize: str, backward: bool) -> tuple[float, float]:
+    """GEMM FLOPs per pair of a path that never stores W: (forward, backward)."""
     forward = 2.0 * (d + c) * (2 if normalize == "sym" else 1)  # sym: the column-sum pass first
-    work = forward / FUSED_FORWARD_SPEED + FUSED_PASSES[backward]
-    if backward:
-        work += 2.0 * (3 * d + 2 * c + (d + c if normalize == "sym" else 0)) / FUSED_BACKWARD_SPEED
+    return forward, (2.0 * (3 * d + 2 * c + (d + c if normalize == "sym" else 0)) if backward else 0.0)
+
+
+def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool, half: str | None = None) -> float:
+    """``half``: as for :func:`dense_work` (the fused kernels' half tile products follow the same test)."""
+    forward, back = _recomputing_gemms(d, c, normalize, backward)
+    work = forward / FUSED_FORWARD_SPEED + back / FUSED_BACKWARD_SPEED + FUSED_PASSES[backward]
     if half:
-        work /= HALF_FUSED_SPEED
+        work /= HALF_FUSED_SPEED[half]
     return pairs * work * narrow_penalty(m) + FUSED_CALL[backward]
+
+
+def chunked_work(pairs: int, m: int, d: int, c: int, kernel: str, normalize: str, backward: bool) -> float:
+    """The blocks of rows of ``chunked`` (float32 work for every input dtype)."""
+    forward, back = _recomputing_gemms(d, c, normalize, backward)
+    gemm = (forward + back) / CHUNKED_SPEED * narrow_penalty(m, DENSE_NARROW_PENALTY)
+    passes = DENSE_PASSES[kernel][backward] * CHUNKED_PASSES
+    return pairs * (gemm + passes) + math.ceil(pairs / CHUNK_ELEMENTS) * CHUNKED_BLOCK[backward]
 
 
 def linear_work(batch: int, n: int, m: int, d: int, c: int, symmetric: bool, backward: bool) -> float:
     """The exact low-rank path of ``dot`` (backends/linear.py), in the same units."""
     flops = 2.0 * batch * (n + m) * d * (c + 1) * (2 if symmetric else 1) * (3 if backward else 1)
     return flops / LINEAR_SPEED
+
+
+def prices(batch: int, n: int, m: int, d: int, c: int, kernel: str, normalize: str, symmetric: bool,
+           backward: bool, half: str | None, fused: bool, item_bytes: int = 4) -> dict[str, float]:
+    """The work of each path that may run the call, by name: ``reference`` while its temporaries fit the
+    budget (``item_bytes``: 8 for float64), ``cpu`` where the fused kernels are available (``fused``),
+    ``chunked`` always, ``linear`` for ``dot``."""
+    pairs = batch * n * m
+    out = {"chunked": chunked_work(pairs, m, d, c, kernel, normalize, backward)}
+    if DENSE_TEMPORARIES * pairs * max(item_bytes, 4) <= DENSE_MEMORY_BUDGET:
+        out["reference"] = dense_work(pairs, m, d, c, kernel, backward, half)
+    if fused:
+        out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half)
+    if kernel == "dot":
+        out["linear"] = linear_work(batch, n, m, d, c, symmetric, backward)
+    return out
+
+
+def choose(*args, **kwargs) -> str:
+    """The cheapest of :func:`prices` (same arguments), by ``backend=`` name."""
+    options = prices(*args, **kwargs)
+    return min(options, key=options.get)

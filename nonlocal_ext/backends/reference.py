@@ -91,6 +91,14 @@ def _normalized(spec, z, m):
     return w / m if spec.normalize == "count" else w
 
 
+def half_class(spec, query) -> str | None:
+    """Which half instructions the products of :func:`half_products` run on, for the cost model: "amx" (AMX
+    tiles) or "avx512" (AVX512-BF16 / AVX512-FP16 dot instructions); None where the products are float32."""
+    if not half_products(spec, query):
+        return None
+    return "amx" if torch.cpu._is_amx_tile_supported() else "avx512"
+
+
 def half_products(spec, query) -> bool:
     """Whether q kᵀ and Â v run in the inputs' half dtype: dot-family kernels, half CPU tensors on a
     CPU with native half products (AVX512-BF16/AMX for bfloat16, AMX-FP16 for float16), the same test
