@@ -52,12 +52,14 @@ def ratio_table(widths=(64, 128, 256, 512, 1024)) -> str:
              f"{'issued, max fwd':>15} {'bwd':>5}"]
     for width in widths:
         base = Call(1, 4096, 1024, width, width, "gaussian", "row", "aggregate", False, "fp16")
-        now = [fused_work(base, p)["ratio"] for p in ("forward", "backward")]
-        before = [fused_work(base, p, blocks=BEFORE)["ratio"] for p in ("forward", "backward")]
-        worst = [max(fused_work(call, p)["ratio"] for call in _calls(width)) for p in ("forward", "backward")]
-        issued = [fused_work(base, p)["issued_ratio"] for p in ("forward", "backward")]
-        worst_issued = [max(fused_work(call, p)["issued_ratio"] for call in _calls(width))
-                        for p in ("forward", "backward")]
+        passes = ("forward", "backward")
+        works = [fused_work(base, p) for p in passes]
+        every = [[fused_work(call, p) for call in _calls(width)] for p in passes]
+        now = [w["ratio"] for w in works]
+        issued = [w["issued_ratio"] for w in works]
+        before = [fused_work(base, p, blocks=BEFORE)["ratio"] for p in passes]
+        worst = [max(w["ratio"] for w in pass_works) for pass_works in every]
+        worst_issued = [max(w["issued_ratio"] for w in pass_works) for pass_works in every]
         lines.append(f"{width:>6}  {now[0]:>16.2f} {now[1]:>5.2f}  {before[0]:>10.2f} {before[1]:>5.2f}  "
                      f"{worst[0]:>25.2f} {worst[1]:>5.2f}  {issued[0]:>20.2f} {issued[1]:>5.2f}  "
                      f"{worst_issued[0]:>15.2f} {worst_issued[1]:>5.2f}")
@@ -76,8 +78,9 @@ def suite_table(kernel="gaussian", normalize="row", dtype="fp16") -> str:
              f"{'dense':>7} {'dense GB':>8} {'sdpa':>6}  auto"]
     for name, call in work_model.suite_calls(kernel, normalize, dtype).items():
         times = work_model.predictions(call, training=True)
-        ratios = "/".join(f"{fused_work(call, p)['ratio']:.2f}" for p in ("forward", "backward"))
-        issued = "/".join(f"{fused_work(call, p)['issued_ratio']:.2f}" for p in ("forward", "backward"))
+        works = [fused_work(call, p) for p in ("forward", "backward")]
+        ratios = "/".join(f"{w['ratio']:.2f}" for w in works)
+        issued = "/".join(f"{w['issued_ratio']:.2f}" for w in works)
         choice = cuda_choice.choose(call, True, budget)
         lines.append(f"{name:<13} {call.batch:>3} {call.n:>5} {call.m:>5} {call.d:>5} {_us(times['fused']):>7} "
                      f"{ratios:>10} {issued:>11} {_us(times['dense']):>7} {work_model.dense_bytes(call) / 1e9:>8.2f} "

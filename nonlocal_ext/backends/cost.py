@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import math
 
+from .chunked import BLOCK_ELEMENTS as CHUNK_ELEMENTS  # elements of W per block of ``chunked``
+
 #: Bytes the dense path's N×M temporaries may take (it holds up to DENSE_TEMPORARIES matrices of
 #: B·N·M elements with autograd).
 DENSE_MEMORY_BUDGET = 1 << 30
@@ -46,9 +48,8 @@ DENSE_TEMPORARIES = 8
 #: The whole N×M matrix (B·N·M float32 values) in the core's cache, or beyond the last-level cache.
 CACHED_BYTES = 4 << 20
 UNCACHED_BYTES = 32 << 20
-#: Elements of W per block of ``chunked`` (its BLOCK_ELEMENTS).
-CHUNK_ELEMENTS = 1 << 20
 
+# The constants fitted by `bench/calibrate.py --write` to the measured suite (not edited by hand):
 # calibrate.py: begin
 DENSE_PASSES = {
     "dot": (466.8, 1348.0),
