@@ -214,6 +214,24 @@ def compile_variant(row, arch: str, config_index: int = 0) -> dict:
     return usage
 
 
+#: Registers of one thread block (and of one SM) on sm_80 and sm_90; a thread's registers are allocated in
+#: steps of 8.
+REGISTER_FILE = 65536
+
+
+def max_warps(registers: int) -> int:
+    """The most warps one program can launch with at ``registers`` per thread: a launch whose block needs more
+    than the register file fails (Triton raises ``OutOfResources``; the autotuner skips the entry). At 16 warps
+    a kernel may use at most 128 registers; ``maxnreg`` lets ptxas go above that and build a kernel that
+    compiles without spills but cannot launch."""
+    return min(32, REGISTER_FILE // (-(-max(registers, 1) // 8) * 8 * 32))
+
+
+def launchable(row: dict) -> bool:
+    """Whether a compiled report row's block fits the register file (:func:`max_warps`)."""
+    return row["num_warps"] <= max_warps(row["registers"])
+
+
 def _operand_type(fields: str) -> str:
     """F16, BF16 or TF32 from the suffix of an HMMA/HGMMA instruction (``.16816.F32.BF16``)."""
     parts = fields.strip(".").split(".")
@@ -335,14 +353,15 @@ def summary(results) -> str:
         width = next((int(p[1:]) for p in r["variant"].split("-") if p[0] == "w" and p[1:].isdigit()), 64)
         groups.setdefault((r["kernel"], dtype, width, r["arch"], r.get("config", 0)), []).append(r)
     header = (f"{'kernel':<10} {'dtype':<5} {'width':>5} {'arch':<6} {'cfg':>3} {'variants':>8} {'registers':>9} "
-              f"{'max spill':>9} {'max smem+dyn':>12} {'mma':>7}")
+              f"{'max spill':>9} {'max smem+dyn':>12} {'mma':>7} {'warps':>5} launches")
     lines = [header, "-" * len(header)]
     for (kernel, dtype, width, arch, config), rows in sorted(groups.items()):
         regs = [r["registers"] for r in rows]
         mma = [r["mma_instructions"] for r in rows]
         smem = max(r["shared_bytes"] + r["shared_dynamic_bytes"] for r in rows)
         lines.append(f"{kernel:<10} {dtype:<5} {width:>5} {arch:<6} {config:>3} {len(rows):>8} {min(regs):>4}–{max(regs):<4} "
-                     f"{max(r['spill_bytes'] for r in rows):>9} {smem:>12} {min(mma):>3}–{max(mma):<3}")
+                     f"{max(r['spill_bytes'] for r in rows):>9} {smem:>12} {min(mma):>3}–{max(mma):<3} "
+                     f"{rows[0]['num_warps']:>5} {'yes' if all(launchable(r) for r in rows) else 'NO'}")
     return "\n".join(lines)
 
 

@@ -54,6 +54,21 @@ def test_no_spills(report):
     assert not spilled, "\n".join(spilled)
 
 
+def test_every_block_fits_the_register_file(report):
+    """A kernel launches only if registers × threads fit the 64 K registers of a block: with ``maxnreg`` ptxas
+    builds 16-warp kernels of up to 255 registers that compile without spills and fail at launch."""
+    from nonlocal_ext.aot import launchable
+    _, rows = report
+    over = [f"{r['kernel']} {r['variant']} {r['arch']}: {r['registers']} registers × {r['num_warps']} warps"
+            for r in rows if not launchable(r)]
+    assert not over, "\n".join(over)
+
+
+def test_max_warps_follows_the_register_file():
+    from nonlocal_ext.aot import max_warps
+    assert [max_warps(r) for r in (32, 64, 65, 128, 129, 168, 240, 255)] == [32, 32, 28, 16, 15, 12, 8, 8]
+
+
 def test_fused_kernels_use_tensor_cores(report):
     _, rows = report
     for family in ("forward", "column", "row"):
@@ -97,6 +112,7 @@ def test_autotune_entries_compiled_without_spills_on_their_targets():
     """bench/results/aot_configs.json (`--set heavy --configs all` + `--set targets --configs all`, every
     width class): every entry of every autotune list compiled on each target it is listed for, with no spills."""
     import triton
+    from nonlocal_ext.aot import launchable
     from nonlocal_ext.triton_kernels import configs
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
@@ -117,6 +133,8 @@ def test_autotune_entries_compiled_without_spills_on_their_targets():
                     f"{config} was not compiled for every variant on {target}: rerun the --configs all report"
                 assert all(r["spill_bytes"] == 0 for r in compiled), \
                     [(r["variant"], r["arch"], r["spill_bytes"]) for r in compiled if r["spill_bytes"]]
+                assert all(launchable(r) for r in compiled), \
+                    [(r["variant"], r["arch"], r["registers"], r["num_warps"]) for r in compiled if not launchable(r)]
 
 
 def _copies(config, rows) -> tuple[int, int]:

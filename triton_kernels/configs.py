@@ -63,9 +63,8 @@ def replication_of(family: str, config) -> tuple[int, int]:
     its products into the accumulators, on sm_90 (the layouts of the compiled kernels, ``aot.dot_layouts``;
     1: the warps split the output). A 16-row × 16-column tile has two instruction tiles: at 8 warps Triton lays
     the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times). The backward from class 128 on
-    splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing but in the float32 ``symmetric``
-    column pass at 512 (whole 16 × 16 tiles over 8 warps); wider row tiles instead did not
-    fit beside 512-column accumulators (32- and 64-row column tiles spilled 112–552 bytes at 512).
+    splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing; wider row tiles instead did not fit
+    beside 512-column accumulators (32- and 64-row column tiles spilled 112–552 bytes at 512).
     ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ)."""
     return _COPIES[family, id(config)]
 
@@ -119,7 +118,7 @@ BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
 # The pair tiles (q kᵀ, G vᵀ: 16 × 16, two tensor-core instruction tiles) are batched products over one chunk of
 # 16 columns per warp (``split_k`` = warps, slices of 16 × warps columns): as plain products over 8 warps, each
 # instruction tile was computed by 4 or 8 warps (bench/NOTES_triton.md, "Warps that repeated the pair tiles").
-# Wider passes take 16 warps and 128-wide accumulator slices where 8 warps spilled (8–72 bytes).
+# The passes that hold more (float32 column, 512-wide) are below.
 BACKWARD_WIDE = {128: [_config(16, 16, 128, 128, 8, 1, out=128, maxnreg=255, split_k=8)],
                  256: [_config(16, 16, 128, 128, 8, 1, out=256, maxnreg=255, split_k=8)],
                  512: [_config(16, 16, 128, 128, 8, 1, out=512, maxnreg=255, split_k=8)]}
@@ -134,9 +133,10 @@ PREPROCESS_CONFIGS = [
 #: class's list covers the class width in one program (BLOCK_C), so the forward computes each affinity
 #: tile once per row block for C ≤ 512 and ⌈C / 512⌉ times above; the backward's output tiles
 #: (OUT_D = OUT_C) are the class width too, so each backward pass computes every tile once for D, C ≤ 512
-#: and ⌈max(D, C) / 512⌉ times above (the work model, :mod:`.work_model`, counts it), except the float32
-#: ``symmetric`` column pass at 512, which keeps 128-wide output tiles (see below). Wider value
-#: tiles are paid with fewer rows per program.
+#: and ⌈max(D, C) / 512⌉ times above (the work model, :mod:`.work_model`, counts it), except where the
+#: 512-wide layouts did not fit the register file (see below): at 512 the float32 column pass, and with
+#: ``symmetric`` the half column pass and the float32 row pass, run 256-wide output tiles, two programs per
+#: block. Wider value tiles are paid with fewer rows per program.
 WIDTH_CLASSES = (64, 128, 256, 512)
 
 # float32 at 512: 16×16×32×512 spilled 336–1760 bytes in the diffusion variants while the epilogue's u tile
@@ -169,27 +169,27 @@ _WIDE = {
 for _key, _lists in _WIDE.items():
     if _key[0] != "forward":
         _lists.update(BACKWARD_WIDE)
-# The float32 column pass at 256 and 512 holds dv and dk (and dq′ with `symmetric`) in tf32x3: with 512-wide
-# accumulators and operands, two or three of them did not fit at any tiling tried (8–1432 spill bytes: 4, 8, 16
-# warps; 8- and 16-wide slices; 32 rows; 24–288 bytes at 16×16×16×16, 8 warps). With the accumulators held as
-# tuples of 128-wide slices (``SLICE``: one slice of G, q, k loaded and split at a time) and 16 warps, every
-# float32 column variant compiles without spills on sm_80 and sm_90, so this pass too covers the class in one
-# program. The half column pass at 512 and the float32 row pass at 512 take 16 warps too (8 warps, split pair
-# tiles: 8–72 spill bytes). At 512 the float32 column pass splits its pair tiles in 8 chunks over 16 warps (16
-# chunks spilled 8–16 bytes); Triton 3.8 gives each chunk 2 warps there (3.9: 1). With `symmetric` (three
-# accumulators) no 512-wide entry compiled cleanly under both 3.8 and 3.9 (16×16×16×16 at 16 warps and the
-# 8-chunk split spilled 8–16 bytes under 3.8), so that pass keeps its earlier 128-wide output tiles: four
-# feature programs, executed / needed 2.8 at D = C = 512 (the one miss of the issue's bounds left).
-FP32_COLUMN_WIDE = {256: [_config(16, 16, 256, 256, 16, 1, out=256, maxnreg=255, slice=128, split_k=16)],
-                    512: [_config(16, 16, 128, 128, 16, 1, out=512, maxnreg=255, slice=128, split_k=8)]}
-HALF_COLUMN_512 = [_config(16, 16, 256, 256, 16, 1, out=512, maxnreg=255, slice=128, split_k=16)]
-FP32_ROW_512 = [_config(16, 16, 256, 256, 16, 1, out=512, maxnreg=255, split_k=16)]
-FP32_SYMMETRIC_COLUMN_512 = [_config(16, 16, 16, 16, 8, 1, out=128, maxnreg=255)]
+# A block launches only if its registers fit the 64 K of the register file (nonlocal_ext.aot.max_warps): at 8
+# warps up to 255 per thread, at 16 warps up to 128. Every backward entry therefore takes 8 warps with the
+# limit at 255. (Until 2026-12-07 the wider passes below took 16 warps at up to 240 registers: they compiled
+# without spills and could not have launched; bench/NOTES_triton.md, "Blocks that did not fit the register
+# file".) At 8 warps:
+# * the half column pass at 512 covers the class in one program with 128-wide accumulator slices, as does the
+#   float32 row pass at 512; with ``symmetric`` (three accumulators in the column pass, two in the row pass)
+#   every 512-wide layout tried spilled (8–144 bytes), and those passes take the class-256 entry: two feature
+#   programs per block at 512;
+# * the float32 column pass (dv and dk in tf32x3) covers 256 in one program (128-wide slices; with
+#   ``symmetric``, whose three accumulators spilled 8–32 bytes there, 64-wide slices in 4 chunks, which sm_90
+#   still lays out without repeated tiles), and at 512 spilled 8–112 bytes in
+#   every layout tried: it takes the class-256 entry there too.
+FP32_COLUMN_256 = [_config(16, 16, 128, 128, 8, 1, out=256, maxnreg=255, slice=128, split_k=8)]
+FP32_SYMMETRIC_COLUMN_256 = [_config(16, 16, 64, 64, 8, 1, out=256, maxnreg=255, slice=64, split_k=4)]
+SLICED_512 = [_config(16, 16, 128, 128, 8, 1, out=512, maxnreg=255, slice=128, split_k=8)]
 for _symmetric in (False, True):
-    _WIDE[("column", True, _symmetric)].update(FP32_COLUMN_WIDE)
-    _WIDE[("column", False, _symmetric)][512] = HALF_COLUMN_512
-    _WIDE[("row", True, _symmetric)][512] = FP32_ROW_512
-_WIDE[("column", True, True)][512] = FP32_SYMMETRIC_COLUMN_512
+    _fp32_column = FP32_SYMMETRIC_COLUMN_256 if _symmetric else FP32_COLUMN_256
+    _WIDE[("column", True, _symmetric)].update({256: _fp32_column, 512: _fp32_column})
+    _WIDE[("column", False, _symmetric)][512] = BACKWARD_WIDE[256] if _symmetric else SLICED_512
+    _WIDE[("row", True, _symmetric)][512] = BACKWARD_WIDE[256] if _symmetric else SLICED_512
 
 # Repeated instruction tiles, measured: the most warps computing one 16 × 8 tile of the pair tiles (q kᵀ, G vᵀ;
 # BLOCK_I × BLOCK_J) and of the products into the accumulators, over every variant compiled from the entry
@@ -213,9 +213,8 @@ _measured("column", [COLUMN_CONFIGS], (4, 1))
 _measured("row", [ROW_CONFIGS], (1, 1))
 _measured("row", [BACKWARD_CONFIGS_FP32], (8, 1))
 for _family in ("column", "row"):  # the split pair tiles: one warp per chunk
-    _measured(_family, [*BACKWARD_WIDE.values(), FP32_COLUMN_WIDE[256], HALF_COLUMN_512, FP32_ROW_512], (1, 1))
-_measured("column", [FP32_COLUMN_WIDE[512]], (1, 1))
-_measured("column", [FP32_SYMMETRIC_COLUMN_512], (8, 1))
+    _measured(_family, [*BACKWARD_WIDE.values(), FP32_COLUMN_256, SLICED_512], (1, 1))
+_measured("column", [FP32_SYMMETRIC_COLUMN_256], (1, 1))  # 4 chunks over 8 warps, none repeated on sm_90
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.

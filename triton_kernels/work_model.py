@@ -10,8 +10,8 @@ interpreter's tiles), :func:`fused_work` follows the loop structure of :mod:`.ag
   (no pair GEMM, vector work not counted);
 * ``issued_flops``: the same work as the warps issue it on sm_90. Where a product's output has fewer
   16 × 8 tensor-core instruction tiles than the program has warps along one side, Triton's layout makes
-  several warps compute the same tile: the 16 × 16 pair tiles of class 64's backward column passes and of
-  the float32 ``symmetric`` column pass at 512 are computed 2 to 8 times, the forward's float32 tiles 2 to
+  several warps compute the same tile: the 16 × 16 pair tiles of class 64's backward column passes are
+  computed 2 to 8 times, the forward's float32 tiles 2 to
   8 times (the other wide backward passes split their pair tiles over the warps). The copies per
   product (``tile``: the pair tiles q kᵀ and G vᵀ; ``value``: the products into the accumulators) are
   measured from the compiled layouts and kept beside each configuration (:func:`.configs.replication_of`,
