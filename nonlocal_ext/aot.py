@@ -20,9 +20,10 @@ One JSON row per (kernel, variant, arch, config):
 
 The shipped set (default): every affinity kernel but ``dot`` (whose ``auto`` path is linear) × every
 normalization × {aggregate, diffusion} × symmetric, in float16, bfloat16 and float32 for the forward,
-column and row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·3 = 192 combinations, about
-675 compilations per arch, several seconds each. ``--set heavy`` compiles the most register-hungry
-one of each affinity and dtype (sym + diffusion + symmetric); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
+column and row kernels (and the column-sum pass of ``sym``), is 4·4·2·2·3 = 192 combinations at each of the
+four width classes, 2477 compilations per arch, a few seconds each. ``--set heavy`` compiles one
+register-hungry variant of each affinity and dtype (sym + diffusion + symmetric; not always the hungriest:
+the column pass of none/count/row with symmetric holds more); ``--set quick`` a covering subset for CI: every affinity, normalization, flag
 and dtype at least once; ``--set targets`` the variants of the GPU targets (docs/gpu.md). ``--configs all``
 compiles every configuration of each autotune list that is listed for the target instead of the
 default one (the ``config`` field is the index in the list).

@@ -180,8 +180,8 @@ for _key, _lists in _WIDE.items():
 #   programs per block at 512;
 # * the float32 column pass (dv and dk in tf32x3) covers 256 in one program (128-wide slices; with
 #   ``symmetric``, whose three accumulators spilled 8–32 bytes there, 64-wide slices in 4 chunks, which sm_90
-#   still lays out without repeated tiles), and at 512 spilled 8–112 bytes in
-#   every layout tried: it takes the class-256 entry there too.
+#   still lays out without repeated tiles); at 512 it spilled 8–112 bytes in 8 chunks of 128-wide slices, and
+#   8–24 bytes on sm_80 in 4 chunks of 64-wide ones (clean on sm_90 alone): it takes the class-256 entry there.
 FP32_COLUMN_256 = [_config(16, 16, 128, 128, 8, 1, out=256, maxnreg=255, slice=128, split_k=8)]
 FP32_SYMMETRIC_COLUMN_256 = [_config(16, 16, 64, 64, 8, 1, out=256, maxnreg=255, slice=64, split_k=4)]
 SLICED_512 = [_config(16, 16, 128, 128, 8, 1, out=512, maxnreg=255, slice=128, split_k=8)]
