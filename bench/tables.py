@@ -234,8 +234,7 @@ def accuracy() -> list[str]:
 
 AOT_FILES = {
     "aot_full": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set full --jobs 2 --json bench/results/aot_full.json`"
-                " (every shipped variant at its default configuration, compiled before the width classes and before"
-                " the sliced epilogues of 2026-12-06: a record of that code; today's kernels are in the two files below)",
+                " (every shipped variant of every width class at its default configuration)",
     "aot_quick_wide": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set quick` (the set `tests/test_aot.py` "
                       "compiles, every width class once)",
     "aot_configs": "`python -m nonlocal_ext.aot --arch sm_80,sm_90 --set heavy --configs all` and `--set targets "
@@ -245,8 +244,10 @@ AOT_FILES = {
 
 def aot() -> list[str]:
     """Resources of the compiled Triton kernels per file, target and kernel family."""
-    head = ["file", "target", "family", "builds", "max registers", "max spill bytes", "min MMA instructions",
-            "MMA operand types"]
+    from nonlocal_ext.aot import launchable
+
+    head = ["file", "target", "family", "builds", "max registers", "max spill bytes", "blocks within the register file",
+            "min MMA instructions", "MMA operand types"]
     body = []
     for name in AOT_FILES:
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -255,7 +256,8 @@ def aot() -> list[str]:
         for (arch, family), rs in sorted(groups.items()):
             types = sorted({t for r in rs for t in (r.get("mma_operand_types") or [])})
             body.append([f"`{name}.json`", arch, family, str(len(rs)), str(max(r["registers"] for r in rs)),
-                         str(max(r["spill_bytes"] for r in rs)), str(min(r["mma_instructions"] for r in rs)),
+                         str(max(r["spill_bytes"] for r in rs)), f"{sum(launchable(r) for r in rs)} of {len(rs)}",
+                         str(min(r["mma_instructions"] for r in rs)),
                          ", ".join(types) or "-"])
     commands = [f"- `{name}.json`: {command}" for name, command in AOT_FILES.items()]
     return commands + [""] + table(head, body)
