@@ -36,11 +36,16 @@ def test_forward_computes_each_tile_once_up_to_512(width):
         assert 1.0 <= fused_work(call, "forward")["ratio"] <= (1.3 if width <= 512 else 2.0), call
 
 
-def _split_at_512(call) -> bool:
+def _pass_splits_at_512(family: str, fp32: bool, symmetric: bool) -> bool:
     """The passes whose 512-wide layouts did not fit the register file at 8 warps without spills take the
     class-256 tiles there (configs.py): the float32 column pass, and with ``symmetric`` the half column pass
     and the float32 row pass."""
-    return call.fp32 or call.symmetric
+    return (fp32 or symmetric) if family == "column" else (fp32 and symmetric)
+
+
+def _split_at_512(call) -> bool:
+    """Whether either backward pass of ``call`` runs 256-wide programs at 512."""
+    return any(_pass_splits_at_512(family, call.fp32, call.symmetric) for family in ("column", "row"))
 
 
 @pytest.mark.parametrize("width", [64, 128, 256, 512, 1024])
@@ -88,7 +93,7 @@ def test_every_entry_of_a_width_class_covers_it():
     """Whatever the autotuner picks, the forward's value tile and the backward's output tiles give the
     recomputation count the work model counts: the forward's default BLOCK_C is the class width and no
     entry's is smaller; the backward's OUT_D = OUT_C are the class width in every entry (at 512 where the
-    class did not fit, :func:`_split_at_512`: 256), and the slices of their accumulators (``SLICE``) divide it."""
+    class did not fit, :func:`_pass_splits_at_512`: 256), and the slices of their accumulators (``SLICE``) divide it."""
     from nonlocal_ext.triton_kernels import configs
     for width in configs.WIDTH_CLASSES:
         for fp32, symmetric in itertools.product((False, True), (False, True)):
@@ -97,8 +102,7 @@ def test_every_entry_of_a_width_class_covers_it():
             assert all(c.kwargs["BLOCK_C"] >= forward[0].kwargs["BLOCK_C"] for c in forward)
             for family in ("column", "row"):
                 lst = configs.configs_for(family, fp32, symmetric, width)
-                split = width == 512 and (fp32 or symmetric) and (family == "column" or (fp32 and symmetric))
-                out = 256 if split else width
+                out = 256 if width == 512 and _pass_splits_at_512(family, fp32, symmetric) else width
                 assert {(c.kwargs["OUT_D"], c.kwargs["OUT_C"]) for c in lst} == {(out, out)}
                 assert all(c.kwargs["SLICE"] >= 16 and out % c.kwargs["SLICE"] == 0 for c in lst)
 
