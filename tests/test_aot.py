@@ -154,7 +154,8 @@ def test_replication_of_each_entry_is_its_compiled_layout():
     """The work model's repeated instruction tiles (configs.replication_of: how many warps compute each 16 × 8
     tile of the pair tiles and of the products into the accumulators) are those of the compiled sm_90 kernels
     in bench/results/aot_configs.json, for every entry of every list (the most over the variants compiled
-    from it: an entry shared by several lists, e.g. the half and float32 column passes, takes the most)."""
+    from it: an entry shared by several lists, e.g. the half and float32 column passes, takes the most). That
+    file is compiled with the development pin of Triton, whose layouts configs.PINNED_TRITON names."""
     from nonlocal_ext.triton_kernels import configs
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
@@ -169,14 +170,30 @@ def test_replication_of_each_entry_is_its_compiled_layout():
             compiled = [r for r in rows if r["kernel"] == family and _same(config, r)
                         and any(c is config for c in _list_of(r))]
             assert compiled and all(r["dots"] for r in compiled), config
-            assert configs.replication_of(family, config) == _copies(config, compiled), (family, config.kwargs)
+            model = configs.replication_of(family, config, triton_version=configs.PINNED_TRITON)
+            assert model == _copies(config, compiled), (family, config.kwargs)
             checked += 1
     assert checked > 20
 
 
+def test_replication_is_recorded_per_triton_release():
+    """configs.PINNED_TRITON is the release requirements-dev.txt pins (the one aot_configs.json is compiled with),
+    and the layouts recorded for another release are read under it and only under it."""
+    from nonlocal_ext.triton_kernels import configs
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "requirements-dev.txt")) as f:
+        pin = next(line.split("==")[1].strip() for line in f if line.startswith("triton=="))
+    assert pin.startswith(configs.PINNED_TRITON + ".")
+    entry = configs.FP32_SYMMETRIC_COLUMN_256[0]
+    assert configs.replication_of("column", entry, triton_version=pin) == (1, 1)
+    assert configs.replication_of("column", entry, triton_version="3.8.0") == (2, 1)
+    assert configs.replication_of("column", configs.FP32_COLUMN_256[0], triton_version="3.8.0") == (1, 1)
+
+
 def test_quick_set_layouts_repeat_no_more_than_the_model_says(report):
     """The quick set compiled here (both targets): no product's instruction tiles are computed by more warps
-    than configs.replication_of says for its configuration (sm_80 lays some out with fewer copies)."""
+    than configs.replication_of says for its configuration under the Triton release imported (sm_80 lays some
+    out with fewer copies; under `make triton-compat` this checks the layouts recorded for the other release)."""
     from nonlocal_ext.triton_kernels import configs
     _, rows = report
     for r in rows:

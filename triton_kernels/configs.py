@@ -58,15 +58,30 @@ def archs_of(config) -> tuple[str, ...]:
 _COPIES: dict[tuple[str, int], tuple[int, int]] = {}
 
 
-def replication_of(family: str, config) -> tuple[int, int]:
+#: The development pin (requirements-dev.txt): the Triton release bench/results/aot_configs.json is compiled with.
+PINNED_TRITON = "3.9"
+
+#: (release, family, id(config)) -> copies where a supported Triton release other than the pin lays an entry out
+#: differently (filled below; ``make triton-compat`` compiles the quick set under that release).
+_COPIES_UNDER: dict[tuple[str, str, int], tuple[int, int]] = {}
+
+
+def _release(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def replication_of(family: str, config, triton_version: str | None = None) -> tuple[int, int]:
     """How many warps compute each 16 × 8 tensor-core tile of a configuration's pair tiles (q kᵀ, G vᵀ) and of
     its products into the accumulators, on sm_90 (the layouts of the compiled kernels, ``aot.dot_layouts``;
     1: the warps split the output). A 16-row × 16-column tile has two instruction tiles: at 8 warps Triton lays
     the warps out 4 × 2 (each tile computed 4 times) or 8 × 1 (8 times). The backward from class 128 on
     splits its pair tiles over the warps (``SPLIT_K``) and repeats nothing; wider row tiles instead did not fit
     beside 512-column accumulators (32- and 64-row column tiles spilled 112–552 bytes at 512).
-    ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ)."""
-    return _COPIES[family, id(config)]
+    ``family``: forward, column or row (the backward lists serve both passes, whose layouts differ).
+    ``triton_version``: the release whose layouts to give (None: the one imported); the layouts are those of
+    :data:`PINNED_TRITON` except where :data:`_COPIES_UNDER` records another release's."""
+    release = _release(triton_version or triton.__version__)
+    return _COPIES_UNDER.get((release, family, id(config)), _COPIES[family, id(config)])
 
 
 # Every entry below compiled without spills on the targets in its `archs` in the heaviest variant
@@ -215,6 +230,11 @@ _measured("row", [BACKWARD_CONFIGS_FP32], (8, 1))
 for _family in ("column", "row"):  # the split pair tiles: one warp per chunk
     _measured(_family, [*BACKWARD_WIDE.values(), FP32_COLUMN_256, SLICED_512], (1, 1))
 _measured("column", [FP32_SYMMETRIC_COLUMN_256], (1, 1))  # 4 chunks over 8 warps, none repeated on sm_90
+# Triton 3.8 (what torch 2.14's CUDA build brings) gives the 4 chunks' remaining factor of 2 warps to the 16 rows
+# of the pair tile, not to its two column halves: each pair-tile instruction tile is computed twice, on sm_80 and
+# sm_90 (the quick set under `make triton-compat`). Every 8-chunk layout tried instead spilled (8–16 bytes in
+# 4–18 of 80 builds), and 4 warps 24–88 bytes (bench/NOTES_triton.md, "Layouts that differ under Triton 3.8").
+_COPIES_UNDER["3.8", "column", id(FP32_SYMMETRIC_COLUMN_256[0])] = (2, 1)
 
 #: Under TRITON_INTERPRET=1: small tiles so that the tests' odd sizes span several tiles; the feature
 #: tiles (forward BLOCK_C, backward OUT_D / OUT_C) are the width class's, as on a GPU.
