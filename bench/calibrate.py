@@ -5,7 +5,8 @@
 Reads the times ``make bench`` wrote (bench/results/cpu.json: N = M sweep; blocks.json: the nonlocal-block
 suite) and fits each path's constants to that path's own rows: ``reference`` rows to the dense model,
 ``cpu`` rows to the fused one, ``chunked`` and ``linear`` rows to theirs. A row's measured work is its
-median time × the run's float32 GEMM rate (the units of cost.py). The fit minimizes the squared log error
+median time × the run's float32 GEMM rate (the units of cost.py); a half row is priced with the run's
+half/float32 GEMM rate ratio (``half_ratio`` of cost.py, from the rates in the run's rows). The fit minimizes the squared log error
 of the predicted against the measured work by coordinate descent on each constant's logarithm (steps ×2,
 ×1.25, ×1.05, ×1.01, each while it helps), from cost.py's current values; deterministic.
 
@@ -37,7 +38,7 @@ FITTED = {
     "reference": [("DENSE_PASSES", (k, b)) for k in ("dot", "gaussian", "rbf", "fractional") for b in (0, 1)]
     + [("CACHED_PASSES", ()), ("UNCACHED_PASSES", ()), ("DENSE_CALL", (0,)), ("DENSE_CALL", (1,)),
        ("DENSE_NARROW_PENALTY", ()),
-       ("HALF_DENSE_GEMM_SPEED", ()), ("HALF_DENSE_PASSES", ())],  # half constants: of the measuring machine's class
+       ("HALF_DENSE_GEMM_EFFICIENCY", ()), ("HALF_DENSE_PASSES", ())],
     "cpu": [("FUSED_PASSES", (0,)), ("FUSED_PASSES", (1,)), ("FUSED_CALL", (0,)), ("FUSED_CALL", (1,)),
             ("FUSED_FORWARD_SPEED", ()), ("FUSED_BACKWARD_SPEED", ()), ("NARROW_PENALTY", ()),
             ("HALF_FUSED_SPEED", ())],
@@ -47,7 +48,7 @@ FITTED = {
 #: Names written between the markers, in this order (``log`` is priced as ``fractional``: not in the suite).
 BLOCK = ["DENSE_PASSES", "CACHED_PASSES", "UNCACHED_PASSES", "DENSE_CALL", "FUSED_PASSES", "FUSED_CALL",
          "FUSED_FORWARD_SPEED", "FUSED_BACKWARD_SPEED", "NARROW_PENALTY", "DENSE_NARROW_PENALTY", "CHUNKED_SPEED", "CHUNKED_PASSES",
-         "CHUNKED_BLOCK", "LINEAR_SPEED", "HALF_DENSE_GEMM_SPEED", "HALF_DENSE_PASSES", "HALF_FUSED_SPEED",
+         "CHUNKED_BLOCK", "LINEAR_SPEED", "HALF_DENSE_GEMM_EFFICIENCY", "HALF_DENSE_PASSES", "HALF_FUSED_SPEED",
          "FITTED_ON"]
 STEPS = (2.0, 1.25, 1.05, 1.01)
 
@@ -59,12 +60,14 @@ def load(paths=RESULTS) -> list[dict]:
         with open(path) as f:
             data = json.load(f)
         rate = next(r["gemm_gflops"] for r in data if r.get("dtype") == "float32" and r.get("gemm_gflops"))
+        rates = {r["dtype"]: r["gemm_gflops"] for r in data if r.get("gemm_gflops")}
         for r in data:
             if r.get("error") or r.get("median_ms") is None or r["device"] != "cpu" or r["update"] != "aggregate":
                 continue
             rows.append(dict(backend=r["backend"], kernel=r["kernel"], normalize=r["normalize"], batch=r["batch"],
                              n=r["N"], m=r["M"], d=r["D"], c=r["C"], dtype=r["dtype"], backward=r["pass"] != "fwd",
-                             ms=r["median_ms"], work=r["median_ms"] * 1e-3 * rate * 1e9))
+                             ms=r["median_ms"], work=r["median_ms"] * 1e-3 * rate * 1e9,
+                             half_ratio=rates.get(r["dtype"], rate) / rate))
     return rows
 
 
@@ -79,9 +82,14 @@ def args_of(row) -> tuple:
             row["backward"], half(row), True)
 
 
+def ratio_of(row) -> float | None:
+    """The run's half/float32 GEMM rate ratio for a half row (its header's rates), else None."""
+    return row["half_ratio"] if half(row) else None
+
+
 def predicted(row) -> float | None:
     """cost.py's work for the row's path, or None where that path is not priced (over the memory budget)."""
-    return cost.prices(*args_of(row)).get(row["backend"])
+    return cost.prices(*args_of(row), half_ratio=ratio_of(row)).get(row["backend"])
 
 
 def _error(rows) -> float:
@@ -120,11 +128,12 @@ def machine_class() -> str:
 
 def fit(rows, machine: str) -> dict:
     """Fit cost's constants in place (module attributes) to ``rows`` measured on a CPU of half class ``machine``
-    (whose half constants they give); returns the rms log error per path."""
+    (whose per-class half constants they give); returns the rms log error per path."""
     cost.FITTED_ON = machine
     errors = {}
     for path, params in FITTED.items():
-        params = [(name, (machine,) if name.startswith("HALF_") else where) for name, where in params]
+        params = [(name, (machine,) if isinstance(getattr(cost, name), dict) and name.startswith("HALF_") else where)
+                  for name, where in params]
         own = [r for r in rows if r["backend"] == path]
         if not own:
             continue
@@ -149,14 +158,15 @@ def fit(rows, machine: str) -> dict:
 
 def picks(rows) -> list[tuple]:
     """Per measured case: (case, auto's pick today, its time, the fastest path, its time)."""
-    cases = {}
+    cases, ratios = {}, {}
     for row in rows:
         if row["backend"] in cost.PATHS:
             key = args_of(row)[:10] + (row["dtype"],)
             cases.setdefault(key, {})[row["backend"]] = row["ms"]
+            ratios[key] = ratio_of(row)
     out = []
     for key, times in sorted(cases.items(), key=lambda item: str(item[0])):
-        pick = cost.choose(*key[:10], True)
+        pick = cost.choose(*key[:10], True, half_ratio=ratios[key])
         fastest = min(times, key=times.get)
         out.append((key, pick, times.get(pick), fastest, times[fastest]))
     return out

@@ -69,5 +69,6 @@ def test_pricier_with_more_work():
     for half in (None, "amx", "avx512"):
         for path in ("reference", "cpu", "chunked"):
             def price(b=2, n=784, m=196, d=256, backward=False):
-                return cost.prices(b, n, m, d, d, "gaussian", "row", False, backward, half, True)[path]
+                return cost.prices(b, n, m, d, d, "gaussian", "row", False, backward, half, True,
+                                   half_ratio=2.0 if half else None)[path]
             assert price() < price(b=4) and price() < price(d=512) and price() < price(backward=True)

@@ -58,13 +58,37 @@ def test_half_class_names_the_instructions_of_the_half_products(dtype):
         assert reference.half_class(spec, q) == (expected if reference.half_products(spec, q) else None)
 
 
-def test_auto_prices_half_inputs_by_the_class_of_this_cpu(monkeypatch):
+def test_auto_prices_half_inputs_by_the_class_and_gemm_rates_of_this_cpu(monkeypatch):
     seen = []
-    monkeypatch.setattr(cost, "choose", lambda *args: seen.append(args[9]) or "reference")
+    monkeypatch.setattr(cost, "choose", lambda *args, **kwargs: seen.append((args[9], kwargs)) or "reference")
     q = torch.empty(2, 40, 8, dtype=torch.bfloat16)
     spec = spec_of(q, q, q, "gaussian", backend="auto")
     assert nonlocal_ext.backends.select("auto", spec, q, q, q) is reference
-    assert seen == [reference.half_class(spec, q)]
+    half = reference.half_class(spec, q)
+    assert seen == [(half, {"half_ratio": cost.half_gemm_ratio(torch.bfloat16) if half else None})]
+
+
+def test_half_gemm_ratio_is_measured_once_per_process_and_dtype(monkeypatch):
+    calls = []
+    rates = {torch.bfloat16: 400.0, torch.float16: 90.0, torch.float32: 200.0}
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops",
+                        lambda device, dtype, size: calls.append((device, dtype, size)) or rates[dtype])
+    cost.half_gemm_ratio.cache_clear()
+    try:
+        assert cost.half_gemm_ratio(torch.bfloat16) == 2.0 and cost.half_gemm_ratio(torch.float16) == 0.45
+        assert cost.half_gemm_ratio(torch.bfloat16) == 2.0
+        assert len(calls) == 8 and {c[0] for c in calls} == {"cpu"} and {c[2] for c in calls} == {cost.RATIO_GEMM_SIZE}
+    finally:
+        cost.half_gemm_ratio.cache_clear()
+    with pytest.raises(ValueError, match="dtype"):
+        cost.half_gemm_ratio(torch.float32)
+    with pytest.raises(ValueError, match="half_ratio"):
+        cost.prices(2, 784, 196, 256, 256, "gaussian", "row", False, True, "avx512", True)
+
+
+#: bfloat16 / float32 torch.mm rates measured on three CPUs (bench/NOTES.md): a Sapphire Rapids with AMX (≈ 600 /
+#: 185 GFLOP/s), the AVX512-BF16 machine of the fitted suite (147 / 267) and another one (397 / 194).
+AMX_RATIO, SLOW_HALF_RATIO, FAST_HALF_RATIO = 600 / 185, 147 / 267, 397 / 194
 
 
 @pytest.mark.parametrize("batch,n,m,d,c,backward", [
@@ -73,17 +97,29 @@ def test_auto_prices_half_inputs_by_the_class_of_this_cpu(monkeypatch):
     (8, 784, 196, 256, 256, True),    # res3
 ])
 def test_auto_takes_the_dense_half_products_on_amx_at_block_shapes(batch, n, m, d, c, backward):
-    assert cost.choose(batch, n, m, d, c, "gaussian", "row", False, backward, "amx", True) == "reference"
+    assert cost.choose(batch, n, m, d, c, "gaussian", "row", False, backward, "amx", True,
+                       half_ratio=AMX_RATIO) == "reference"
 
 
 @pytest.mark.parametrize("backward", [False, True])
 def test_auto_takes_float32_blocks_where_half_products_are_slower(backward):
-    """Without AMX (the measured suite's machine: bf16 GEMM 147 against float32 267 GFLOP/s) ``chunked``, which
-    computes in float32, was the fastest in bf16 at the large shapes (detection res4, N = M = 4096)."""
+    """Where bf16 products are slower than float32 ones (the measured suite's machine: bf16 GEMM 147 against
+    float32 267 GFLOP/s) ``chunked``, which computes in float32, was the fastest in bf16 at the large shapes
+    (detection res4, N = M = 4096)."""
     for batch, n, m, d in ((2, 3400, 850, 512), (2, 4096, 4096, 128)):
-        assert cost.choose(batch, n, m, d, d, "gaussian", "row", False, backward, "avx512", True) == "chunked"
+        assert cost.choose(batch, n, m, d, d, "gaussian", "row", False, backward, "avx512", True,
+                           half_ratio=SLOW_HALF_RATIO) == "chunked"
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_auto_takes_the_dense_half_products_where_they_are_faster_without_amx(backward):
+    """The same CPU class with bf16 products 2× float32 (397 against 194 GFLOP/s): there the dense bf16 products
+    were 2.4–3.2× faster than ``chunked`` at detection res4, which the class alone had priced the other way."""
+    assert cost.choose(2, 3400, 850, 512, 512, "gaussian", "row", False, backward, "avx512", True,
+                       half_ratio=FAST_HALF_RATIO) == "reference"
 
 
 def test_auto_keeps_the_fused_kernels_at_attention_shapes_in_half_on_amx():
     """N = M = 4096, D = 64, C = 128: the fused forward (no N×M matrix) stays ahead in bfloat16."""
-    assert cost.choose(1, 4096, 4096, 64, 128, "gaussian", "row", False, False, "amx", True) == "cpu"
+    assert cost.choose(1, 4096, 4096, 64, 128, "gaussian", "row", False, False, "amx", True,
+                       half_ratio=AMX_RATIO) == "cpu"

@@ -50,9 +50,10 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
         n, batch = query.shape[-2], math.prod(query.shape[:-2])
         if query.device.type != "cpu":
             return linear if dot else reference if batch * n * m <= DENSE_MAX_ELEMENTS else chunked
+        half = reference.half_class(spec, query)
         choice = cost.choose(batch, n, m, d, c, spec.kernel.name, spec.normalize, spec.symmetric, backward,
-                             reference.half_class(spec, query), cpu.unsupported_reason(spec, query) is None,
-                             query.element_size())
+                             half, cpu.unsupported_reason(spec, query) is None, query.element_size(),
+                             half_ratio=cost.half_gemm_ratio(query.dtype) if half else None)
         return BACKENDS[choice]
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)

@@ -23,8 +23,10 @@ Every path is priced in GEMM-FLOP equivalents (time × the float32 GEMM rate) fo
   (attention shapes) and loses at nonlocal-block shapes (D = C = 256–1024 and M = N/4).
 
 Half inputs whose products run in half on this CPU (``half``: :func:`.reference.half_class`, "amx" or
-"avx512" by the CPU's half instructions) change the dense path's GEMM speed and elementwise passes
-(:data:`HALF_DENSE_GEMM_SPEED`, :data:`HALF_DENSE_PASSES`) and the fused kernels' speed
+"avx512" by the CPU's half instructions) change the dense path's GEMM speed: :data:`HALF_DENSE_GEMM_EFFICIENCY`
+times ``half_ratio``, the half/float32 ``torch.mm`` rate ratio of this CPU, timed once per process and dtype
+(:func:`half_gemm_ratio`: two CPUs of one class measured 0.55 and 2.04, so the class cannot stand for it); and
+the dense path's elementwise passes (:data:`HALF_DENSE_PASSES`) and the fused kernels' speed
 (:data:`HALF_FUSED_SPEED`), one value per class; ``chunked`` computes in float32 either way.
 
 The constants between the ``calibrate.py`` markers are fitted by ``bench/calibrate.py`` to the times
@@ -37,7 +39,10 @@ model, fitted") has the fit and the picks it gives.
 
 from __future__ import annotations
 
+import functools
 import math
+
+import torch
 
 from .chunked import BLOCK_ELEMENTS as CHUNK_ELEMENTS  # elements of W per block of ``chunked``
 
@@ -71,10 +76,7 @@ CHUNKED_SPEED = 0.8337
 CHUNKED_PASSES = 0.8065
 CHUNKED_BLOCK = (61320000.0, 417200000.0)
 LINEAR_SPEED = 0.2651
-HALF_DENSE_GEMM_SPEED = {
-    "amx": 4.0,
-    "avx512": 0.6986,
-}
+HALF_DENSE_GEMM_EFFICIENCY = 1.27
 HALF_DENSE_PASSES = {
     "amx": 0.6,
     "avx512": 1.008,
@@ -88,6 +90,24 @@ FITTED_ON = "avx512"
 
 #: The paths :func:`choose` prices, by ``backend=`` name.
 PATHS = ("reference", "cpu", "chunked", "linear")
+
+#: Side of the square products :func:`half_gemm_ratio` times (≈ 0.3 GFLOP each: a few ms in all).
+RATIO_GEMM_SIZE = 512
+
+
+@functools.cache
+def half_gemm_ratio(dtype: torch.dtype) -> float:
+    """The ``torch.mm`` rate of ``dtype`` (bfloat16 or float16) over float32's on this CPU, measured at the first
+    call in a process: the better of two rounds per dtype, interleaved, each the median of 5 products of
+    :data:`RATIO_GEMM_SIZE`² matrices after 2 warm-up ones (a process's first half products can run 10× slow)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype}")
+    from ..benchmark.measure import gemm_gflops
+    rates = {dtype: 0.0, torch.float32: 0.0}
+    for _ in range(2):
+        for each in rates:
+            rates[each] = max(rates[each], gemm_gflops("cpu", each, RATIO_GEMM_SIZE))
+    return rates[dtype] / rates[torch.float32]
 
 
 def narrow_penalty(m: int, penalty: float | None = None) -> float:
@@ -104,12 +124,16 @@ def _passes(pairs: int, kernel: str, backward: bool) -> float:
     return passes * UNCACHED_PASSES if pairs * 4 > UNCACHED_BYTES else passes
 
 
-def dense_work(pairs: int, m: int, d: int, c: int, kernel: str, backward: bool, half: str | None = None) -> float:
-    """``half``: the class of half products these inputs run (:func:`.reference.half_class`), or None."""
+def dense_work(pairs: int, m: int, d: int, c: int, kernel: str, backward: bool, half: str | None = None,
+               half_ratio: float | None = None) -> float:
+    """``half``: the class of half products these inputs run (:func:`.reference.half_class`), or None;
+    ``half_ratio``: then the half/float32 GEMM rate ratio of the CPU (:func:`half_gemm_ratio`)."""
     gemm = 2.0 * (d + c) * (3 if backward else 1) * narrow_penalty(m, DENSE_NARROW_PENALTY)
     passes = _passes(pairs, kernel, backward)
     if half:
-        gemm, passes = gemm / HALF_DENSE_GEMM_SPEED[half], passes * HALF_DENSE_PASSES[half]
+        if not half_ratio or half_ratio <= 0:
+            raise ValueError(f"half_ratio: expected the positive half/float32 GEMM rate ratio, got {half_ratio!r}")
+        gemm, passes = gemm / (HALF_DENSE_GEMM_EFFICIENCY * half_ratio), passes * HALF_DENSE_PASSES[half]
     return pairs * (gemm + passes) + DENSE_CALL[backward]
 
 
@@ -143,14 +167,16 @@ def linear_work(batch: int, n: int, m: int, d: int, c: int, symmetric: bool, bac
 
 
 def prices(batch: int, n: int, m: int, d: int, c: int, kernel: str, normalize: str, symmetric: bool,
-           backward: bool, half: str | None, fused: bool, item_bytes: int = 4) -> dict[str, float]:
+           backward: bool, half: str | None, fused: bool, item_bytes: int = 4,
+           half_ratio: float | None = None) -> dict[str, float]:
     """The work of each path that may run the call, by name: ``reference`` while its temporaries fit the
     budget (``item_bytes``: 8 for float64), ``cpu`` where the fused kernels are available (``fused``),
-    ``chunked`` always, ``linear`` for ``dot``."""
+    ``chunked`` always, ``linear`` for ``dot``. With ``half``, ``half_ratio`` is required (see
+    :func:`dense_work`)."""
     pairs = batch * n * m
     out = {"chunked": chunked_work(pairs, m, d, c, kernel, normalize, backward)}
     if DENSE_TEMPORARIES * pairs * max(item_bytes, 4) <= DENSE_MEMORY_BUDGET:
-        out["reference"] = dense_work(pairs, m, d, c, kernel, backward, half)
+        out["reference"] = dense_work(pairs, m, d, c, kernel, backward, half, half_ratio)
     if fused:
         out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half)
     if kernel == "dot":
