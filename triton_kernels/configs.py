@@ -116,11 +116,16 @@ FORWARD_CONFIGS_FP32 = [
 # Each accumulator keeps the footprint (rows × output width) of the tiles the full AOT set verified before
 # wide tiles: 32 × 32 in the half column pass (hence BLOCK_J 16), 32 × 64 in the half row pass. Half
 # column passes without `symmetric` take 4 warps: at 8, ptxas capped four `sym` variants on sm_90 at 128
-# registers and they spilled 8–16 bytes.
-COLUMN_CONFIGS = [_config(16, 16, 32, 32, 8, 1, out=64)]  # 32 × 16 spilled 8 bytes on sm_90 after the sliced epilogue
-COLUMN_CONFIGS_NONSYMMETRIC = [_config(16, 16, 32, 32, 4, 1, out=64)]
+# registers and they spilled 8–16 bytes. The register limit is 255 (``maxnreg``) as in the wide classes:
+# without it ptxas held 36 column builds of the full AOT set at 64–128 registers, and they spilled 8–24
+# bytes. The half row pass with `symmetric` (two accumulators: dq and dk′) takes 16-row tiles: at 32 rows six
+# `gaussian` `diffusion` builds spilled 8–24 bytes on sm_90 at 255 registers (bench/NOTES_triton.md, "Class 64
+# spill-free").
+COLUMN_CONFIGS = [_config(16, 16, 32, 32, 8, 1, out=64, maxnreg=255)]  # 32 × 16 spilled 8 bytes on sm_90 after the sliced epilogue
+COLUMN_CONFIGS_NONSYMMETRIC = [_config(16, 16, 32, 32, 4, 1, out=64, maxnreg=255)]
 ROW_CONFIGS = [_config(32, 32, 64, 64, 8, 1, out=64)]
-BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64)]
+ROW_CONFIGS_SYMMETRIC = [_config(16, 32, 64, 64, 8, 1, out=64, maxnreg=255)]
+BACKWARD_CONFIGS_FP32 = [_config(16, 16, 32, 32, 8, 1, out=64, maxnreg=255)]
 
 # Backward, width classes 128 and above: the output tiles are the class width (OUT_D = OUT_C = 128, 256,
 # 512), so one column and one row program per block cover all of D and C and each pass computes every
@@ -175,7 +180,7 @@ _WIDE = {
     ("column", False, True): {64: COLUMN_CONFIGS},
     ("column", False, False): {64: COLUMN_CONFIGS_NONSYMMETRIC},
     ("row", False, False): {64: ROW_CONFIGS},
-    ("row", False, True): {64: ROW_CONFIGS},
+    ("row", False, True): {64: ROW_CONFIGS_SYMMETRIC},
     ("column", True, True): {64: BACKWARD_CONFIGS_FP32},
     ("column", True, False): {64: BACKWARD_CONFIGS_FP32},
     ("row", True, False): {64: BACKWARD_CONFIGS_FP32},
@@ -226,6 +231,7 @@ _measured("column", [BACKWARD_CONFIGS_FP32], (8, 1))
 _measured("column", [COLUMN_CONFIGS_NONSYMMETRIC], (2, 1))  # 4 warps
 _measured("column", [COLUMN_CONFIGS], (4, 1))
 _measured("row", [ROW_CONFIGS], (1, 1))
+_measured("row", [ROW_CONFIGS_SYMMETRIC], (2, 1))  # 16 × 32: four instruction tiles over 8 warps
 _measured("row", [BACKWARD_CONFIGS_FP32], (8, 1))
 for _family in ("column", "row"):  # the split pair tiles: one warp per chunk
     _measured(_family, [*BACKWARD_WIDE.values(), FP32_COLUMN_256, SLICED_512], (1, 1))
