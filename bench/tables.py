@@ -12,12 +12,14 @@ A generated section sits between two marker lines,
 and NAME is one of :data:`TABLES`. Everything between the markers is replaced; nothing else in the
 file is touched. The tables read only the JSON (bench/results/*.json, examples/results/qtips_training.json) (and the first lines of the matching ``.txt``, the
 header ``nonlocal-bench`` printed) and, for the ``auto`` columns, ask ``backends.select`` what
-``backend="auto"`` picks today for each measured shape: a change of the cost model shows up here.
+``backend="auto"`` picks today for each measured shape, priced for the machine that measured it
+(:func:`as_measured`): a change of the cost model shows up here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import re
@@ -87,6 +89,22 @@ def auto_pick(kernel: str, normalize: str, update: str, batch: int, n: int, m: i
     return backends.select("auto", spec, q, k, v, backward=passes != "fwd").NAME
 
 
+@contextlib.contextmanager
+def as_measured(rows: list[dict]):
+    """``auto``'s picks priced for the machine that measured ``rows``: its half/float32 GEMM rate ratio (the rates
+    in the rows) and the half class the constants were fitted on (``cost.FITTED_ON``), not this machine's, so
+    that the tables do not depend on where they are generated."""
+    from nonlocal_ext.backends import cost, reference
+    rates = {r["dtype"]: r["gemm_gflops"] for r in rows if r.get("gemm_gflops")}
+    saved = cost.half_gemm_ratio, reference.half_class
+    cost.half_gemm_ratio = lambda dtype: rates[str(dtype).removeprefix("torch.")] / rates["float32"]
+    reference.half_class = lambda spec, query: cost.FITTED_ON if saved[1](spec, query) else None
+    try:
+        yield
+    finally:
+        cost.half_gemm_ratio, reference.half_class = saved
+
+
 def _case(r: dict) -> tuple:
     return (r["kernel"], r["normalize"], r["update"], r["batch"], r["N"], r["M"], r["D"], r["C"], r["dtype"],
             r["pass"])
@@ -145,6 +163,11 @@ def _auto_summary(cases, what: str) -> list[str]:
 def readme_cpu() -> list[str]:
     """The default sweep of ``make bench``, one line per case: time (peak memory) per runner, auto's pick."""
     rows = load("cpu")
+    with as_measured(rows):
+        return _readme_cpu(rows)
+
+
+def _readme_cpu(rows: list[dict]) -> list[str]:
     cases = _grouped(rows)
     runners = [b for b in _runners(rows) if b != "auto"]
     head = ["kernel", "N", "pass"] + [f"`{b}` ms (MB)" for b in runners] + ["`auto` picks"]
@@ -191,6 +214,11 @@ def _shape_name(batch, n, m, d) -> str:
 def blocks() -> list[str]:
     """The block suite: time per runner per case, the ``auto`` row measured then, and auto's pick today."""
     rows = load("blocks")
+    with as_measured(rows):
+        return _blocks(rows)
+
+
+def _blocks(rows: list[dict]) -> list[str]:
     cases = _grouped(rows)
     runners = _runners(rows)
     head = ["shape (B, N, M, D = C)", "kernel", "dtype", "pass"] + [f"`{b}` ms" for b in runners] + ["`auto` picks today"]
