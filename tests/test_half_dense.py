@@ -82,6 +82,20 @@ def test_half_gemm_ratio_is_measured_once_per_process_and_dtype(monkeypatch):
         cost.half_gemm_ratio.cache_clear()
     with pytest.raises(ValueError, match="dtype"):
         cost.half_gemm_ratio(torch.float32)
+
+
+def test_half_gemm_ratio_times_the_dtypes_asked_for_under_autocast(monkeypatch):
+    """A first ``auto`` call inside CPU autocast must not time float32 products that ran in bfloat16."""
+    seen = []
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops",
+                        lambda device, dtype, size: seen.append(torch.is_autocast_enabled("cpu")) or 1.0)
+    cost.half_gemm_ratio.cache_clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cost.half_gemm_ratio(torch.bfloat16)
+    finally:
+        cost.half_gemm_ratio.cache_clear()
+    assert seen and not any(seen)
     with pytest.raises(ValueError, match="half_ratio"):
         cost.prices(2, 784, 196, 256, 256, "gaussian", "row", False, True, "avx512", True)
 

@@ -104,9 +104,10 @@ def half_gemm_ratio(dtype: torch.dtype) -> float:
         raise ValueError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype}")
     from ..benchmark.measure import gemm_gflops
     rates = {dtype: 0.0, torch.float32: 0.0}
-    for _ in range(2):
-        for each in rates:
-            rates[each] = max(rates[each], gemm_gflops("cpu", each, RATIO_GEMM_SIZE))
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the products in the dtypes asked for
+        for _ in range(2):
+            for each in rates:
+                rates[each] = max(rates[each], gemm_gflops("cpu", each, RATIO_GEMM_SIZE))
     return rates[dtype] / rates[torch.float32]
 
 
