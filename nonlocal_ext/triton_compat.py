@@ -13,7 +13,7 @@ runs there:
 * tests/test_aot.py: the AOT quick set compiled for sm_80 and sm_90 (no spills, tensor cores), and the
   autotune lists against bench/results/aot_configs.json.
 
-Exit code: pytest's (0: every test passed under that Triton). About 4 minutes on 2 cores once the venv exists.
+Exit code: pytest's (0: every test passed under that Triton). About 13 minutes on 2 cores once the venv exists.
 """
 
 from __future__ import annotations
