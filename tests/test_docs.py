@@ -34,6 +34,25 @@ def test_generated_sections_match_the_results(tables):
     assert tables.stale_sections() == [], "run .venv/bin/python bench/tables.py (make docs)"
 
 
+def test_auto_columns_are_priced_for_the_measuring_machine(tables):
+    """Inside ``as_measured(rows)`` auto's half pricing uses the rows' GEMM rates and the fitted half class, not
+    this machine's; both are restored after."""
+    import torch
+
+    from nonlocal_ext.backends import cost, reference
+    rows = [{"dtype": "float32", "gemm_gflops": 200.0}, {"dtype": "bfloat16", "gemm_gflops": 50.0}]
+    saved = cost.half_gemm_ratio, reference.half_class
+    q = torch.empty(2, 40, 8, dtype=torch.bfloat16)
+    from nonlocal_ext.spec import validate
+    spec = validate(q, q, q, "gaussian", normalize="row", update="aggregate", symmetric=False, self_value=None,
+                    backend="auto", scale=1.0, power=None, gamma=None, eps=None)
+    with tables.as_measured(rows):
+        assert cost.half_gemm_ratio(torch.bfloat16) == 0.25
+        assert reference.half_class(spec, q) == (cost.FITTED_ON if saved[1](spec, q) else None)
+        assert reference.half_class(spec, q.float()) is None
+    assert (cost.half_gemm_ratio, reference.half_class) == saved
+
+
 def test_every_table_is_in_a_document_and_every_section_is_known(tables):
     names = [m["name"] for path in tables.DOCS for m in tables.MARKER.finditer(path.read_text())]
     assert set(names) == set(tables.TABLES), f"unused: {set(tables.TABLES) - set(names)}; unknown: " \
