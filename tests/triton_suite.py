@@ -420,3 +420,34 @@ def test_differential_random_case(index, tile, monkeypatch):
     repro = (f'TRITON_INTERPRET=1 .venv/bin/python -m pytest -q '
              f'"tests/test_triton.py::test_differential_random_case[{index}-tiles{tile}]"')
     differential.check_case(index, "triton", repro)
+
+
+# ---- the row and column tiles the GPU lists ship ----------------------------------------------------------
+
+def _shipped_pair_tiles() -> list[tuple[int, int]]:
+    """Every (BLOCK_I, BLOCK_J) that the default entry of a shipped list runs (forward and backward, every width
+    class, both dtypes); the interpreter otherwise runs 32 × 32."""
+    tiles = set()
+    for family in ("forward", "column", "row"):
+        for fp32 in (False, True):
+            for symmetric in (False, True):
+                for width in configs.WIDTH_CLASSES:
+                    kwargs = configs.configs_for(family, fp32, symmetric, width)[0].kwargs
+                    tiles.add((kwargs["BLOCK_I"], kwargs["BLOCK_J"]))
+    return sorted(tiles)
+
+
+SHIPPED_TILE_COMBOS = [("fractional", "row", "diffusion", True, False), ("gaussian", "sym", "aggregate", False, False),
+                       ("rbf", "count", "diffusion", False, True)]
+
+
+@pytest.mark.parametrize("tile", _shipped_pair_tiles(), ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("combo", SHIPPED_TILE_COMBOS, ids=combo_id)
+def test_the_shipped_row_and_column_tiles(combo, tile, monkeypatch):
+    """The pair tiles of the GPU lists' defaults (16 × 16 in the wide backward, 16 × 32 in the half `symmetric` row
+    pass at class 64, …) run under the interpreter, float64 against the reference: masks and sums across
+    several such tiles (19 × 19, 33 × 17), values and every gradient."""
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_I", tile[0])
+    monkeypatch.setitem(configs.INTERPRETER_BLOCKS, "BLOCK_J", tile[1])
+    n, m = (19, 19) if square_only(combo) else (33, 17)
+    check_against_reference(combo, ((), n, m, 5, 3), torch.float64)
