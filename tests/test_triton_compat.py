@@ -1,5 +1,5 @@
 """`make triton-compat` (nonlocal_ext/triton_compat.py): its set-up commands and argument checks. The run itself
-(a venv with Triton 3.8.0, the interpreter suite and the AOT quick set there, about 4 minutes) is
+(a venv with Triton 3.8.0, the interpreter suite and the AOT quick set there, about 13 minutes on 2 cores) is
 `make triton-compat`; docs/gpu.md records its result.
 
 Run alone: .venv/bin/python -m pytest -q tests/test_triton_compat.py
