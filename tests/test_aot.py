@@ -118,11 +118,7 @@ def test_autotune_entries_compiled_without_spills_on_their_targets():
     with open(os.path.join(root, "bench", "results", "aot_configs.json")) as f:
         rows = json.load(f)
     assert not [r for r in rows if "error" in r]
-    lists = {id(lst): lst for lst in (configs.configs_for(family, fp32, symmetric, width)
-                                      for family in ("forward", "column", "row", "preprocess")
-                                      for fp32 in (False, True) for symmetric in (False, True)
-                                      for width in configs.WIDTH_CLASSES)}
-    for lst in lists.values():
+    for lst in configs.shipped_lists(("forward", "column", "row", "preprocess")):
         assert set(configs.archs_of(lst[0])) == {configs.SM80, configs.SM90}, "the default must be verified on both"
         for config in lst:
             triton.Config(**config.__dict__)  # the autotuner's disk cache rebuilds configs this way
@@ -162,8 +158,7 @@ def test_replication_of_each_entry_is_its_compiled_layout():
         rows = [r for r in json.load(f) if r["arch"] == "sm_90" and r["kernel"] != "preprocess"]
     checked = 0
     for family in ("forward", "column", "row"):
-        entries = {id(config): config for fp32 in (False, True) for symmetric in (False, True)
-                   for width in configs.WIDTH_CLASSES for config in configs.configs_for(family, fp32, symmetric, width)}
+        entries = {id(config): config for lst in configs.shipped_lists((family,)) for config in lst}
         for config in entries.values():
             if configs.SM90 not in configs.archs_of(config):
                 continue
@@ -179,10 +174,11 @@ def test_replication_of_each_entry_is_its_compiled_layout():
 def test_replication_is_recorded_per_triton_release():
     """configs.PINNED_TRITON is the release requirements-dev.txt pins (the one aot_configs.json is compiled with),
     and the layouts recorded for another release are read under it and only under it."""
+    from nonlocal_ext import triton_compat
     from nonlocal_ext.triton_kernels import configs
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "requirements-dev.txt")) as f:
-        pin = next(line.split("==")[1].strip() for line in f if line.startswith("triton=="))
+        pin = triton_compat.read_pins(f.read())["triton"]
     assert pin.startswith(configs.PINNED_TRITON + ".")
     entry = configs.FP32_SYMMETRIC_COLUMN_256[0]
     assert configs.replication_of("column", entry, triton_version=pin) == (1, 1)

@@ -82,6 +82,8 @@ def test_half_gemm_ratio_is_measured_once_per_process_and_dtype(monkeypatch):
         cost.half_gemm_ratio.cache_clear()
     with pytest.raises(ValueError, match="dtype"):
         cost.half_gemm_ratio(torch.float32)
+    with pytest.raises(ValueError, match="half_ratio"):  # half inputs are priced only with a ratio
+        cost.prices(2, 784, 196, 256, 256, "gaussian", "row", False, True, "avx512", True)
 
 
 def test_half_gemm_ratio_times_the_dtypes_asked_for_under_autocast(monkeypatch):
@@ -96,8 +98,6 @@ def test_half_gemm_ratio_times_the_dtypes_asked_for_under_autocast(monkeypatch):
     finally:
         cost.half_gemm_ratio.cache_clear()
     assert seen and not any(seen)
-    with pytest.raises(ValueError, match="half_ratio"):
-        cost.prices(2, 784, 196, 256, 256, "gaussian", "row", False, True, "avx512", True)
 
 
 #: bfloat16 / float32 torch.mm rates measured on three CPUs (bench/NOTES.md): a Sapphire Rapids with AMX (≈ 600 /

@@ -427,14 +427,7 @@ def test_differential_random_case(index, tile, monkeypatch):
 def _shipped_pair_tiles() -> list[tuple[int, int]]:
     """Every (BLOCK_I, BLOCK_J) that the default entry of a shipped list runs (forward and backward, every width
     class, both dtypes); the interpreter otherwise runs 32 × 32."""
-    tiles = set()
-    for family in ("forward", "column", "row"):
-        for fp32 in (False, True):
-            for symmetric in (False, True):
-                for width in configs.WIDTH_CLASSES:
-                    kwargs = configs.configs_for(family, fp32, symmetric, width)[0].kwargs
-                    tiles.add((kwargs["BLOCK_I"], kwargs["BLOCK_J"]))
-    return sorted(tiles)
+    return sorted({(lst[0].kwargs["BLOCK_I"], lst[0].kwargs["BLOCK_J"]) for lst in configs.shipped_lists()})
 
 
 SHIPPED_TILE_COMBOS = [("fractional", "row", "diffusion", True, False), ("gaussian", "sym", "aggregate", False, False),

@@ -287,6 +287,14 @@ def configs_for(family: str, fp32: bool, symmetric: bool = True, width: int = 64
     return _WIDE[key][width_class(width)]
 
 
+def shipped_lists(families=("forward", "column", "row")) -> list[list]:
+    """Every autotune list :func:`configs_for` can return for ``families`` (each list once, in a fixed order):
+    over both input kinds, the ``symmetric`` flag and the width classes."""
+    lists = {id(lst): lst for family in families for fp32 in (False, True) for symmetric in (False, True)
+             for width in WIDTH_CLASSES for lst in [configs_for(family, fp32, symmetric, width)]}
+    return list(lists.values())
+
+
 def interpreter_blocks(config) -> dict:
     """The tiles the interpreter runs a kernel with: :data:`INTERPRETER_BLOCKS`, with the feature tiles
     of ``config`` (the default of the call's list)."""
