@@ -6,7 +6,9 @@ Reads the times ``make bench`` wrote (bench/results/cpu.json: N = M sweep; block
 suite) and fits each path's constants to that path's own rows: ``reference`` rows to the dense model,
 ``cpu`` rows to the fused one, ``chunked`` and ``linear`` rows to theirs. A row's measured work is its
 median time × the run's float32 GEMM rate (the units of cost.py); a half row is priced with the run's
-half/float32 GEMM rate ratio (``half_ratio`` of cost.py, from the rates in the run's rows). The fit minimizes the squared log error
+half/float32 GEMM rate ratio (``half_ratio`` of cost.py, from the rates in the run's rows), and every ``cpu``
+price with the run's fused probe over the fitted one (``fused_scale``; the fit sets ``FUSED_PROBE`` to the run's
+probe, so that scale is 1 on the run it fits). The fit minimizes the squared log error
 of the predicted against the measured work by coordinate descent on each constant's logarithm (steps ×2,
 ×1.25, ×1.05, ×1.01, each while it helps), from cost.py's current values; deterministic.
 
@@ -49,25 +51,46 @@ FITTED = {
 BLOCK = ["DENSE_PASSES", "CACHED_PASSES", "UNCACHED_PASSES", "DENSE_CALL", "FUSED_PASSES", "FUSED_CALL",
          "FUSED_FORWARD_SPEED", "FUSED_BACKWARD_SPEED", "NARROW_PENALTY", "DENSE_NARROW_PENALTY", "CHUNKED_SPEED", "CHUNKED_PASSES",
          "CHUNKED_BLOCK", "LINEAR_SPEED", "HALF_DENSE_GEMM_EFFICIENCY", "HALF_DENSE_PASSES", "HALF_FUSED_SPEED",
-         "FITTED_ON"]
+         "FUSED_PROBE", "FITTED_ON"]
 STEPS = (2.0, 1.25, 1.05, 1.01)
 
 
+def measured_on(data: list[dict]) -> dict:
+    """What a run's rows say about the machine that measured them: ``rates``, the GEMM rate of each dtype (the
+    headers' ``torch.mm``; the best reading where the rows come from several files: a lower one is the machine's
+    load), and ``probe``, :func:`cost.probe_of` of its fused probe case (cost.PROBE_SHAPE; None when the rows do
+    not have it)."""
+    rates = {}
+    for r in data:
+        if r.get("gemm_gflops"):
+            rates[r["dtype"]] = max(rates.get(r["dtype"], 0.0), r["gemm_gflops"])
+    n, d, c = cost.PROBE_SHAPE
+    probe = [r["median_ms"] for r in data if r.get("median_ms") and r["backend"] == "cpu" and r["pass"] == "fwd"
+             and (r["kernel"], r["normalize"], r["update"], r["dtype"], r["batch"]) == ("gaussian", "row", "aggregate",
+                                                                                      "float32", 1)
+             and (r["N"], r["M"], r["D"], r["C"]) == (n, n, d, c)]
+    return dict(rates=rates, probe=cost.probe_of(probe[0] * 1e-3, rates["float32"]) if probe else None)
+
+
 def load(paths=RESULTS) -> list[dict]:
-    """The measured rows of ``paths`` with a time, as cases: shape, dtype, path, pass, measured work."""
-    rows = []
+    """The measured rows of ``paths`` with a time, as cases: shape, dtype, path, pass, measured work, and the run's
+    half/float32 GEMM rate ratio (its file's) and fused probe (:func:`measured_on` of all the files)."""
+    runs = []
     for path in paths:
         with open(path) as f:
-            data = json.load(f)
-        rate = next(r["gemm_gflops"] for r in data if r.get("dtype") == "float32" and r.get("gemm_gflops"))
-        rates = {r["dtype"]: r["gemm_gflops"] for r in data if r.get("gemm_gflops")}
+            runs.append(json.load(f))
+    probe = measured_on([r for data in runs for r in data])["probe"]
+    rows = []
+    for data in runs:
+        rates = measured_on(data)["rates"]
+        rate = rates["float32"]
         for r in data:
             if r.get("error") or r.get("median_ms") is None or r["device"] != "cpu" or r["update"] != "aggregate":
                 continue
             rows.append(dict(backend=r["backend"], kernel=r["kernel"], normalize=r["normalize"], batch=r["batch"],
                              n=r["N"], m=r["M"], d=r["D"], c=r["C"], dtype=r["dtype"], backward=r["pass"] != "fwd",
                              ms=r["median_ms"], work=r["median_ms"] * 1e-3 * rate * 1e9,
-                             half_ratio=rates.get(r["dtype"], rate) / rate))
+                             half_ratio=rates.get(r["dtype"], rate) / rate, probe=probe))
     return rows
 
 
@@ -87,9 +110,15 @@ def ratio_of(row) -> float | None:
     return row["half_ratio"] if half(row) else None
 
 
+def scale_of(row) -> float:
+    """The fused kernels' speed on the row's machine against the fitted one's (cost.fused_speed_scale): its run's
+    probe over cost.FUSED_PROBE; 1 for a run without the probe case."""
+    return row["probe"] / cost.FUSED_PROBE if row["probe"] else 1.0
+
+
 def predicted(row) -> float | None:
     """cost.py's work for the row's path, or None where that path is not priced (over the memory budget)."""
-    return cost.prices(*args_of(row), half_ratio=ratio_of(row)).get(row["backend"])
+    return cost.prices(*args_of(row), half_ratio=ratio_of(row), fused_scale=scale_of(row)).get(row["backend"])
 
 
 def _error(rows) -> float:
@@ -130,6 +159,7 @@ def fit(rows, machine: str) -> dict:
     """Fit cost's constants in place (module attributes) to ``rows`` measured on a CPU of half class ``machine``
     (whose per-class half constants they give); returns the rms log error per path."""
     cost.FITTED_ON = machine
+    cost.FUSED_PROBE = float(f"{next((r['probe'] for r in rows if r['probe']), cost.FUSED_PROBE):.4g}")
     errors = {}
     for path, params in FITTED.items():
         params = [(name, (machine,) if isinstance(getattr(cost, name), dict) and name.startswith("HALF_") else where)
@@ -163,10 +193,10 @@ def picks(rows) -> list[tuple]:
         if row["backend"] in cost.PATHS:
             key = args_of(row)[:10] + (row["dtype"],)
             cases.setdefault(key, {})[row["backend"]] = row["ms"]
-            ratios[key] = ratio_of(row)
+            ratios[key] = ratio_of(row), scale_of(row)
     out = []
     for key, times in sorted(cases.items(), key=lambda item: str(item[0])):
-        pick = cost.choose(*key[:10], True, half_ratio=ratios[key])
+        pick = cost.choose(*key[:10], True, half_ratio=ratios[key][0], fused_scale=ratios[key][1])
         fastest = min(times, key=times.get)
         out.append((key, pick, times.get(pick), fastest, times[fastest]))
     return out

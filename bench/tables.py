@@ -28,6 +28,7 @@ from collections import defaultdict
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))  # calibrate.measured_on: what a run's rows say about its machine
 DOCS = [ROOT / "README.md", ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "examples.md"]
 
 MARKER = re.compile(r"^<!-- tables\.py: (?P<name>[\w-]+) -->\n(?P<body>.*?)^<!-- /tables\.py: (?P=name) -->$",
@@ -90,19 +91,24 @@ def auto_pick(kernel: str, normalize: str, update: str, batch: int, n: int, m: i
 
 
 @contextlib.contextmanager
-def as_measured(rows: list[dict]):
+def as_measured(rows: list[dict], probe: float | None = None):
     """``auto``'s picks priced for the machine that measured ``rows``: its half/float32 GEMM rate ratio (the rates
-    in the rows) and the half class the constants were fitted on (``cost.FITTED_ON``), not this machine's, so
-    that the tables do not depend on where they are generated."""
+    in the rows), its fused probe (``probe``, by default the committed run's: ``calibrate.measured_on`` of
+    cpu.json and blocks.json) and the half class the constants were fitted on (``cost.FITTED_ON``), not this
+    machine's, so that the tables do not depend on where they are generated."""
+    from calibrate import measured_on
+
     from nonlocal_ext.backends import cost, reference
-    rates = {r["dtype"]: r["gemm_gflops"] for r in rows if r.get("gemm_gflops")}
-    saved = cost.half_gemm_ratio, reference.half_class
+    rates = measured_on(rows)["rates"]
+    probe = probe or measured_on(load("cpu") + load("blocks"))["probe"]
+    saved = cost.half_gemm_ratio, reference.half_class, cost.fused_speed_scale
     cost.half_gemm_ratio = lambda dtype: rates[str(dtype).removeprefix("torch.")] / rates["float32"]
     reference.half_class = lambda spec, query: cost.FITTED_ON if saved[1](spec, query) else None
+    cost.fused_speed_scale = lambda: probe / cost.FUSED_PROBE
     try:
         yield
     finally:
-        cost.half_gemm_ratio, reference.half_class = saved
+        cost.half_gemm_ratio, reference.half_class, cost.fused_speed_scale = saved
 
 
 def _case(r: dict) -> tuple:

@@ -1,10 +1,12 @@
 """``auto``'s CPU cost model (nonlocal_ext/backends/cost.py): its constants are the fit of the measured suite, and
 ``choose`` prices only the paths that may run a call."""
 
+import json
 import os
 import sys
 
 import pytest
+import torch
 
 from nonlocal_ext.backends import cost
 
@@ -72,3 +74,101 @@ def test_pricier_with_more_work():
                 return cost.prices(b, n, m, d, d, "gaussian", "row", False, backward, half, True,
                                    half_ratio=2.0 if half else None)[path]
             assert price() < price(b=4) and price() < price(d=512) and price() < price(backward=True)
+
+
+def test_the_fused_price_per_pair_divides_by_the_probed_speed_and_moves_picks():
+    """``fused_scale`` (this CPU's fused speed against the fitted machine's) divides the fused work per pair, not
+    its fixed cost per call, and turns a dense pick into a fused one where the fused kernels run faster."""
+    args = (16, 196, 49, 512, 512, "gaussian", "row", False, True, None, True)
+    per_pair = [cost.prices(*args, fused_scale=s)["cpu"] - cost.FUSED_CALL[True] for s in (1.0, 2.0)]
+    assert per_pair[0] == pytest.approx(2 * per_pair[1], rel=1e-12)
+    assert cost.prices(*args)["reference"] == cost.prices(*args, fused_scale=2.0)["reference"]
+    assert cost.choose(*args, fused_scale=1.0) == "reference" and cost.choose(*args, fused_scale=2.0) == "cpu"
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="fused_scale"):
+            cost.prices(*args, fused_scale=bad)
+
+
+def test_fused_speed_scale_is_the_probe_over_the_fitted_one_measured_once(monkeypatch):
+    """The probe times the fused ``cpu`` call of cost.PROBE_SHAPE (median of 5) and float32 ``torch.mm`` outside
+    autocast and autograd, once per process."""
+    calls = []
+
+    def time_step(step, device, repeat, warmup):
+        calls.append(("fused", device, repeat, warmup, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        out = step()
+        assert out.shape == (1, cost.PROBE_SHAPE[0], cost.PROBE_SHAPE[2])
+        return [0.030, 0.010, 0.020, 0.050, 0.040]
+
+    def gemm_gflops(device, dtype, size):
+        calls.append(("gemm", device, dtype, size))
+        return 100.0
+
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.time_step", time_step)
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops", gemm_gflops)
+    cost.MEASURED.clear()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.enable_grad():
+            expected = cost.probe_of(0.030, 100.0) / cost.FUSED_PROBE
+            assert cost.fused_speed_scale() == pytest.approx(expected, rel=1e-12)
+            assert cost.fused_speed_scale() == pytest.approx(expected, rel=1e-12)
+    finally:
+        cost.MEASURED.clear()
+    assert calls == [("fused", "cpu", 5, 2, False, False), ("gemm", "cpu", torch.float32, cost.PROBE_GEMM_SIZE)]
+    n, d, c = cost.PROBE_SHAPE
+    assert cost.probe_of(0.030, 100.0) == pytest.approx(2 * n * n * (d + c) / 0.030 / 1e9 / 100.0)
+
+
+def test_auto_prices_the_fused_path_with_the_probe_only_where_it_can_run(monkeypatch):
+    from nonlocal_ext import backends
+    from nonlocal_ext.spec import validate
+
+    seen = []
+    monkeypatch.setattr(cost, "choose", lambda *args, **kwargs: seen.append((args[10], kwargs["fused_scale"])) or "chunked")
+    monkeypatch.setattr(cost, "fused_speed_scale", lambda: 1.7)
+    q = torch.empty(2, 40, 8)
+    spec = validate(q, q, q, "gaussian", normalize="row", update="aggregate", symmetric=False, self_value=None,
+                    backend="auto", scale=1.0, power=None, gamma=None, eps=None)
+    assert backends.select("auto", spec, q, q, q) is backends.chunked
+    monkeypatch.setattr(backends.cpu, "unsupported_reason", lambda spec, query: "not built")
+    monkeypatch.setattr(cost, "fused_speed_scale", lambda: pytest.fail("probed without the fused kernels"))
+    assert backends.select("auto", spec, q, q, q) is backends.chunked
+    assert seen == [(True, 1.7), (False, 1.0)]
+
+
+def test_the_fitted_run_carries_its_probe_and_prices_at_scale_one():
+    """calibrate reads the probe case from the sweep (cpu.json) against the run's best float32 GEMM rate (of
+    cpu.json and blocks.json) and gives it to every row of the run; the fit takes it as FUSED_PROBE, so the fitted
+    run is priced at fused_scale 1."""
+    runs = []
+    for path in calibrate.RESULTS:
+        with open(path) as f:
+            runs.append(json.load(f))
+    sweep, block_suite, run = (calibrate.measured_on(rows) for rows in (runs[0], runs[1], runs[0] + runs[1]))
+    assert block_suite["probe"] is None and sweep["probe"] is not None
+    assert run["rates"]["float32"] == max(sweep["rates"]["float32"], block_suite["rates"]["float32"])
+    assert run["probe"] == pytest.approx(sweep["probe"] * sweep["rates"]["float32"] / run["rates"]["float32"])
+    assert run["probe"] == pytest.approx(cost.FUSED_PROBE, rel=1e-3)
+    rows = calibrate.load()
+    assert {row["probe"] for row in rows} == {run["probe"]}
+    assert calibrate.scale_of(rows[0]) == pytest.approx(1.0, rel=1e-3)
+    assert calibrate.scale_of({**rows[0], "probe": None}) == 1.0
+
+
+def test_nothing_is_timed_while_torch_compile_traces(monkeypatch):
+    """A first ``auto`` call inside ``torch.compile`` prices as on the fitted machine (1.0) and measures nothing
+    (timing cannot be traced; tests/test_cpu.py compiles such a call with fullgraph=True); eager calls measure."""
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops", lambda device, dtype, size: 100.0)
+    monkeypatch.setattr("nonlocal_ext.benchmark.measure.time_step", lambda step, device, repeat, warmup: [0.01] * 5)
+    saved = dict(cost.MEASURED)
+    cost.MEASURED.clear()
+    try:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert cost.fused_speed_scale() == 1.0 and cost.half_gemm_ratio(torch.bfloat16) == 1.0
+        assert cost.MEASURED == {}
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        assert cost.fused_speed_scale() == pytest.approx(cost.probe_of(0.01, 100.0) / cost.FUSED_PROBE)
+        assert set(cost.MEASURED) == {"fused"}
+    finally:
+        cost.MEASURED.clear()
+        cost.MEASURED.update(saved)

@@ -141,7 +141,9 @@ def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
     ("dot", 2, 784, 196, 1024, 1024, True, reference),     # wide block: the float64 thin GEMMs cost more
     ("dot", 16, 196, 49, 512, 512, True, reference),       # res4
 ])
-def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected):
+def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected,
+                                                            monkeypatch):
+    monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_speed_scale", lambda: 1.0)  # as on the fitted machine
     assert auto_choice(kernel, batch, n, m, d, c, backward) is expected
 
 
@@ -149,7 +151,7 @@ def test_auto_asks_the_cost_model_whether_a_backward_runs(monkeypatch):
     """The op tells select whether gradients are needed; the model then prices forward+backward."""
     seen = []
     monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_work",
-                        lambda pairs, m, d, c, normalize, backward, half: seen.append(backward) or 0.0)
+                        lambda pairs, m, d, c, normalize, backward, half, scale: seen.append(backward) or 0.0)
     q = torch.randn(2, 30, 5)
     nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf")
     nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")

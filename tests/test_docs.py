@@ -35,13 +35,13 @@ def test_generated_sections_match_the_results(tables):
 
 
 def test_auto_columns_are_priced_for_the_measuring_machine(tables):
-    """Inside ``as_measured(rows)`` auto's half pricing uses the rows' GEMM rates and the fitted half class, not
-    this machine's; both are restored after."""
+    """Inside ``as_measured(rows)`` auto's half pricing uses the rows' GEMM rates and the fitted half class, and the
+    fused price the committed run's probe (or the one given), not this machine's; all restored after."""
     import torch
 
     from nonlocal_ext.backends import cost, reference
     rows = [{"dtype": "float32", "gemm_gflops": 200.0}, {"dtype": "bfloat16", "gemm_gflops": 50.0}]
-    saved = cost.half_gemm_ratio, reference.half_class
+    saved = cost.half_gemm_ratio, reference.half_class, cost.fused_speed_scale
     q = torch.empty(2, 40, 8, dtype=torch.bfloat16)
     from nonlocal_ext.spec import validate
     spec = validate(q, q, q, "gaussian", normalize="row", update="aggregate", symmetric=False, self_value=None,
@@ -50,7 +50,10 @@ def test_auto_columns_are_priced_for_the_measuring_machine(tables):
         assert cost.half_gemm_ratio(torch.bfloat16) == 0.25
         assert reference.half_class(spec, q) == (cost.FITTED_ON if saved[1](spec, q) else None)
         assert reference.half_class(spec, q.float()) is None
-    assert (cost.half_gemm_ratio, reference.half_class) == saved
+        assert cost.fused_speed_scale() == pytest.approx(1.0, rel=1e-3)  # the committed sweep: the fitted run
+    with tables.as_measured(rows, probe=2 * cost.FUSED_PROBE):
+        assert cost.fused_speed_scale() == pytest.approx(2.0, rel=1e-12)
+    assert (cost.half_gemm_ratio, reference.half_class, cost.fused_speed_scale) == saved
 
 
 def test_every_table_is_in_a_document_and_every_section_is_known(tables):
@@ -62,21 +65,30 @@ def test_every_table_is_in_a_document_and_every_section_is_known(tables):
 
 
 def test_a_changed_result_makes_its_sections_stale(tables, monkeypatch):
+    """Slower ``cpu`` rows of the sweep restale the sweep's tables; the block suite's only through the fused probe
+    case (cost.PROBE_SHAPE), which prices its ``auto`` column."""
+    from nonlocal_ext.backends import cost
     original = tables.load
+    n, d, c = cost.PROBE_SHAPE
 
-    def slower_cpu(name):
-        rows = copy.deepcopy(original(name))
-        if name == "cpu":
-            for r in rows:
-                if r["backend"] == "cpu" and r["median_ms"] is not None:
-                    r["median_ms"] *= 3
-        return rows
+    def slower_cpu(probe_too):
+        def load(name):
+            rows = copy.deepcopy(original(name))
+            if name == "cpu":
+                for r in rows:
+                    is_probe = (r["N"], r["D"], r["C"], r["kernel"], r["pass"]) == (n, d, c, "gaussian", "fwd")
+                    if r["backend"] == "cpu" and r["median_ms"] is not None and (probe_too or not is_probe):
+                        r["median_ms"] *= 3
+            return rows
+        return load
 
-    monkeypatch.setattr(tables, "load", slower_cpu)
+    monkeypatch.setattr(tables, "load", slower_cpu(probe_too=False))
     stale = tables.stale_sections()
     assert "README.md: readme-cpu" in stale
     assert "docs/benchmarks.md: cpu-full" in stale
     assert not any(s.endswith(": blocks") or s.endswith(": qtips") for s in stale)
+    monkeypatch.setattr(tables, "load", slower_cpu(probe_too=True))
+    assert any(s.endswith(": blocks") for s in tables.stale_sections())
 
 
 def test_rendering_touches_only_the_marked_sections(tables):

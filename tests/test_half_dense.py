@@ -65,7 +65,8 @@ def test_auto_prices_half_inputs_by_the_class_and_gemm_rates_of_this_cpu(monkeyp
     spec = spec_of(q, q, q, "gaussian", backend="auto")
     assert nonlocal_ext.backends.select("auto", spec, q, q, q) is reference
     half = reference.half_class(spec, q)
-    assert seen == [(half, {"half_ratio": cost.half_gemm_ratio(torch.bfloat16) if half else None})]
+    assert seen == [(half, {"half_ratio": cost.half_gemm_ratio(torch.bfloat16) if half else None,
+                            "fused_scale": cost.fused_speed_scale()})]
 
 
 def test_half_gemm_ratio_is_measured_once_per_process_and_dtype(monkeypatch):
@@ -73,13 +74,13 @@ def test_half_gemm_ratio_is_measured_once_per_process_and_dtype(monkeypatch):
     rates = {torch.bfloat16: 400.0, torch.float16: 90.0, torch.float32: 200.0}
     monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops",
                         lambda device, dtype, size: calls.append((device, dtype, size)) or rates[dtype])
-    cost.half_gemm_ratio.cache_clear()
+    cost.MEASURED.clear()
     try:
         assert cost.half_gemm_ratio(torch.bfloat16) == 2.0 and cost.half_gemm_ratio(torch.float16) == 0.45
         assert cost.half_gemm_ratio(torch.bfloat16) == 2.0
         assert len(calls) == 8 and {c[0] for c in calls} == {"cpu"} and {c[2] for c in calls} == {cost.RATIO_GEMM_SIZE}
     finally:
-        cost.half_gemm_ratio.cache_clear()
+        cost.MEASURED.clear()
     with pytest.raises(ValueError, match="dtype"):
         cost.half_gemm_ratio(torch.float32)
     with pytest.raises(ValueError, match="half_ratio"):  # half inputs are priced only with a ratio
@@ -91,12 +92,12 @@ def test_half_gemm_ratio_times_the_dtypes_asked_for_under_autocast(monkeypatch):
     seen = []
     monkeypatch.setattr("nonlocal_ext.benchmark.measure.gemm_gflops",
                         lambda device, dtype, size: seen.append(torch.is_autocast_enabled("cpu")) or 1.0)
-    cost.half_gemm_ratio.cache_clear()
+    cost.MEASURED.clear()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             cost.half_gemm_ratio(torch.bfloat16)
     finally:
-        cost.half_gemm_ratio.cache_clear()
+        cost.MEASURED.clear()
     assert seen and not any(seen)
 
 

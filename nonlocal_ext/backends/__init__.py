@@ -34,8 +34,9 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
 
     ``auto`` on CUDA: ``kernel="dot"`` takes the exact linear-time path; every other kernel goes to
     the work model's per-call decision (``cuda_choice``: fused, dense within a memory budget, or
-    SDPA). On CPU, :func:`.cost.choose` prices the candidates (``backward``: whether a backward will run)
-    and the cheapest runs: the fused ``cpu`` kernels where they are built, the dense ``reference`` while
+    SDPA). On CPU, :func:`.cost.choose` prices the candidates (``backward``: whether a backward will run;
+    the fused kernels' speed on this CPU probed once per process, :func:`.cost.fused_speed_scale`) and the
+    cheapest runs: the fused ``cpu`` kernels where they are built, the dense ``reference`` while
     its N×M temporaries fit the memory budget, ``chunked``, and for ``dot`` the linear path. Other devices:
     ``linear`` for ``dot``, else the ``reference`` for small problems (B·N·M ≤ DENSE_MAX_ELEMENTS) and
     ``chunked`` for the rest. A backend asked for by name is used or refused with the reason and the list
@@ -50,10 +51,11 @@ def select(name: str, spec, query, key, value=None, backward: bool = False):
         n, batch = query.shape[-2], math.prod(query.shape[:-2])
         if query.device.type != "cpu":
             return linear if dot else reference if batch * n * m <= DENSE_MAX_ELEMENTS else chunked
-        half = reference.half_class(spec, query)
+        half, fused = reference.half_class(spec, query), cpu.unsupported_reason(spec, query) is None
         choice = cost.choose(batch, n, m, d, c, spec.kernel.name, spec.normalize, spec.symmetric, backward,
-                             half, cpu.unsupported_reason(spec, query) is None, query.element_size(),
-                             half_ratio=cost.half_gemm_ratio(query.dtype) if half else None)
+                             half, fused, query.element_size(),
+                             half_ratio=cost.half_gemm_ratio(query.dtype) if half else None,
+                             fused_scale=cost.fused_speed_scale() if fused else 1.0)
         return BACKENDS[choice]
     backend = BACKENDS[name]
     reason = backend.unsupported_reason(spec, query)

@@ -29,6 +29,11 @@ times ``half_ratio``, the half/float32 ``torch.mm`` rate ratio of this CPU, time
 the dense path's elementwise passes (:data:`HALF_DENSE_PASSES`) and the fused kernels' speed
 (:data:`HALF_FUSED_SPEED`), one value per class; ``chunked`` computes in float32 either way.
 
+The fused constants hold where the fused kernels run as fast relative to ``torch.mm`` as on the machine that
+measured the suite: :func:`fused_speed_scale` times one fused call against ``torch.mm`` once per process, and the
+fused work per pair is divided by that probe over the fitted run's (:data:`FUSED_PROBE`; another CPU of the same
+kind measured the fused kernels 1.26× faster relative to its ``torch.mm``, bench/NOTES.md).
+
 The constants between the ``calibrate.py`` markers are fitted by ``bench/calibrate.py`` to the times
 ``make bench`` measured (``bench/results/blocks.json`` and ``cpu.json``), each path to its own rows, the
 half constants of the class of the machine that measured them (:data:`FITTED_ON`); tests/test_cost.py
@@ -39,7 +44,6 @@ model, fitted") has the fit and the picks it gives.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -85,6 +89,7 @@ HALF_FUSED_SPEED = {
     "amx": 1.5,
     "avx512": 0.6176,
 }
+FUSED_PROBE = 0.7656
 FITTED_ON = "avx512"
 # calibrate.py: end
 
@@ -93,22 +98,70 @@ PATHS = ("reference", "cpu", "chunked", "linear")
 
 #: Side of the square products :func:`half_gemm_ratio` times (≈ 0.3 GFLOP each: a few ms in all).
 RATIO_GEMM_SIZE = 512
+#: The call :func:`fused_speed_scale` times: the ``cpu`` forward of ``gaussian`` + ``row``, float32, batch 1,
+#: N = M, D, C (a case of ``make bench``'s sweep, so that every fitted run has it), against float32 ``torch.mm``
+#: of PROBE_GEMM_SIZE² matrices: ≈ 0.15 s in all.
+PROBE_SHAPE = (2048, 64, 128)
+PROBE_GEMM_SIZE = 1024
 
 
-@functools.cache
+def probe_of(fused_seconds: float, gemm_gflops: float) -> float:
+    """The fused kernels' speed relative to ``torch.mm``: the probe call's GFLOP/s (2·N·N·(D + C) FLOPs) over the
+    float32 GEMM rate. :data:`FUSED_PROBE` is its value on the fitted run."""
+    n, d, c = PROBE_SHAPE
+    return 2.0 * n * n * (d + c) / fused_seconds / 1e9 / gemm_gflops
+
+
+#: What this process measured of its CPU, by key: ("half", dtype) → :func:`half_gemm_ratio`, "fused" →
+#: :func:`fused_speed_scale` (tests clear it).
+MEASURED: dict = {}
+
+
+def _measured_once(key, measure):
+    """``measure()`` at the first call in a process, then its value; 1.0 while ``torch.compile`` traces a call
+    before anything was measured (timing cannot be traced; 1.0 prices as on the fitted machine)."""
+    if key not in MEASURED:
+        if torch.compiler.is_compiling():
+            return 1.0
+        MEASURED[key] = measure()
+    return MEASURED[key]
+
+
 def half_gemm_ratio(dtype: torch.dtype) -> float:
     """The ``torch.mm`` rate of ``dtype`` (bfloat16 or float16) over float32's on this CPU, measured at the first
     call in a process: the better of two rounds per dtype, interleaved, each the median of 5 products of
     :data:`RATIO_GEMM_SIZE`² matrices after 2 warm-up ones (a process's first half products can run 10× slow)."""
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"dtype: expected torch.bfloat16 or torch.float16, got {dtype}")
-    from ..benchmark.measure import gemm_gflops
-    rates = {dtype: 0.0, torch.float32: 0.0}
-    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the products in the dtypes asked for
-        for _ in range(2):
-            for each in rates:
-                rates[each] = max(rates[each], gemm_gflops("cpu", each, RATIO_GEMM_SIZE))
-    return rates[dtype] / rates[torch.float32]
+
+    def measure():
+        from ..benchmark.measure import gemm_gflops
+        rates = {dtype: 0.0, torch.float32: 0.0}
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the products in the dtypes asked for
+            for _ in range(2):
+                for each in rates:
+                    rates[each] = max(rates[each], gemm_gflops("cpu", each, RATIO_GEMM_SIZE))
+        return rates[dtype] / rates[torch.float32]
+    return _measured_once(("half", dtype), measure)
+
+
+def fused_speed_scale() -> float:
+    """How much faster, relative to ``torch.mm``, the fused kernels run on this CPU than on the machine the
+    constants were fitted on: :func:`probe_of` measured here over :data:`FUSED_PROBE`. Measured at the first call in
+    a process (median of 5 calls of each after 2 warm-up ones, outside autocast and autograd); the fused path's
+    work per pair is divided by it. Needs the ``cpu`` kernels built."""
+    def measure():
+        from ..benchmark.measure import gemm_gflops, time_step
+        from ..ops import nonlocal_aggregate
+        n, d, c = PROBE_SHAPE
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, n, width, generator=g) for width in (d, d, c))
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            seconds = sorted(time_step(lambda: nonlocal_aggregate(q, k, v, "gaussian", backend="cpu"), "cpu", 5,
+                                       warmup=2))[2]
+            rate = gemm_gflops("cpu", torch.float32, PROBE_GEMM_SIZE)
+        return probe_of(seconds, rate) / FUSED_PROBE
+    return _measured_once("fused", measure)
 
 
 def narrow_penalty(m: int, penalty: float | None = None) -> float:
@@ -144,13 +197,17 @@ def _recomputing_gemms(d: int, c: int, normalize: str, backward: bool) -> tuple[
     return forward, (2.0 * (3 * d + 2 * c + (d + c if normalize == "sym" else 0)) if backward else 0.0)
 
 
-def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool, half: str | None = None) -> float:
-    """``half``: as for :func:`dense_work` (the fused kernels' half tile products follow the same test)."""
+def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool, half: str | None = None,
+               scale: float = 1.0) -> float:
+    """``half``: as for :func:`dense_work` (the fused kernels' half tile products follow the same test);
+    ``scale``: the fused kernels' speed on this CPU against the fitted machine's (:func:`fused_speed_scale`)."""
+    if not scale > 0:
+        raise ValueError(f"fused_scale: expected the positive speed ratio of fused_speed_scale(), got {scale!r}")
     forward, back = _recomputing_gemms(d, c, normalize, backward)
     work = forward / FUSED_FORWARD_SPEED + back / FUSED_BACKWARD_SPEED + FUSED_PASSES[backward]
     if half:
         work /= HALF_FUSED_SPEED[half]
-    return pairs * work * narrow_penalty(m) + FUSED_CALL[backward]
+    return pairs * work * narrow_penalty(m) / scale + FUSED_CALL[backward]
 
 
 def chunked_work(pairs: int, m: int, d: int, c: int, kernel: str, normalize: str, backward: bool) -> float:
@@ -169,17 +226,17 @@ def linear_work(batch: int, n: int, m: int, d: int, c: int, symmetric: bool, bac
 
 def prices(batch: int, n: int, m: int, d: int, c: int, kernel: str, normalize: str, symmetric: bool,
            backward: bool, half: str | None, fused: bool, item_bytes: int = 4,
-           half_ratio: float | None = None) -> dict[str, float]:
+           half_ratio: float | None = None, fused_scale: float = 1.0) -> dict[str, float]:
     """The work of each path that may run the call, by name: ``reference`` while its temporaries fit the
-    budget (``item_bytes``: 8 for float64), ``cpu`` where the fused kernels are available (``fused``),
-    ``chunked`` always, ``linear`` for ``dot``. With ``half``, ``half_ratio`` is required (see
-    :func:`dense_work`)."""
+    budget (``item_bytes``: 8 for float64), ``cpu`` where the fused kernels are available (``fused``; priced
+    with ``fused_scale``, see :func:`fused_work`), ``chunked`` always, ``linear`` for ``dot``. With ``half``,
+    ``half_ratio`` is required (see :func:`dense_work`)."""
     pairs = batch * n * m
     out = {"chunked": chunked_work(pairs, m, d, c, kernel, normalize, backward)}
     if DENSE_TEMPORARIES * pairs * max(item_bytes, 4) <= DENSE_MEMORY_BUDGET:
         out["reference"] = dense_work(pairs, m, d, c, kernel, backward, half, half_ratio)
     if fused:
-        out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half)
+        out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half, fused_scale)
     if kernel == "dot":
         out["linear"] = linear_work(batch, n, m, d, c, symmetric, backward)
     return out
