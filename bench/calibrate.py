@@ -43,14 +43,14 @@ FITTED = {
        ("HALF_DENSE_GEMM_EFFICIENCY", ()), ("HALF_DENSE_PASSES", ())],
     "cpu": [("FUSED_PASSES", (0,)), ("FUSED_PASSES", (1,)), ("FUSED_CALL", (0,)), ("FUSED_CALL", (1,)),
             ("FUSED_FORWARD_SPEED", ()), ("FUSED_BACKWARD_SPEED", ()), ("NARROW_PENALTY", ()),
-            ("HALF_FUSED_SPEED", ())],
+            ("HALF_FUSED_GEMM_EFFICIENCY", ())],
     "chunked": [("CHUNKED_SPEED", ()), ("CHUNKED_PASSES", ()), ("CHUNKED_BLOCK", (0,)), ("CHUNKED_BLOCK", (1,))],
     "linear": [("LINEAR_SPEED", ())],
 }
 #: Names written between the markers, in this order (``log`` is priced as ``fractional``: not in the suite).
 BLOCK = ["DENSE_PASSES", "CACHED_PASSES", "UNCACHED_PASSES", "DENSE_CALL", "FUSED_PASSES", "FUSED_CALL",
          "FUSED_FORWARD_SPEED", "FUSED_BACKWARD_SPEED", "NARROW_PENALTY", "DENSE_NARROW_PENALTY", "CHUNKED_SPEED", "CHUNKED_PASSES",
-         "CHUNKED_BLOCK", "LINEAR_SPEED", "HALF_DENSE_GEMM_EFFICIENCY", "HALF_DENSE_PASSES", "HALF_FUSED_SPEED",
+         "CHUNKED_BLOCK", "LINEAR_SPEED", "HALF_DENSE_GEMM_EFFICIENCY", "HALF_DENSE_PASSES", "HALF_FUSED_GEMM_EFFICIENCY",
          "FUSED_PROBE", "FITTED_ON"]
 STEPS = (2.0, 1.25, 1.05, 1.01)
 
@@ -73,17 +73,19 @@ def measured_on(data: list[dict]) -> dict:
 
 
 def load(paths=RESULTS) -> list[dict]:
-    """The measured rows of ``paths`` with a time, as cases: shape, dtype, path, pass, measured work, and the run's
-    half/float32 GEMM rate ratio (its file's) and fused probe (:func:`measured_on` of all the files)."""
+    """The measured rows of ``paths`` (one ``make bench`` run) with a time, as cases: shape, dtype, path, pass,
+    measured work (time × the run's float32 GEMM rate), the run's half/float32 GEMM rate ratio and its fused
+    probe; the rates are the best readings of the files' headers (:func:`measured_on`: the sweep's first reading
+    ran up to 1.2× low on a machine whose later readings agreed)."""
     runs = []
     for path in paths:
         with open(path) as f:
             runs.append(json.load(f))
-    probe = measured_on([r for data in runs for r in data])["probe"]
+    run = measured_on([r for data in runs for r in data])  # one machine: its best readings
+    rates, probe = run["rates"], run["probe"]
+    rate = rates["float32"]
     rows = []
     for data in runs:
-        rates = measured_on(data)["rates"]
-        rate = rates["float32"]
         for r in data:
             if r.get("error") or r.get("median_ms") is None or r["device"] != "cpu" or r["update"] != "aggregate":
                 continue

@@ -118,12 +118,14 @@ std::pair<at::Tensor, at::Tensor> translated_operands(at::Tensor& q, at::Tensor&
   return {qw, kw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& self_value, c10::string_view kernel, double scale, double power,
-    double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
+    double gamma, double eps, c10::string_view normalize, c10::string_view update, bool symmetric,
+    bool keep_products) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
+  TORCH_CHECK(!(keep_products && symmetric), "nonlocal_ext: keep_products is not available with symmetric");
   const at::ScalarType dtype = query.scalar_type();
   const bool half_gemms = half_gemm_available(dtype);
   o.row_block = row_block_for(query.size(1), key.size(1), query.size(2), value.size(2), half_gemms);
@@ -136,19 +138,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_forward_cpu(
   k = kw;
   v = widened(v);
   u = widened(u);
+  // The tile products q kᵀ (ρ under direct differences) in the compute dtype, (B, N, M), or (B, 0, 0).
+  const at::Tensor products = at::empty({q.size(0), keep_products ? q.size(1) : 0, keep_products ? k.size(1) : 0},
+                                        q.options());
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_forward", [&] {
-    result = forward_impl<scalar_t>(q, k, v, u, o, half);
+    result = forward_impl<scalar_t>(q, k, v, u, o, half, keep_products ? products : at::Tensor());
   });
-  if (is_half(dtype)) std::get<0>(result) = std::get<0>(result).to(dtype);
-  return result;
+  auto [out, row_stats, col_stats] = std::move(result);
+  if (is_half(dtype)) out = out.to(dtype);
+  return {out, row_stats, col_stats, products};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggregate_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const std::optional<at::Tensor>& self_value, const at::Tensor& out, const at::Tensor& row_stats,
     const at::Tensor& col_stats, c10::string_view kernel, double scale, double power, double gamma,
-    double eps, c10::string_view normalize, c10::string_view update, bool symmetric) {
+    double eps, c10::string_view normalize, c10::string_view update, bool symmetric,
+    const std::optional<at::Tensor>& products) {
   Options o = parse_options(kernel, scale, power, gamma, eps, normalize, update, symmetric);
   check_inputs(query, key, value, self_value, o);
   const at::ScalarType dtype = query.scalar_type();
@@ -157,6 +164,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
   // `out` is part of the schema for backends that form S_i = G_i·out_i; these kernels sum S_i
   // from the tiles instead (see normalization_terms).
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "nonlocal_ext: grad_out must have the shape of out");
+  const bool stored = products.has_value() && products->numel() > 0;
+  if (stored)
+    TORCH_CHECK(!symmetric && products->dim() == 3 && products->size(0) == query.size(0) &&
+                    products->size(1) == query.size(1) && products->size(2) == key.size(1),
+                "nonlocal_ext: products must be the forward's (B, N, M) products, and not symmetric");
   at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   at::Tensor g = grad_out.contiguous().to(dtype);
   at::Tensor u;
@@ -170,8 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> aggreg
   g = widened(g);
   std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> result;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nonlocal_ext::aggregate_backward", [&] {
-    result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(),
-                                     row_stats.contiguous(), col_stats.contiguous(), o, half);
+    result = backward_impl<scalar_t>(g, q, k, v, u, self_value.has_value(), row_stats.contiguous(),
+                                     col_stats.contiguous(), o, half,
+                                     stored ? products->to(q.scalar_type()).contiguous() : at::Tensor());
   });
   if (is_half(dtype)) {
     auto& [dq, dk, dv, du] = result;

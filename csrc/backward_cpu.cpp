@@ -3,7 +3,8 @@
 // schedule (every normalization), the row-block schedule (row), and backward_impl, which picks one
 // and assembles the gradients.
 //
-// Each tile is recomputed. With G = ∂L/∂out and gu_i = G_i·u_i:
+// Each tile is recomputed, or its products q_I k_Jᵀ read from the forward's (`products`). With
+// G = ∂L/∂out and gu_i = G_i·u_i:
 //   dâ_ij = G_i·v_j − [diffusion] gu_i
 //   dw_ij = a_i b_j (dâ_ij − R_i) − X_i a_i² − Y_j b_j²
 //     (row: R = S;  sym: X = S/2, Y = T/2, where S_i = Σ_j dâ_ij â_ij and T_j = Σ_i dâ_ij â_ij
@@ -248,7 +249,7 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
                                                       const at::Tensor& qn, const at::Tensor& kn,
                                                       const at::Tensor& a, const at::Tensor& b,
                                                       const at::Tensor& gu, const Options& o,
-                                                      const HalfInputs& half) {
+                                                      const HalfInputs& half, const at::Tensor& products) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool log_domain = is_log_domain(o.kernel);
   const GroupSplit split(batch, n, m, o.row_block);
@@ -266,6 +267,7 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
       Roles<T> r = roles<T>(batch_ptr<T>(q, bt), batch_ptr<T>(k, bt), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
                             ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), d, m);
       r.half = half_scratch.tiles(bt, false);
+      r.stored = ptr_or_null<T>(products, bt);
       const T *av = batch_ptr<T>(a, bt), *bv = batch_ptr<T>(b, bt), *guv = batch_ptr<T>(gu, bt);
       const T *vtb = ptr_or_null<T>(t.v_t, bt), *gb = batch_ptr<T>(g, bt);
       T* rows = row_part[bt][grp].data_ptr<T>();
@@ -311,6 +313,7 @@ struct BackwardVectors {
   at::Tensor qn, kn, a, b, R, X, Y, gu;
   Transposes t;     // qᵀ, kᵀ, vᵀ of the float32 GEMMs
   HalfInputs half;  // half copies of q, k, v, G for the tile GEMMs, or none
+  at::Tensor products;  // the forward's tile products q kᵀ (B, N, M), or undefined: recomputed
 
   template <typename T>
   BackwardRows<T> rows_of(int64_t bt) const {  // the pointers of batch element bt
@@ -325,6 +328,7 @@ struct BackwardVectors {
     Roles<T> r = roles<T>(batch_ptr<T>(q, bt), batch_ptr<T>(k, bt), ptr_or_null<T>(qn, bt), ptr_or_null<T>(kn, bt),
                           ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), q.size(2), k.size(1));
     r.half = half_scratch.tiles(bt, false);
+    r.stored = ptr_or_null<T>(products, bt);
     return {r, batch_ptr<T>(g, bt), ptr_or_null<T>(t.v_t, bt), rows_of<T>(bt)};
   }
 };
@@ -573,7 +577,7 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
     bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o,
-    const HalfInputs& half) {
+    const HalfInputs& half, const at::Tensor& products) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1);
   if (batch == 0 || n == 0 || m == 0) {
     std::optional<at::Tensor> grad_u;
@@ -592,12 +596,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.R = bv.X = at::zeros_like(bv.gu);
   bv.Y = at::zeros({batch, m}, q.options());
   bv.half = half;
+  bv.products = products;
   GradientParts parts;
   if (o.normalize == Normalize::Row) {
     parts = backward_by_row_blocks<T>(g, q, k, v, bv, o);
   } else {
     if (symnorm) {
-      auto [S, Tc] = normalization_terms<T>(q, k, v, g, bv.qn, bv.kn, bv.a, bv.b, bv.gu, o, half);
+      auto [S, Tc] = normalization_terms<T>(q, k, v, g, bv.qn, bv.kn, bv.a, bv.b, bv.gu, o, half, products);
       bv.X = 0.5 * S;
       bv.Y = 0.5 * Tc;
     }
@@ -608,10 +613,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
 
 template std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl<float>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-    const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&);
+    const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&, const at::Tensor&);
 template std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl<double>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
-    const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&);
+    const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&, const at::Tensor&);
 
 }  // namespace cpu
 }  // namespace nonlocal_ext

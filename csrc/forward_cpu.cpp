@@ -122,7 +122,8 @@ NLX_FORWARD_ENTRY_POINTS(double, )
 template <typename T, typename Finish>
 void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, const at::Tensor& rows_sqnorm,
                         const at::Tensor& cols_sqnorm, const at::Tensor& value, const at::Tensor& col_factor,
-                        const Options& o, const HalfInputs& half, bool swapped, const Finish& finish) {
+                        const Options& o, const HalfInputs& half, bool swapped, const Finish& finish,
+                        const at::Tensor& keep = at::Tensor()) {
   const int64_t batch = rows_in.size(0), rows = rows_in.size(1), cols = cols_in.size(1), d = rows_in.size(2);
   const int64_t c = value.defined() ? value.size(2) : 0;
   const int64_t rb = o.row_block, blocks = (rows + rb - 1) / rb;
@@ -140,6 +141,7 @@ void for_each_row_block(const at::Tensor& rows_in, const at::Tensor& cols_in, co
                             ptr_or_null<T>(rows_sqnorm, bt), ptr_or_null<T>(cols_sqnorm, bt),
                             ptr_or_null<T>(t.q_t, bt), ptr_or_null<T>(t.k_t, bt), d, cols);
       r.half = half_scratch.tiles(bt, swapped);
+      r.keep = keep.defined() ? batch_ptr<T>(keep, bt) : nullptr;
       RowState<T> st(bi, c);
       row_pass_entry(o.kernel, o.symmetric, r, p, cols, ptr_or_null<T>(value, bt), c,
                      ptr_or_null<T>(col_factor, bt), i0, bi, st, s1.data(), s2.data());
@@ -166,7 +168,8 @@ at::Tensor normalizer_pass(const at::Tensor& rows_in, const at::Tensor& cols_in,
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& u,
-                                                            const Options& o, const HalfInputs& half) {
+                                                            const Options& o, const HalfInputs& half,
+                                                            const at::Tensor& products) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), c = v.size(2);
   const bool log_domain = is_log_domain(o.kernel);
   auto out = output_buffer({batch, n, c}, q.options());
@@ -209,14 +212,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q,
       if (u_rows)
         for (int64_t e = 0; e < c; ++e) dst[e] -= rowsum * u_rows[i * c + e];
     }
-  });
+  }, products);
   return {out, row_stats, col_stats};
 }
 
 template std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl<float>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&,
+    const at::Tensor&);
 template std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl<double>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Options&, const HalfInputs&,
+    const at::Tensor&);
 
 }  // namespace cpu
 }  // namespace nonlocal_ext

@@ -9,10 +9,13 @@
 // Shapes: query (B, N, D), key (B, M, D), value (B, M, C), self_value (B, N, C) or None;
 // out (B, N, C). row_stats (B, N) and col_stats (B, M) are the per-row / per-column normalizer
 // statistics (e.g. the row sums r_i and column sums c_j) that the forward saves so that the
-// backward can recompute W tile by tile instead of storing it.
+// backward can recompute W tile by tile instead of storing it. With keep_products (not symmetric)
+// the forward also returns the tile products q kᵀ (B, N, M) (else (B, 0, 0)), for a backward
+// that reads them instead of recomputing them: the caller keeps them where N×M is small.
 //
-// aggregate_backward takes ∂L/∂out plus everything the forward saw and returned, and gives the
-// gradients of query, key, value, and of self_value when one was passed (None otherwise).
+// aggregate_backward takes ∂L/∂out plus everything the forward saw and returned (products: the
+// forward's, or None to recompute), and gives the gradients of query, key, value, and of
+// self_value when one was passed (None otherwise).
 //
 // Only the schemas live here. Kernels are registered per dispatch key elsewhere
 // (TORCH_LIBRARY_IMPL in other csrc/*.cpp files); fake kernels and the autograd formula are
@@ -26,13 +29,14 @@ TORCH_LIBRARY(nonlocal_ext, m) {
   m.def(
       "aggregate_forward(Tensor query, Tensor key, Tensor value, Tensor? self_value, "
       "str kernel, float scale, float power, float gamma, float eps, str normalize, "
-      "str update, bool symmetric) -> (Tensor out, Tensor row_stats, Tensor col_stats)");
+      "str update, bool symmetric, bool keep_products=False) -> (Tensor out, Tensor row_stats, "
+      "Tensor col_stats, Tensor products)");
   m.def(
       "aggregate_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
       "Tensor? self_value, Tensor out, Tensor row_stats, Tensor col_stats, str kernel, "
       "float scale, float power, float gamma, float eps, str normalize, str update, "
-      "bool symmetric) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, "
-      "Tensor? grad_self_value)");
+      "bool symmetric, Tensor? products=None) -> (Tensor grad_query, Tensor grad_key, "
+      "Tensor grad_value, Tensor? grad_self_value)");
 }
 
 // `import nonlocal_ext._C` only has to load this shared library so that the static

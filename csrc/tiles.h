@@ -64,6 +64,10 @@ struct Roles {
   const T *b_t, *b2_t;                      // bᵀ, b2ᵀ: d × cols (b2_t null unless symmetric)
   int64_t d, ld_t;
   const HalfTiles* half = nullptr;          // half copies for the matrix units, or null
+  // The products s1 of the whole rows × cols matrix (leading dimension ld_t), or null: `keep`, where the
+  // forward writes them; `stored`, where the backward reads them instead of recomputing (never symmetric).
+  T* keep = nullptr;
+  const T* stored = nullptr;
 };
 
 template <typename T>
@@ -130,6 +134,17 @@ template <typename T>
 void tile_products(const Roles<T>& r, const KernelArgs<T>& p, bool symmetric, int64_t i0, int64_t bi,
                    int64_t j0, int64_t bj, T* s1, T* s2) {
   const int64_t d = r.d;
+  if (r.stored) {  // kept by the forward (not symmetric)
+    for (int64_t i = 0; i < bi; ++i) std::copy_n(r.stored + (i0 + i) * r.ld_t + j0, bj, s1 + i * bj);
+    return;
+  }
+  if (r.keep) {  // compute, then keep a copy (not symmetric)
+    Roles<T> plain = r;
+    plain.keep = nullptr;
+    tile_products<T>(plain, p, false, i0, bi, j0, bj, s1, s2);
+    for (int64_t i = 0; i < bi; ++i) std::copy_n(s1 + i * bj, bj, r.keep + (i0 + i) * r.ld_t + j0);
+    return;
+  }
   if (p.direct) {
     squared_distances(r.a, r.b, d, i0, bi, j0, bj, s1);
     if (symmetric) squared_distances(r.a2, r.b2, d, i0, bi, j0, bj, s2);
@@ -358,17 +373,19 @@ struct HalfScratch {
 
 // The two schedules, on contiguous float32 / float64 inputs (half inputs come widened, with their
 // half copies in `half`); defined, and instantiated for float and double, in forward_cpu.cpp and
-// backward_cpu.cpp.
+// backward_cpu.cpp. `products` (B, N, M), when defined: the forward writes the tile products s1 into it,
+// the backward reads them from it instead of recomputing q kᵀ (not symmetric).
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& u,
-                                                            const Options& o, const HalfInputs& half);
+                                                            const Options& o, const HalfInputs& half,
+                                                            const at::Tensor& products);
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backward_impl(
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& u,
     bool has_self_value, const at::Tensor& row_stats, const at::Tensor& col_stats, const Options& o,
-    const HalfInputs& half);
+    const HalfInputs& half, const at::Tensor& products);
 
 }  // namespace cpu
 }  // namespace nonlocal_ext

@@ -6,6 +6,7 @@ other backends. Run alone: .venv/bin/python -m pytest -q tests/test_cpu.py
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 import nonlocal_ext
 from common import COMBOS, combo_id, kernel_kwargs, run
-from nonlocal_ext.backends import chunked, cpu, linear, reference
+from nonlocal_ext.backends import cpu, linear, reference
 from nonlocal_ext.kernels import EULER_GAMMA, default_eps
 from nonlocal_ext.testing import make_inputs
 
@@ -39,21 +40,72 @@ OPCHECK_CASES = [pytest.param(c, False, id=combo_id(c)) for c in COMBOS if c[0] 
     if c[0] == "fractional" and c[1] in ("row", "sym") and c[4]]
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "kept-products"])
 @pytest.mark.parametrize("combo,noncontiguous", OPCHECK_CASES)
-def test_opcheck(combo, noncontiguous):
+def test_opcheck(combo, noncontiguous, keep):
     """torch.library.opcheck: schema, fake kernel, autograd registration agree with the kernels
-    (strides included: the fake kernels must promise what the kernels return)."""
+    (strides included: the fake kernels must promise what the kernels return), with and without the
+    forward's tile products kept for the backward."""
     kernel, normalize, update, symmetric, with_self_value = combo
+    keep = keep and not symmetric
     q, k, v, u = make_inputs(kernel, normalize, (2,), 7, 7, 3, 2, with_self_value=with_self_value,
                              noncontiguous=noncontiguous)
     args = op_arguments(kernel, normalize, update, symmetric, torch.float64)
     leaves = [None if t is None else t.requires_grad_() for t in (q, k, v, u)]
-    torch.library.opcheck(OPS.aggregate_forward, (*leaves, *args))
-    out, row_stats, col_stats = OPS.aggregate_forward(q, k, v, u, *args)
+    torch.library.opcheck(OPS.aggregate_forward, (*leaves, *args, keep))
+    out, row_stats, col_stats, products = OPS.aggregate_forward(q, k, v, u, *args, keep)
+    assert products.shape == ((2, 7, 7) if keep else (2, 0, 0))
     grad_out = torch.randn_like(out)
     torch.library.opcheck(OPS.aggregate_backward,
                           (grad_out, q.detach(), k.detach(), v.detach(), None if u is None else u.detach(),
-                           out.detach(), row_stats, col_stats, *args))
+                           out.detach(), row_stats, col_stats, *args, products if keep else None))
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBOS if not c[3]], ids=combo_id)
+def test_the_backward_reads_the_kept_products(combo):
+    """With ``keep_products`` the forward returns its tile products (q kᵀ of the translated points, or ρ under
+    direct differences) and the backward reads them: the same gradients as recomputing, and other
+    gradients when the products are changed."""
+    kernel, normalize, update, _, with_self_value = combo
+    q, k, v, u = make_inputs(kernel, normalize, (2,), 11, 11, 5, 3, with_self_value=with_self_value)
+    args = op_arguments(kernel, normalize, update, False, torch.float64)
+    out, row_stats, col_stats, products = OPS.aggregate_forward(q, k, v, u, *args, True)
+    torch.testing.assert_close(out, OPS.aggregate_forward(q, k, v, u, *args)[0], rtol=0, atol=0)
+    if kernel in ("dot", "gaussian"):
+        torch.testing.assert_close(products, q @ k.transpose(-1, -2))
+    grad_out = torch.randn_like(out)
+    backward = functools.partial(OPS.aggregate_backward, grad_out, q, k, v, u, out, row_stats, col_stats, *args)
+    recomputed, read = backward(None), backward(products)
+    for a, b in zip(recomputed, read):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    changed = backward(products * 1.01)
+    assert any(a is not None and not torch.equal(a, b) for a, b in zip(changed, recomputed))
+
+
+def test_the_forward_keeps_products_only_for_a_backward_where_they_are_small():
+    """``cpu.keeps_products``: a backward will run, not ``symmetric``, and M ≤ D + C (the products take no more
+    memory than q and out); the autograd formula then hands them to the backward."""
+    def keeps(m=12, d=8, c=4, grad=True, symmetric=False, no_grad=False):
+        q, k, v = torch.randn(2, 12, d), torch.randn(2, m, d), torch.randn(2, m, c, requires_grad=grad)
+        spec = nonlocal_ext.spec.validate(q, k, v, "gaussian", scale=1.0, power=None, gamma=None, eps=None,
+                                          normalize="row", update="aggregate", symmetric=symmetric,
+                                          self_value=None, backend="cpu")
+        with torch.set_grad_enabled(not no_grad):
+            return cpu.keeps_products(spec, q, k, v, None)
+    assert keeps() and keeps(m=12, d=8, c=4)
+    assert not keeps(m=13) and not keeps(grad=False) and not keeps(no_grad=True) and not keeps(symmetric=True)
+    kept = []
+    q, v = torch.randn(2, 12, 8, requires_grad=True), torch.randn(2, 1, 4)
+    for m in (12, 13):
+        k = torch.randn(2, m, 8)
+        spec = nonlocal_ext.spec.validate(q, k, v.expand(2, m, 4), "gaussian", scale=1.0, power=None, gamma=None,
+                                          eps=None, normalize="row", update="aggregate", symmetric=False,
+                                          self_value=None, backend="cpu")
+        out = cpu.aggregate(q, k, v.expand(2, m, 4), None, spec)
+        products = out.grad_fn.saved_tensors[-1]  # the op's node: inputs, out, statistics, products
+        kept.append(products is not None and products.shape == (2, 12, m))
+    assert kept == [True, False]
 
 
 @pytest.mark.parametrize("kernel,normalize", [("gaussian", "row"), ("fractional", "sym"), ("log", "row")])
@@ -108,7 +160,7 @@ def test_every_output_element_is_written(combo):
     kernel, normalize, update, symmetric, with_self_value = combo
     q, k, v, u = make_inputs(kernel, normalize, (2,), 67, 67, 5, 7, with_self_value=with_self_value,
                              coincident=False)
-    out, row_stats, col_stats = OPS.aggregate_forward(q, k, v, u, *op_arguments(kernel, normalize, update,
+    out, row_stats, col_stats, _ = OPS.aggregate_forward(q, k, v, u, *op_arguments(kernel, normalize, update,
                                                                                symmetric, torch.float64))
     assert torch.isfinite(out).all() and torch.isfinite(row_stats).all() and torch.isfinite(col_stats).all()
     assert col_stats.shape == ((2, 67) if normalize == "sym" else (2, 0))
@@ -136,9 +188,9 @@ def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
     ("gaussian", 16, 196, 49, 512, 512, True, reference),  # res4: tiny N×M in cache, narrow tiles
     ("gaussian", 1, 256, 256, 64, 128, True, reference),   # small: dense in cache
     ("gaussian", 2, 4096, 4096, 128, 128, True, cpu),      # dense temporaries over the memory budget
-    ("gaussian", 4000, 196, 49, 512, 512, True, chunked),  # dense over the memory budget: chunked's row blocks
+    ("gaussian", 4000, 196, 49, 512, 512, True, cpu),      # dense over the memory budget: fused, products kept
     ("dot", 1, 4096, 4096, 64, 128, True, linear),         # attention shape: rank 64 against N = M = 4096
-    ("dot", 2, 784, 196, 1024, 1024, True, reference),     # wide block: the float64 thin GEMMs cost more
+    ("dot", 2, 3400, 850, 512, 512, True, cpu),            # detection: fused (products kept), not the float64 thin GEMMs
     ("dot", 16, 196, 49, 512, 512, True, reference),       # res4
 ])
 def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected,
@@ -151,7 +203,7 @@ def test_auto_asks_the_cost_model_whether_a_backward_runs(monkeypatch):
     """The op tells select whether gradients are needed; the model then prices forward+backward."""
     seen = []
     monkeypatch.setattr(nonlocal_ext.backends.cost, "fused_work",
-                        lambda pairs, m, d, c, normalize, backward, half, scale: seen.append(backward) or 0.0)
+                        lambda pairs, m, d, c, normalize, backward, half, scale, symmetric, half_ratio: seen.append(backward) or 0.0)
     q = torch.randn(2, 30, 5)
     nonlocal_ext.nonlocal_aggregate(q, q, q, "rbf")
     nonlocal_ext.nonlocal_aggregate(q, q, q.clone().requires_grad_(), "rbf")

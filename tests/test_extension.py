@@ -13,14 +13,14 @@ EXPECTED_SCHEMAS = {
     "aggregate_forward": (
         "nonlocal_ext::aggregate_forward(Tensor query, Tensor key, Tensor value, "
         "Tensor? self_value, str kernel, float scale, float power, float gamma, float eps, "
-        "str normalize, str update, bool symmetric) "
-        "-> (Tensor out, Tensor row_stats, Tensor col_stats)"
+        "str normalize, str update, bool symmetric, bool keep_products=False) "
+        "-> (Tensor out, Tensor row_stats, Tensor col_stats, Tensor products)"
     ),
     "aggregate_backward": (
         "nonlocal_ext::aggregate_backward(Tensor grad_out, Tensor query, Tensor key, "
         "Tensor value, Tensor? self_value, Tensor out, Tensor row_stats, Tensor col_stats, "
         "str kernel, float scale, float power, float gamma, float eps, str normalize, "
-        "str update, bool symmetric) "
+        "str update, bool symmetric, Tensor? products=None) "
         "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor? grad_self_value)"
     ),
 }
@@ -29,11 +29,11 @@ EXPECTED_SCHEMAS = {
 ARGUMENT_NAMES = {
     "aggregate_forward": [
         "query", "key", "value", "self_value", "kernel", "scale", "power", "gamma", "eps",
-        "normalize", "update", "symmetric",
+        "normalize", "update", "symmetric", "keep_products",
     ],
     "aggregate_backward": [
         "grad_out", "query", "key", "value", "self_value", "out", "row_stats", "col_stats",
-        "kernel", "scale", "power", "gamma", "eps", "normalize", "update", "symmetric",
+        "kernel", "scale", "power", "gamma", "eps", "normalize", "update", "symmetric", "products",
     ],
 }
 

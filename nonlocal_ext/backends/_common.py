@@ -21,31 +21,36 @@ from ..numerics import compute_dtype
 
 OP_NAMESPACE = "nonlocal_ext"
 FORWARD_SCHEMA = ("(Tensor query, Tensor key, Tensor value, Tensor? self_value, str kernel, float scale, "
-                  "float power, float gamma, float eps, str normalize, str update, bool symmetric) "
-                  "-> (Tensor out, Tensor row_stats, Tensor col_stats)")
+                  "float power, float gamma, float eps, str normalize, str update, bool symmetric, "
+                  "bool keep_products=False) -> (Tensor out, Tensor row_stats, Tensor col_stats, Tensor products)")
 BACKWARD_SCHEMA = ("(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor? self_value, Tensor out, "
                    "Tensor row_stats, Tensor col_stats, str kernel, float scale, float power, float gamma, "
-                   "float eps, str normalize, str update, bool symmetric) -> (Tensor grad_query, "
-                   "Tensor grad_key, Tensor grad_value, Tensor? grad_self_value)")
+                   "float eps, str normalize, str update, bool symmetric, Tensor? products=None) -> "
+                   "(Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor? grad_self_value)")
 
 
-def forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update, symmetric):
+def forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize, update, symmetric,
+                 keep_products=False):
     """Fake (meta) kernel of ``aggregate_forward``: ``out (B, N, C)`` in the inputs' dtype, ``row_stats
-    (B, N)`` and ``col_stats (B, M)`` for ``sym`` (else ``(B, 0)``) in the compute dtype."""
+    (B, N)`` and ``col_stats (B, M)`` for ``sym`` (else ``(B, 0)``), and ``products (B, N, M)`` with
+    ``keep_products`` (else ``(B, 0, 0)``), in the compute dtype."""
     batch, n, m, c = query.shape[0], query.shape[1], key.shape[1], value.shape[2]
     stats = compute_dtype(query.dtype)
     return (query.new_empty((batch, n, c)), query.new_empty((batch, n), dtype=stats),
-            query.new_empty((batch, m if normalize == "sym" else 0), dtype=stats))
+            query.new_empty((batch, m if normalize == "sym" else 0), dtype=stats),
+            query.new_empty((batch, n, m) if keep_products else (batch, 0, 0), dtype=stats))
 
 
 def save_for_backward(ctx, inputs, output):
     """``setup_context`` of ``aggregate_forward``'s autograd: the backward recomputes the tiles from the
-    inputs, the output and the O(N + M) statistics, which are not differentiable outputs."""
+    inputs, the output and the O(N + M) statistics, or reads the tile products the forward kept
+    (``keep_products``); none of those is a differentiable output."""
     query, key, value, self_value, *scalars = inputs
-    out, row_stats, col_stats = output
-    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats)
+    out, row_stats, col_stats, products = output
+    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats,
+                          products if len(scalars) > 8 and scalars[8] else None)
     ctx.scalars = scalars
-    ctx.mark_non_differentiable(row_stats, col_stats)
+    ctx.mark_non_differentiable(row_stats, col_stats, products)
 
 
 def op_arguments(spec) -> tuple:
@@ -57,7 +62,7 @@ def op_arguments(spec) -> tuple:
             spec.update, bool(spec.symmetric))
 
 
-def backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars):
+def backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars, products=None):
     """Fake kernel of ``aggregate_backward``: contiguous gradients of the inputs' shapes."""
     grad_self_value = None if self_value is None else self_value.new_empty(self_value.shape)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
@@ -69,9 +74,10 @@ def register_fused_ops(forward: str, backward: str) -> None:
     namespace, name = backward.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name)
 
-    def backward_formula(ctx, grad_out, _grad_row_stats, _grad_col_stats):
-        query, key, value, self_value, out, row_stats, col_stats = ctx.saved_tensors
-        grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars)
+    def backward_formula(ctx, grad_out, _grad_row_stats, _grad_col_stats, _grad_products):
+        query, key, value, self_value, out, row_stats, col_stats, products = ctx.saved_tensors
+        grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars[:8],
+                            products)
         return (*grads, *(None for _ in ctx.scalars))
 
     torch.library.register_fake(forward)(forward_fake)

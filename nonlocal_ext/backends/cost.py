@@ -10,7 +10,7 @@ Every path is priced in GEMM-FLOP equivalents (time × the float32 GEMM rate) fo
   :data:`UNCACHED_PASSES` when it exceeds the last-level cache (:data:`UNCACHED_BYTES`), and a fixed
   cost per call (:data:`DENSE_CALL`). Only while its N×M temporaries fit :data:`DENSE_MEMORY_BUDGET`.
 * **fused** (``cpu``): the forward's 2(D + C) and the backward's 2(3D + 2C) (it recomputes q kᵀ
-  instead of storing W), at :data:`FUSED_FORWARD_SPEED` and :data:`FUSED_BACKWARD_SPEED` times the
+  instead of storing W; 2(2D + 2C) where the forward keeps the products, :func:`.cpu.products_fit`), at :data:`FUSED_FORWARD_SPEED` and :data:`FUSED_BACKWARD_SPEED` times the
   dense GEMM rate, the kernel's elementwise work in cache (:data:`FUSED_PASSES`), ``sym``'s column
   pass, a penalty for narrow key sets (M < 256 fills a 256-wide tile partly: :func:`narrow_penalty`)
   and a fixed cost per call (:data:`FUSED_CALL`).
@@ -26,8 +26,10 @@ Half inputs whose products run in half on this CPU (``half``: :func:`.reference.
 "avx512" by the CPU's half instructions) change the dense path's GEMM speed: :data:`HALF_DENSE_GEMM_EFFICIENCY`
 times ``half_ratio``, the half/float32 ``torch.mm`` rate ratio of this CPU, timed once per process and dtype
 (:func:`half_gemm_ratio`: two CPUs of one class measured 0.55 and 2.04, so the class cannot stand for it); and
-the dense path's elementwise passes (:data:`HALF_DENSE_PASSES`) and the fused kernels' speed
-(:data:`HALF_FUSED_SPEED`), one value per class; ``chunked`` computes in float32 either way.
+the dense path's elementwise passes (:data:`HALF_DENSE_PASSES`, one value per class); the fused kernels' GEMM
+work likewise runs :data:`HALF_FUSED_GEMM_EFFICIENCY` × ``half_ratio`` times faster (their elementwise work is
+float32 either way; a per-class constant had read 0.62 and 1.39 on two CPUs of one class); ``chunked`` computes
+in float32 throughout.
 
 The fused constants hold where the fused kernels run as fast relative to ``torch.mm`` as on the machine that
 measured the suite: :func:`fused_speed_scale` times one fused call against ``torch.mm`` once per process, and the
@@ -49,6 +51,7 @@ import math
 import torch
 
 from .chunked import BLOCK_ELEMENTS as CHUNK_ELEMENTS  # elements of W per block of ``chunked``
+from .cpu import products_fit
 
 #: Bytes the dense path's N×M temporaries may take (it holds up to DENSE_TEMPORARIES matrices of
 #: B·N·M elements with autograd).
@@ -61,35 +64,32 @@ UNCACHED_BYTES = 32 << 20
 # The constants fitted by `bench/calibrate.py --write` to the measured suite (not edited by hand):
 # calibrate.py: begin
 DENSE_PASSES = {
-    "dot": (466.8, 1348.0),
-    "gaussian": (433.8, 1106.0),
-    "rbf": (1927.0, 4050.0),
-    "fractional": (2857.0, 5386.0),
-    "log": (2857.0, 5386.0),
+    "dot": (217.9, 513.5),
+    "gaussian": (260.8, 645.3),
+    "rbf": (1012.0, 1667.0),
+    "fractional": (1619.0, 3206.0),
+    "log": (1619.0, 3206.0),
 }
-CACHED_PASSES = 0.8926
-UNCACHED_PASSES = 2.338
-DENSE_CALL = (12590000.0, 135500000.0)
-FUSED_PASSES = (128.6, 934.6)
-FUSED_CALL = (33330000.0, 310900000.0)
-FUSED_FORWARD_SPEED = 0.75
-FUSED_BACKWARD_SPEED = 0.7373
-NARROW_PENALTY = 1.2
-DENSE_NARROW_PENALTY = 1.581
-CHUNKED_SPEED = 0.8337
-CHUNKED_PASSES = 0.8065
-CHUNKED_BLOCK = (61320000.0, 417200000.0)
-LINEAR_SPEED = 0.2651
-HALF_DENSE_GEMM_EFFICIENCY = 1.27
+CACHED_PASSES = 0.8767
+UNCACHED_PASSES = 2.505
+DENSE_CALL = (13770000.0, 72050000.0)
+FUSED_PASSES = (108.7, 637.6)
+FUSED_CALL = (51600000.0, 231400000.0)
+FUSED_FORWARD_SPEED = 1.174
+FUSED_BACKWARD_SPEED = 1.122
+NARROW_PENALTY = 1.225
+DENSE_NARROW_PENALTY = 0.845
+CHUNKED_SPEED = 0.893
+CHUNKED_PASSES = 0.6911
+CHUNKED_BLOCK = (83740000.0, 290600000.0)
+LINEAR_SPEED = 0.3515
+HALF_DENSE_GEMM_EFFICIENCY = 0.9307
 HALF_DENSE_PASSES = {
     "amx": 0.6,
-    "avx512": 1.008,
+    "avx512": 0.5572,
 }
-HALF_FUSED_SPEED = {
-    "amx": 1.5,
-    "avx512": 0.6176,
-}
-FUSED_PROBE = 0.7656
+HALF_FUSED_GEMM_EFFICIENCY = 0.6363
+FUSED_PROBE = 0.9126
 FITTED_ON = "avx512"
 # calibrate.py: end
 
@@ -178,6 +178,12 @@ def _passes(pairs: int, kernel: str, backward: bool) -> float:
     return passes * UNCACHED_PASSES if pairs * 4 > UNCACHED_BYTES else passes
 
 
+def _checked_ratio(half_ratio: float | None) -> float:
+    if not half_ratio or not half_ratio > 0:
+        raise ValueError(f"half_ratio: expected the positive half/float32 GEMM rate ratio, got {half_ratio!r}")
+    return half_ratio
+
+
 def dense_work(pairs: int, m: int, d: int, c: int, kernel: str, backward: bool, half: str | None = None,
                half_ratio: float | None = None) -> float:
     """``half``: the class of half products these inputs run (:func:`.reference.half_class`), or None;
@@ -185,29 +191,33 @@ def dense_work(pairs: int, m: int, d: int, c: int, kernel: str, backward: bool, 
     gemm = 2.0 * (d + c) * (3 if backward else 1) * narrow_penalty(m, DENSE_NARROW_PENALTY)
     passes = _passes(pairs, kernel, backward)
     if half:
-        if not half_ratio or half_ratio <= 0:
-            raise ValueError(f"half_ratio: expected the positive half/float32 GEMM rate ratio, got {half_ratio!r}")
-        gemm, passes = gemm / (HALF_DENSE_GEMM_EFFICIENCY * half_ratio), passes * HALF_DENSE_PASSES[half]
+        gemm, passes = gemm / (HALF_DENSE_GEMM_EFFICIENCY * _checked_ratio(half_ratio)), passes * HALF_DENSE_PASSES[half]
     return pairs * (gemm + passes) + DENSE_CALL[backward]
 
 
-def _recomputing_gemms(d: int, c: int, normalize: str, backward: bool) -> tuple[float, float]:
-    """GEMM FLOPs per pair of a path that never stores W: (forward, backward)."""
-    forward = 2.0 * (d + c) * (2 if normalize == "sym" else 1)  # sym: the column-sum pass first
-    return forward, (2.0 * (3 * d + 2 * c + (d + c if normalize == "sym" else 0)) if backward else 0.0)
+def _recomputing_gemms(d: int, c: int, normalize: str, backward: bool, kept: bool = False) -> tuple[float, float]:
+    """GEMM FLOPs per pair of a path that never stores W: (forward, backward). ``kept``: the backward reads the
+    forward's products q kᵀ instead of recomputing them (once, or twice with ``sym``'s terms pass)."""
+    sym = normalize == "sym"
+    forward = 2.0 * (d + c) * (2 if sym else 1)  # sym: the column-sum pass first
+    back = 2.0 * (3 * d + 2 * c + (d + c if sym else 0) - (d * (2 if sym else 1) if kept else 0))
+    return forward, back if backward else 0.0
 
 
 def fused_work(pairs: int, m: int, d: int, c: int, normalize: str, backward: bool, half: str | None = None,
-               scale: float = 1.0) -> float:
-    """``half``: as for :func:`dense_work` (the fused kernels' half tile products follow the same test);
-    ``scale``: the fused kernels' speed on this CPU against the fitted machine's (:func:`fused_speed_scale`)."""
+               scale: float = 1.0, symmetric: bool = False, half_ratio: float | None = None) -> float:
+    """``half``, ``half_ratio``: as for :func:`dense_work` (the fused kernels' half tile products follow the same
+    test and run on the same instructions: their GEMM work at :data:`HALF_FUSED_GEMM_EFFICIENCY` × the ratio,
+    their elementwise work in float32 as for float32 inputs);
+    ``scale``: the fused kernels' speed on this CPU against the fitted machine's (:func:`fused_speed_scale`);
+    without ``symmetric``, a backward where the products fit (:func:`.cpu.products_fit`) reads them."""
     if not scale > 0:
         raise ValueError(f"fused_scale: expected the positive speed ratio of fused_speed_scale(), got {scale!r}")
-    forward, back = _recomputing_gemms(d, c, normalize, backward)
-    work = forward / FUSED_FORWARD_SPEED + back / FUSED_BACKWARD_SPEED + FUSED_PASSES[backward]
+    forward, back = _recomputing_gemms(d, c, normalize, backward, kept=not symmetric and products_fit(m, d, c))
+    gemm = forward / FUSED_FORWARD_SPEED + back / FUSED_BACKWARD_SPEED
     if half:
-        work /= HALF_FUSED_SPEED[half]
-    return pairs * work * narrow_penalty(m) / scale + FUSED_CALL[backward]
+        gemm /= HALF_FUSED_GEMM_EFFICIENCY * _checked_ratio(half_ratio)
+    return pairs * (gemm + FUSED_PASSES[backward]) * narrow_penalty(m) / scale + FUSED_CALL[backward]
 
 
 def chunked_work(pairs: int, m: int, d: int, c: int, kernel: str, normalize: str, backward: bool) -> float:
@@ -236,7 +246,7 @@ def prices(batch: int, n: int, m: int, d: int, c: int, kernel: str, normalize: s
     if DENSE_TEMPORARIES * pairs * max(item_bytes, 4) <= DENSE_MEMORY_BUDGET:
         out["reference"] = dense_work(pairs, m, d, c, kernel, backward, half, half_ratio)
     if fused:
-        out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half, fused_scale)
+        out["cpu"] = fused_work(pairs, m, d, c, normalize, backward, half, fused_scale, symmetric, half_ratio)
     if kernel == "dot":
         out["linear"] = linear_work(batch, n, m, d, c, symmetric, backward)
     return out

@@ -3,7 +3,8 @@
 ``aggregate_forward(query, key, value, self_value, kernel, scale, power, gamma, eps, normalize,
 update, symmetric) -> (out, row_stats, col_stats)`` computes one tiled aggregation (docs/semantics.md, docs/backends.md)
 and saves O(N + M) statistics: the row sums r_i (``log r_i`` for ``gaussian``) and, for
-``sym``, the column sums c_j. ``aggregate_backward`` recomputes the affinity tiles from them.
+``sym``, the column sums c_j. ``aggregate_backward`` recomputes the affinity tiles from them, or, where
+the forward kept its tile products q kᵀ (``keep_products``: :func:`keeps_products`), reads those.
 
 This module registers, for those ops, the fake (meta) kernels that ``torch.compile`` traces with
 and the autograd formula (``register_autograd``), so the op is differentiable and traceable
@@ -41,7 +42,23 @@ def unsupported_reason(spec, query) -> str | None:
     return None
 
 
+def products_fit(m: int, d: int, c: int) -> bool:
+    """Whether the tile products q kᵀ (B·N·M values) take no more memory than the query and output rows
+    (B·N·(D + C)) that the op saves anyway: M ≤ D + C."""
+    return m <= d + c
+
+
+def keeps_products(spec, query, key, value, self_value) -> bool:
+    """Whether the forward keeps its tile products q kᵀ for the backward (which then skips that GEMM, D-deep:
+    2(2D + 2C) FLOPs per pair instead of 2(3D + 2C)): only when a backward will run, not ``symmetric`` (its
+    second product is not kept), and where they take no more memory than the query and output rows the op
+    saves anyway, M ≤ D + C, so that the memory stays O(N·(D + C))."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                 for t in (query, key, value, self_value))
+    return needs_grad and not spec.symmetric and products_fit(key.shape[-2], query.shape[-1], value.shape[-1])
+
+
 def aggregate(query, key, value, self_value, spec):
-    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec))
-    return out
+    keep = keeps_products(spec, query, key, value, self_value)
+    return torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec), keep)[0]
 

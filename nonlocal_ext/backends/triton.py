@@ -3,7 +3,8 @@
 The CUDA kernels of the fused ops that the C++ CPU kernels implement for CPU tensors
 (``backends/_common.py``: one schema, one fake kernel, one autograd formula):
 
-* ``nonlocal_ext::aggregate_forward(query, key, value, self_value, ...) -> (out, row_stats, col_stats)``
+* ``nonlocal_ext::aggregate_forward(query, key, value, self_value, ...) -> (out, row_stats, col_stats, products)``
+  (``products`` empty: these kernels keep none)
 * ``nonlocal_ext::aggregate_backward(grad_out, query, key, value, self_value, out, row_stats,
   col_stats, ...) -> (grad_query, grad_key, grad_value, grad_self_value)``
 
@@ -64,13 +65,18 @@ def _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric) -> Agg
     return AggregateSpec(affinity, params, normalize, update, symmetric)
 
 
-def _forward(query, key, value, self_value, *scalars):
+def _forward(query, key, value, self_value, *scalars, keep_products=False):
+    """The ops' forward; it keeps no products (``keep_products`` is the CPU kernels' option): ``(B, 0, 0)``."""
+    scalars, keep_products = scalars[:8], scalars[8] if len(scalars) > 8 else keep_products
+    if keep_products:
+        raise ValueError("keep_products: the Triton kernels recompute the tiles; pass keep_products=False")
     out, row_stats, col_stats = _launchers().forward(query, key, value, self_value, _spec(*scalars))
-    return out.to(query.dtype), row_stats, col_stats
+    return out.to(query.dtype), row_stats, col_stats, row_stats.new_empty((query.shape[0], 0, 0))
 
 
-def _backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars):
-    return _launchers().backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, _spec(*scalars))
+def _backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars, products=None):
+    return _launchers().backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
+                                 _spec(*scalars[:8]))
 
 
 register_kernels("CUDA", _forward, _backward)
@@ -78,5 +84,4 @@ register_kernels("CUDA", _forward, _backward)
 
 def aggregate(query, key, value, self_value, spec):
     """``(B, N, D)``, ``(B, M, D)``, ``(B, M, C)``, ``(B, N, C)`` or None -> ``(B, N, C)``; differentiable."""
-    out, _, _ = torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec))
-    return out
+    return torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec))[0]
