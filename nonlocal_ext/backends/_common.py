@@ -51,6 +51,7 @@ def save_for_backward(ctx, inputs, output):
                           products if len(scalars) > 8 and scalars[8] else None)
     ctx.scalars = scalars
     ctx.mark_non_differentiable(row_stats, col_stats, products)
+    ctx.set_materialize_grads(False)  # no zero "gradients" of the statistics and products: B·N·M values
 
 
 def op_arguments(spec) -> tuple:

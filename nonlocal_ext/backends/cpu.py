@@ -43,16 +43,17 @@ def unsupported_reason(spec, query) -> str | None:
 
 
 def products_fit(m: int, d: int, c: int) -> bool:
-    """Whether the tile products q kᵀ (B·N·M values) take no more memory than the query and output rows
-    (B·N·(D + C)) that the op saves anyway: M ≤ D + C."""
-    return m <= d + c
+    """Whether the tile products q kᵀ (B·N·M values) take no more memory than the query rows (B·N·D) that the
+    op saves anyway: M ≤ D. (M ≤ D + C was tried: at detection res4, M = 850 against D = C = 512, the kept
+    products took the fused path's peak from below the dense path's to above it; bench/NOTES.md.)"""
+    return m <= d
 
 
 def keeps_products(spec, query, key, value, self_value) -> bool:
     """Whether the forward keeps its tile products q kᵀ for the backward (which then skips that GEMM, D-deep:
     2(2D + 2C) FLOPs per pair instead of 2(3D + 2C)): only when a backward will run, not ``symmetric`` (its
-    second product is not kept), and where they take no more memory than the query and output rows the op
-    saves anyway, M ≤ D + C, so that the memory stays O(N·(D + C))."""
+    second product is not kept), and where they take no more memory than the query rows the op saves anyway
+    (:func:`products_fit`), so that the memory stays O(N·D)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                  for t in (query, key, value, self_value))
     return needs_grad and not spec.symmetric and products_fit(key.shape[-2], query.shape[-1], value.shape[-1])
