@@ -76,6 +76,8 @@ def register_fused_ops(forward: str, backward: str) -> None:
     backward_op = getattr(getattr(torch.ops, namespace), name)
 
     def backward_formula(ctx, grad_out, _grad_row_stats, _grad_col_stats, _grad_products):
+        if grad_out is None:  # no gradient reached ``out`` (grads are not materialized: see save_for_backward)
+            return (None,) * (4 + len(ctx.scalars))
         query, key, value, self_value, out, row_stats, col_stats, products = ctx.saved_tensors
         grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars[:8],
                             products)
