@@ -152,6 +152,11 @@ class AffinityKernel:
         return f"<affinity kernel {self.name!r}>"
 
 
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·x, without a pass over x (and a node in the autograd graph) when the scale is 1."""
+    return x if scale == 1.0 else scale * x
+
+
 class Dot(AffinityKernel):
     name, family = "dot", "dot"
     negative_where = "for pairs with scale·q·k < 0"
@@ -162,7 +167,7 @@ class Dot(AffinityKernel):
         return "any"
 
     def weight(self, x, p):
-        return p.scale * x
+        return _scaled(x, p.scale)
 
     def derivative(self, x, w, p):
         return torch.full_like(x, p.scale)
@@ -172,13 +177,13 @@ class Gaussian(AffinityKernel):
     name, family, log_domain = "gaussian", "dot", True
 
     def log_weight(self, x, p):
-        return p.scale * x
+        return _scaled(x, p.scale)
 
     def log_derivative(self, p):
         return p.scale
 
     def weight(self, x, p):
-        return torch.exp(p.scale * x)
+        return torch.exp(_scaled(x, p.scale))
 
     def derivative(self, x, w, p):
         return p.scale * w
