@@ -48,10 +48,14 @@ def save_for_backward(ctx, inputs, output):
     query, key, value, self_value, *scalars = inputs
     out, row_stats, col_stats, products = output
     ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats,
-                          products if len(scalars) > 8 and scalars[8] else None)
+                          products if products.numel() else None)
     ctx.scalars = scalars
     ctx.mark_non_differentiable(row_stats, col_stats, products)
     ctx.set_materialize_grads(False)  # no zero "gradients" of the statistics and products: B·N·M values
+
+
+#: How many scalar arguments :func:`op_arguments` gives (the forward op's ``keep_products`` follows them).
+SPEC_ARGUMENTS = 8
 
 
 def op_arguments(spec) -> tuple:
@@ -79,8 +83,8 @@ def register_fused_ops(forward: str, backward: str) -> None:
         if grad_out is None:  # no gradient reached ``out`` (grads are not materialized: see save_for_backward)
             return (None,) * (4 + len(ctx.scalars))
         query, key, value, self_value, out, row_stats, col_stats, products = ctx.saved_tensors
-        grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats, *ctx.scalars[:8],
-                            products)
+        grads = backward_op(grad_out, query, key, value, self_value, out, row_stats, col_stats,
+                            *ctx.scalars[:SPEC_ARGUMENTS], products)
         return (*grads, *(None for _ in ctx.scalars))
 
     torch.library.register_fake(forward)(forward_fake)

@@ -26,7 +26,7 @@ import torch
 
 from ..kernels import KERNELS, KernelParams
 from ..spec import AggregateSpec
-from ._common import op_arguments, register_kernels, take_cpu_kernels
+from ._common import SPEC_ARGUMENTS, op_arguments, register_kernels, take_cpu_kernels
 
 NAME = "triton"
 
@@ -67,7 +67,7 @@ def _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric) -> Agg
 
 def _forward(query, key, value, self_value, *scalars, keep_products=False):
     """The ops' forward; it keeps no products (``keep_products`` is the CPU kernels' option): ``(B, 0, 0)``."""
-    scalars, keep_products = scalars[:8], scalars[8] if len(scalars) > 8 else keep_products
+    scalars, keep_products = scalars[:SPEC_ARGUMENTS], (scalars[SPEC_ARGUMENTS:] or (keep_products,))[0]
     if keep_products:
         raise ValueError("keep_products: the Triton kernels recompute the tiles; pass keep_products=False")
     out, row_stats, col_stats = _launchers().forward(query, key, value, self_value, _spec(*scalars))
@@ -76,7 +76,7 @@ def _forward(query, key, value, self_value, *scalars, keep_products=False):
 
 def _backward(grad_out, query, key, value, self_value, out, row_stats, col_stats, *scalars, products=None):
     return _launchers().backward(grad_out, query, key, value, self_value, out, row_stats, col_stats,
-                                 _spec(*scalars[:8]))
+                                 _spec(*scalars[:SPEC_ARGUMENTS]))
 
 
 register_kernels("CUDA", _forward, _backward)
