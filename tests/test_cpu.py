@@ -83,6 +83,24 @@ def test_the_backward_reads_the_kept_products(combo):
     assert any(a is not None and not torch.equal(a, b) for a, b in zip(changed, recomputed))
 
 
+def test_the_autograd_node_saves_row_major_inputs_and_only_the_shape_of_out():
+    """The C++ backward reads out's shape only (it sums S_i from the tiles), so the node saves a one-element stand-in
+    and out is freed with the caller's last reference; transposed inputs (the layers' views of convolution outputs)
+    are made row-major once, before the op, so that the backward does not copy them again."""
+    q, k = (torch.randn(2, 6, n, dtype=torch.float64).transpose(1, 2).requires_grad_() for n in (12, 9))
+    v = torch.randn(2, 4, 9, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    out = nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="cpu")
+    saved = out.grad_fn.saved_tensors  # the op's node: inputs, out, statistics, products
+    assert not q.is_contiguous() and all(t.is_contiguous() for t in saved[:3])
+    assert saved[4].shape == out.shape and saved[4].untyped_storage().nbytes() == out.element_size()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="reference"), (q, k, v),
+                               grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_the_forward_keeps_products_only_for_a_backward_where_they_are_small():
     """``cpu.keeps_products``: a backward will run, not ``symmetric``, and M ≤ D (the products take no more memory
     than q); the autograd formula then hands them to the backward."""

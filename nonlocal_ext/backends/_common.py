@@ -47,11 +47,20 @@ def save_for_backward(ctx, inputs, output):
     (``keep_products``); none of those is a differentiable output."""
     query, key, value, self_value, *scalars = inputs
     out, row_stats, col_stats, products = output
-    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats,
+    ctx.save_for_backward(query, key, value, self_value, _saved_out(out), row_stats, col_stats,
                           products if products.numel() else None)
     ctx.scalars = scalars
     ctx.mark_non_differentiable(row_stats, col_stats, products)
     ctx.set_materialize_grads(False)  # no zero "gradients" of the statistics and products: B·N·M values
+
+
+def _saved_out(out):
+    """``out`` for the backward where its kernels read it (the Triton kernels form S_i = G_i·out_i); where they
+    read only its shape (the C++ kernels sum S_i from the tiles), a stand-in of that shape holding one element, so
+    that out's B·N·C values are freed with the caller's last reference to them, as after a dense product."""
+    if out.device.type == "cpu" and cpu_kernels_owner() == "cpu":
+        return out.new_empty(()).expand(out.shape)
+    return out
 
 
 #: How many scalar arguments :func:`op_arguments` gives (the forward op's ``keep_products`` follows them).

@@ -60,6 +60,9 @@ def keeps_products(spec, query, key, value, self_value) -> bool:
 
 
 def aggregate(query, key, value, self_value, spec):
+    # Row-major inputs before the op, not inside it: autograd then saves these copies for the backward, which
+    # would otherwise copy the inputs again (the layers' inputs are transposed views of convolution outputs).
+    query, key, value, self_value = (t if t is None else t.contiguous() for t in (query, key, value, self_value))
     keep = keeps_products(spec, query, key, value, self_value)
     return torch.ops.nonlocal_ext.aggregate_forward(query, key, value, self_value, *op_arguments(spec), keep)[0]
 
