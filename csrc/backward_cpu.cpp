@@ -224,8 +224,11 @@ NLX_BACKWARD_ENTRY_POINTS(double, )
 // tiles on the matrix units", its last paragraph).
 constexpr int64_t kGroupLines = 512;
 
+// One batch element takes at least two groups where it has two blocks: with one, a second core would idle through
+// the whole backward (bench/NOTES.md, "Two backward tasks for one batch element").
 inline int64_t group_count(int64_t batch, int64_t blocks, int64_t lines) {
-  const int64_t most = std::min<int64_t>((8 + batch - 1) / batch, std::max<int64_t>(1, lines / kGroupLines));
+  const int64_t fewest = batch == 1 ? 2 : 1;
+  const int64_t most = std::min<int64_t>((8 + batch - 1) / batch, std::max<int64_t>(fewest, lines / kGroupLines));
   return std::max<int64_t>(1, std::min<int64_t>(blocks, most));
 }
 
