@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             memory = ({which: None for which in seconds} if args.skip_memory
                       else {which: peak_mb(block, shape, which) for which in seconds})
             row = {"block": block, "shape": shape_name, "batch": shape[0], "channels": shape[1],
-                   "spatial": list(shape[2]), "sub_sample": shape[3],
+                   "spatial": list(shape[2]), "sub_sample": pooled,
                    "original_s": seconds["original"], "converted_s": seconds["converted"],
                    "speedup": seconds["original"] / seconds["converted"],
                    "original_peak_mb": memory["original"], "converted_peak_mb": memory["converted"]}
