@@ -42,6 +42,13 @@ def positions(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def shared_positions(x: torch.Tensor) -> torch.Tensor:
+    """:func:`positions`, row-major: for embeddings that several aggregations share (the stage's units, the PIDE
+    steps). The fused CPU op makes transposed inputs row-major before each call and autograd keeps each copy; one
+    copy here serves every call, and the convolution output it is taken from is freed."""
+    return positions(x).contiguous()
+
+
 def channels_first(y: torch.Tensor, spatial) -> torch.Tensor:
     """``(B, N, C)`` → ``(B, C, *spatial)``, contiguous.
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..kernels import EULER_GAMMA
 from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, check_number, max_pool,
-                      positions, positive_int)
+                      positions, positive_int, shared_positions)
 
 OPERATORS = ("diffusion", "fractional_laplacian", "inverse_fractional_laplacian")
 
@@ -149,8 +149,8 @@ class PIDENonLocal(nn.Module):
                              f"or an int")
         spatial = x.shape[2:]
         flat = x.flatten(2)                                             # (B, C, N)
-        query = positions(self.theta(flat))                             # θ(X):  (B, N, Ci)
-        key = positions(self.phi(self._keys(x).transpose(1, 2)))        # φ(X̂):  (B, M, Ci)
+        query = shared_positions(self.theta(flat))                      # θ(X):  (B, N, Ci)
+        key = shared_positions(self.phi(self._keys(x).transpose(1, 2)))  # φ(X̂):  (B, M, Ci)
         diffusion = self.op_kwargs["update"] == "diffusion"
         prev = x
         for k_t in self.K:

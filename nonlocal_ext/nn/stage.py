@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import (aggregate, channel_counts, check_backend, check_input, check_kernel, positions, positive_int,
-                      refuse_log, zero_norm)
+                      refuse_log, shared_positions, zero_norm)
 
 
 class NonLocalStage(nn.Module):
@@ -77,7 +77,7 @@ class NonLocalStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, "NonLocalStage", channels=self.in_channels)
         flat = x.flatten(2)                                             # (B, C, N)
-        query, key = positions(self.theta(flat)), positions(self.phi(flat))
+        query, key = shared_positions(self.theta(flat)), shared_positions(self.phi(flat))
         if self.kernel == "dot":
             query, key = F.relu(query), F.relu(key)
         z = flat
