@@ -67,7 +67,8 @@ def _spec(kernel, scale, power, gamma, eps, normalize, update, symmetric) -> Agg
 
 def _forward(query, key, value, self_value, *scalars, keep_products=False):
     """The ops' forward; it keeps no products (``keep_products`` is the CPU kernels' option): ``(B, 0, 0)``."""
-    scalars, keep_products = scalars[:SPEC_ARGUMENTS], (scalars[SPEC_ARGUMENTS:] or (keep_products,))[0]
+    if len(scalars) > SPEC_ARGUMENTS:  # keep_products given positionally
+        scalars, keep_products = scalars[:SPEC_ARGUMENTS], scalars[SPEC_ARGUMENTS]
     if keep_products:
         raise ValueError("keep_products: the Triton kernels recompute the tiles; pass keep_products=False")
     out, row_stats, col_stats = _launchers().forward(query, key, value, self_value, _spec(*scalars))
