@@ -240,6 +240,7 @@ struct GroupSplit {
         blocks_per_group((col_blocks + groups - 1) / groups),
         row_blocks((n + rows - 1) / rows) {}
   int64_t first(int64_t group) const { return group * blocks_per_group; }
+  int64_t busy_groups() const { return (col_blocks + blocks_per_group - 1) / blocks_per_group; }
   int64_t last(int64_t group) const { return std::min(col_blocks, (group + 1) * blocks_per_group); }
 };
 
@@ -259,7 +260,8 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
   const KernelArgs<T> p = kernel_args<T>(o, d);
-  const Transposes t = transposes(q, k, v, !half.products, o.symmetric, !half.on());  // else half copies
+  // kᵀ (qᵀ) only where the tile products are recomputed in float32 (not kept by the forward, not in half)
+  const Transposes t = transposes(q, k, v, !half.products && !products.defined(), o.symmetric, !half.on());
   at::parallel_for(0, batch * split.groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
     const int64_t tile = o.row_block * kColBlock;
@@ -345,35 +347,45 @@ struct TileSinks {
 };
 
 // A schedule's accumulators of the GradientParts. The side of the tiles that each task owns (the
-// rows of its row blocks, or the columns of its column group) is added to in place, (B, lines[,
+// rows of its row blocks, or the columns of its column group) is written in place, (B, lines[,
 // width]); the other side, which every group touches, has one partial copy per group, (B, groups,
-// lines[, width]), summed in group order by parts(). The symmetric term's only when symmetric.
+// lines[, width]), summed in group order by parts() (one group's is taken as it is). The symmetric
+// term's only when symmetric. The matrices are not filled: each tile GEMM into them adds, except the
+// first one a task makes into each line, which writes (β = 0; see backward_tile_gradients); the
+// partials of groups that own no blocks (the last ones, when the blocks do not fill every group) are
+// zeroed. Under NONLOCAL_EXT_POISON_OUTPUTS=1 they start as NaN (output_buffer), so the tests see an
+// element no GEMM wrote. The per-line sums are added to and start at zero.
 struct Accumulators {
   GradientParts acc;
   bool rows_owned;  // the row side is owned (the columns partial), else the other way round
+  int64_t groups;
 
+  // `busy_groups`: how many groups own at least one block (the first ones).
   Accumulators(const at::TensorOptions& opts, bool symmetric, bool rows_owned, int64_t batch, int64_t groups,
-               int64_t n, int64_t m, int64_t d, int64_t c)
-      : rows_owned(rows_owned) {
-    const auto zeros = [&](bool owned, int64_t lines, int64_t width) {
+               int64_t busy_groups, int64_t n, int64_t m, int64_t d, int64_t c)
+      : rows_owned(rows_owned), groups(groups) {
+    const auto make = [&](bool owned, int64_t lines, int64_t width) {
       std::vector<int64_t> shape{batch};
       if (!owned) shape.push_back(groups);
       shape.push_back(lines);
-      if (width > 0) shape.push_back(width);
-      return at::zeros(shape, opts);
+      if (width == 0) return at::zeros(shape, opts);  // the sums
+      shape.push_back(width);
+      at::Tensor t = output_buffer(shape, opts);
+      if (!owned && busy_groups < groups) t.narrow(1, busy_groups, groups - busy_groups).zero_();
+      return t;
     };
     const bool rows = rows_owned, cols = !rows_owned;
-    acc.dq_rows = zeros(rows, n, d);
-    acc.dq_rows_sum = zeros(rows, n, 0);
-    acc.ahat_rowsum = zeros(rows, n, 0);
-    acc.dk_cols = zeros(cols, m, d);
-    acc.dk_cols_sum = zeros(cols, m, 0);
-    acc.dv = zeros(cols, m, c);
+    acc.dq_rows = make(rows, n, d);
+    acc.dq_rows_sum = make(rows, n, 0);
+    acc.ahat_rowsum = make(rows, n, 0);
+    acc.dk_cols = make(cols, m, d);
+    acc.dk_cols_sum = make(cols, m, 0);
+    acc.dv = make(cols, m, c);
     if (symmetric) {
-      acc.dk_rows = zeros(rows, n, d);
-      acc.dk_rows_sum = zeros(rows, n, 0);
-      acc.dq_cols = zeros(cols, m, d);
-      acc.dq_cols_sum = zeros(cols, m, 0);
+      acc.dk_rows = make(rows, n, d);
+      acc.dk_rows_sum = make(rows, n, 0);
+      acc.dq_cols = make(cols, m, d);
+      acc.dq_cols_sum = make(cols, m, 0);
     }
   }
 
@@ -390,7 +402,10 @@ struct Accumulators {
   }
 
   GradientParts parts() const {
-    const auto sum = [](const at::Tensor& t, bool owned) { return !t.defined() || owned ? t : t.sum(1); };
+    const int64_t count = groups;
+    const auto sum = [count](const at::Tensor& t, bool owned) {
+      return !t.defined() || owned ? t : count == 1 ? t.select(1, 0) : t.sum(1);
+    };
     const bool rows = rows_owned, cols = !rows_owned;
     GradientParts p;
     p.dq_rows = sum(acc.dq_rows, rows);
@@ -416,24 +431,16 @@ struct TileScratch {  // one thread's, for tiles of up to `rows` rows
         half(half_inputs, rows, d, c) {}
 };
 
-// dst (cols × rows) = srcᵀ for a row-major rows × cols tile.
-template <typename T>
-void transpose_tile(int64_t rows, int64_t cols, const T* src, T* dst) {
-  constexpr int64_t kStep = 16;
-  for (int64_t i0 = 0; i0 < rows; i0 += kStep)
-    for (int64_t j0 = 0; j0 < cols; j0 += kStep)
-      for (int64_t i = i0; i < std::min(rows, i0 + kStep); ++i)
-        for (int64_t j = j0; j < std::min(cols, j0 + kStep); ++j) dst[j * rows + i] = src[i * cols + j];
-}
-
 // One backward tile, rows i0..+bi × columns j0..+bj, from its products s1 (s2) and gv = G_I v_Jᵀ:
 // Â and C (backward_tile_entry), then dv_J += Âᵀ G_I, dq_I += C1 k_J, dk_J += C1ᵀ q_I (and
-// dk_I += C2 q_J, dq_J += C2ᵀ k_I when symmetric), and the row / column sums of Â and C.
+// dk_I += C2 q_J, dq_J += C2ᵀ k_I when symmetric), and the row / column sums of Â and C. The products
+// into the row-side sinks (dq_I, dk_I) add to them only with `add_rows`, else they write them (the
+// task's first tile of those rows); the column-side ones (dv_J, dk_J, dq_J) likewise with `add_cols`.
 template <typename T>
 void backward_tile_gradients(const Options& o, bool symnorm, const Roles<T>& r, const KernelArgs<T>& p,
                              const BackwardRows<T>& vec, const T* gb, int64_t c, int64_t i0, int64_t bi,
                              int64_t j0, int64_t bj, const T* s1, const T* s2, const T* gv, TileScratch<T>& t,
-                             const TileSinks<T>& out) {
+                             const TileSinks<T>& out, bool add_rows, bool add_cols) {
   const int64_t d = r.d;
   const T *qb = r.a, *kb = r.b;
   T *ahat = t.ahat.data(), *c1 = t.c1.data(), *c2 = t.c2.data();
@@ -443,15 +450,19 @@ void backward_tile_gradients(const Options& o, bool symnorm, const Roles<T>& r, 
   const auto half_rows = [&](const uint16_t* HalfTiles::*member, int64_t row, int64_t width) -> const uint16_t* {
     return h ? h->*member + row * width : nullptr;
   };
-  transpose_tile(bi, bj, ahat, flipped);
-  tile_gemm<T>(h, bj, c, bi, flipped, bi, gb + i0 * c, half_rows(&HalfTiles::grad, i0, c), c, true, out.dv + j0 * c, c);
-  tile_gemm<T>(h, bi, d, bj, c1, bj, kb + j0 * d, half_rows(&HalfTiles::b, j0, d), d, true, out.dq_rows + i0 * d, d);
-  transpose_tile(bi, bj, c1, flipped);
-  tile_gemm<T>(h, bj, d, bi, flipped, bi, qb + i0 * d, half_rows(&HalfTiles::a, i0, d), d, true, out.dk_cols + j0 * d, d);
+  transpose_into(bi, bj, ahat, bj, flipped, bi);
+  tile_gemm<T>(h, bj, c, bi, flipped, bi, gb + i0 * c, half_rows(&HalfTiles::grad, i0, c), c, add_cols,
+               out.dv + j0 * c, c);
+  tile_gemm<T>(h, bi, d, bj, c1, bj, kb + j0 * d, half_rows(&HalfTiles::b, j0, d), d, add_rows,
+               out.dq_rows + i0 * d, d);
+  transpose_into(bi, bj, c1, bj, flipped, bi);
+  tile_gemm<T>(h, bj, d, bi, flipped, bi, qb + i0 * d, half_rows(&HalfTiles::a, i0, d), d, add_cols,
+               out.dk_cols + j0 * d, d);
   if (o.symmetric) {
-    tile_gemm<T>(h, bi, d, bj, c2, bj, qb + j0 * d, half_rows(&HalfTiles::a, j0, d), d, true, out.dk_rows + i0 * d, d);
-    transpose_tile(bi, bj, c2, flipped);
-    tile_gemm<T>(h, bj, d, bi, flipped, bi, kb + i0 * d, half_rows(&HalfTiles::b, i0, d), d, true,
+    tile_gemm<T>(h, bi, d, bj, c2, bj, qb + j0 * d, half_rows(&HalfTiles::a, j0, d), d, add_rows,
+                 out.dk_rows + i0 * d, d);
+    transpose_into(bi, bj, c2, bj, flipped, bi);
+    tile_gemm<T>(h, bj, d, bi, flipped, bi, kb + i0 * d, half_rows(&HalfTiles::b, i0, d), d, add_cols,
                  out.dq_cols + j0 * d, d);
   }
   tile_sums_entry(bi, bj, ahat, c1, o.symmetric ? c2 : nullptr, out.ahat_rowsum + i0, out.dq_rows_sum + i0,
@@ -468,7 +479,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
   const bool symnorm = o.normalize == Normalize::Sym;
   const GroupSplit split(batch, n, m, o.row_block);
   const int64_t groups = split.groups;
-  const Accumulators acc(q.options(), o.symmetric, false, batch, groups, n, m, d, c);
+  const Accumulators acc(q.options(), o.symmetric, false, batch, groups, split.busy_groups(), n, m, d, c);
   const KernelArgs<T> p = kernel_args<T>(o, d);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
     BrgemmScope brgemm_scope;
@@ -486,7 +497,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
           tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1.data(), s2.data());
           grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv.data());
           backward_tile_gradients(o, symnorm, r, p, vec, gb, c, i0, bi, j0, bj, s1.data(), s2.data(), gv.data(),
-                                  scratch, sinks);
+                                  scratch, sinks, jb != split.first(grp), ib != 0);
         }
       }
     }
@@ -509,7 +520,8 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
   int64_t groups = group_count(batch, row_blocks, n);
   groups = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t(256) << 20) / std::max<int64_t>(group_bytes, 1)));
   const int64_t blocks_per_group = (row_blocks + groups - 1) / groups;
-  const Accumulators acc(q.options(), o.symmetric, true, batch, groups, n, m, d, c);
+  const Accumulators acc(q.options(), o.symmetric, true, batch, groups,
+                         (row_blocks + blocks_per_group - 1) / blocks_per_group, n, m, d, c);
   auto S = at::zeros({batch, n}, q.options());
   bv.R = S;  // filled per row block by the first sweep, before the second reads it
   const KernelArgs<T> p = kernel_args<T>(o, d);
@@ -541,7 +553,8 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
         for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 2: C and the gradient GEMMs
           const int64_t bj = std::min(kColBlock, m - j0);
           const T *s1 = s1c.data() + j0 * bi, *s2 = o.symmetric ? s2c.data() + j0 * bi : nullptr, *gv = gvc.data() + j0 * bi;
-          backward_tile_gradients(o, false, r, p, vec, gb, c, i0, bi, j0, bj, s1, s2, gv, scratch, sinks);
+          backward_tile_gradients(o, false, r, p, vec, gb, c, i0, bi, j0, bj, s1, s2, gv, scratch, sinks, j0 != 0,
+                                  ib != first);
         }
       }
     }
@@ -595,7 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>> backwa
   bv.a = row_factors<T>(row_stats, o, m);
   bv.b = symnorm ? row_factors<T>(col_stats, o, m)
                  : (is_log_domain(o.kernel) ? at::zeros({batch, m}, q.options()) : at::ones({batch, m}, q.options()));
-  bv.t = transposes(q, k, v, !half.products, o.symmetric, !half.on());  // else half copies
+  // kᵀ (qᵀ) only where the tile products are recomputed in float32 (not kept by the forward, not in half)
+  bv.t = transposes(q, k, v, !half.products && !products.defined(), o.symmetric, !half.on());
   bv.R = bv.X = at::zeros_like(bv.gu);
   bv.Y = at::zeros({batch, m}, q.options());
   bv.half = half;

@@ -88,6 +88,19 @@ void gemm(bool trans_a, bool trans_b, int64_t rows, int64_t cols, int64_t inner,
 }
 
 // ----------------------------------------------------------------------------------------------
+// Transposed copies of GEMM operands (brgemm takes its right operand row-major, so q kᵀ needs kᵀ).
+
+// dst (cols × rows, leading dimension ldd) = srcᵀ for src (rows × cols, leading dimension lds): in 8 × 8
+// blocks through AVX2 shuffles where the CPU has them (≈ 0.1–0.2 ns per element, where a scalar copy is bound
+// by its strided side at ≈ 1 ns: bench/NOTES.md, "Transposed copies in registers"), else element by element.
+void transpose_into(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst, int64_t ldd);
+void transpose_into(int64_t rows, int64_t cols, const double* src, int64_t lds, double* dst, int64_t ldd);
+
+// x (B, L, W) → a contiguous (B, W, L): transpose_into for float32 and float64, in parallel over batch elements
+// and 64-line blocks; other dtypes through ATen's copy.
+at::Tensor transposed_copy(const at::Tensor& x);
+
+// ----------------------------------------------------------------------------------------------
 // Half-precision tile GEMMs. bfloat16 (float16) inputs multiply in that precision where the CPU
 // has dot-product instructions for it (avx512_bf16 or AMX; avx512_fp16 or AMX-FP16): through
 // at::mm_out, which runs oneDNN's matmul there, with float32 accumulation inside the product and

@@ -301,11 +301,10 @@ struct Transposes {
 
 inline Transposes transposes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool products,
                              bool swaps, bool values) {
-  const auto transposed = [](const at::Tensor& x) { return x.transpose(1, 2).contiguous(); };
   Transposes t;
-  if (products) t.k_t = transposed(k);
-  if (products && swaps) t.q_t = transposed(q);
-  if (values) t.v_t = transposed(v);
+  if (products) t.k_t = transposed_copy(k);
+  if (products && swaps) t.q_t = transposed_copy(q);
+  if (values) t.v_t = transposed_copy(v);
   return t;
 }
 

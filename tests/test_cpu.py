@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import nonlocal_ext
-from common import COMBOS, combo_id, kernel_kwargs, run
+from common import COMBOS, check_against_reference, combo_id, kernel_kwargs, run
 from nonlocal_ext.backends import cpu, linear, reference
 from nonlocal_ext.kernels import EULER_GAMMA, default_eps
 from nonlocal_ext.testing import make_inputs
@@ -183,6 +183,18 @@ def test_every_output_element_is_written(combo):
                                                                                symmetric, torch.float64))
     assert torch.isfinite(out).all() and torch.isfinite(row_stats).all() and torch.isfinite(col_stats).all()
     assert col_stats.shape == ((2, 67) if normalize == "sym" else (2, 0))
+
+
+@pytest.mark.parametrize("combo", [("rbf", "count", "aggregate", True, False),
+                                   ("fractional", "sym", "diffusion", False, True),
+                                   ("gaussian", "row", "aggregate", True, False)], ids=combo_id)
+def test_every_gradient_element_is_written(combo):
+    """The backward's accumulators are not zero-filled: each task's first tile GEMM into a line writes it. At
+    N = M = 2100 the column schedule (9 column blocks) takes 4 groups of 3 blocks, so one group owns none and its
+    partial must be zeroed; the row schedule (row) splits 33 row blocks over 4 groups. Under the suite's NaN
+    poisoning an element that nothing writes shows, and every gradient must match the float64 reference."""
+    assert os.environ.get("NONLOCAL_EXT_POISON_OUTPUTS") == "1"
+    check_against_reference("cpu", combo, ((), 2100, 2100, 3, 2), torch.float64)
 
 
 def test_half_inputs_give_half_outputs():
