@@ -79,7 +79,7 @@ def test_pricier_with_more_work():
 def test_the_fused_price_per_pair_divides_by_the_probed_speed_and_moves_picks():
     """``fused_scale`` (this CPU's fused speed against the fitted machine's) divides the fused work per pair, not
     its fixed cost per call, and turns a dense pick into a fused one where the fused kernels run faster."""
-    args = (16, 196, 49, 512, 512, "gaussian", "row", False, True, None, True)
+    args = (8, 784, 784, 256, 256, "gaussian", "row", False, True, None, True)
     per_pair = [cost.prices(*args, fused_scale=s)["cpu"] - cost.FUSED_CALL[True] for s in (1.0, 2.0)]
     assert per_pair[0] == pytest.approx(2 * per_pair[1], rel=1e-12)
     assert cost.prices(*args)["reference"] == cost.prices(*args, fused_scale=2.0)["reference"]
