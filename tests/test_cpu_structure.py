@@ -71,6 +71,8 @@ def test_log_domain_is_asked_through_its_predicate():
 
 
 def test_one_function_makes_the_transposed_copies():
-    # Of the float32 inputs and of their half copies alike.
+    # Of the float32 inputs and of their half copies alike: transposed_copy (blas.cpp), through transposes (tiles.h).
     makers = {p.name: _code(p.read_text()).count(".transpose(1, 2).contiguous()") for p in CSRC.iterdir()}
-    assert {name: n for name, n in makers.items() if n} == {"tiles.h": 1}
+    assert {name: n for name, n in makers.items() if n} == {"blas.cpp": 1}  # its fallback for other dtypes
+    callers = {p.name: _code(p.read_text()).count("transposed_copy(") for p in CSRC.iterdir()}
+    assert {name: n for name, n in callers.items() if n} == {"blas.h": 1, "blas.cpp": 1, "tiles.h": 3}
