@@ -17,6 +17,10 @@
 // forward's, or None to recompute), and gives the gradients of query, key, value, and of
 // self_value when one was passed (None otherwise).
 //
+// max_pool_forward / max_pool_backward: the layers' key max-pooling, input (B, C, *spatial) with one window per
+// spatial dim, windows equal to their strides, no padding, floored: (out, indices) and the input's gradient as
+// ATen's max_pool1d/2d/3d_with_indices give them (input_like: a tensor of the input's shape, read for its shape).
+//
 // Only the schemas live here. Kernels are registered per dispatch key elsewhere
 // (TORCH_LIBRARY_IMPL in other csrc/*.cpp files); fake kernels and the autograd formula are
 // registered from Python with torch.library.
@@ -37,6 +41,8 @@ TORCH_LIBRARY(nonlocal_ext, m) {
       "float scale, float power, float gamma, float eps, str normalize, str update, "
       "bool symmetric, Tensor? products=None) -> (Tensor grad_query, Tensor grad_key, "
       "Tensor grad_value, Tensor? grad_self_value)");
+  m.def("max_pool_forward(Tensor input, int[] window) -> (Tensor out, Tensor indices)");
+  m.def("max_pool_backward(Tensor grad_out, Tensor indices, Tensor input_like) -> Tensor");
 }
 
 // `import nonlocal_ext._C` only has to load this shared library so that the static

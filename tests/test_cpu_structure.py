@@ -23,6 +23,7 @@ ROLES = {
     "blas.cpp": "the half-precision tile GEMMs",
     "cpu_features.h": "ISA clones and the CPU's half instructions",
     "cpu_features.cpp": "whether half GEMMs run on this CPU",
+    "pooling.cpp": "the layers' key max-pooling",
 }
 
 

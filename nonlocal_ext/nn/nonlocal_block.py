@@ -39,6 +39,7 @@ from torch import nn
 
 from ._common import (aggregate, channel_counts, channels_first, check_backend, check_bool, check_input, positions,
                       positive_int, zero_norm)
+from .pooling import MaxPool1d, MaxPool2d, MaxPool3d
 
 MODES = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
 #: Other spellings of the modes in common implementations.
@@ -46,7 +47,7 @@ _MODE_ALIASES = {"embedded": "embedded_gaussian", "dot": "dot_product", "concate
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_MAXPOOL = {1: MaxPool1d, 2: MaxPool2d, 3: MaxPool3d}  # nn.MaxPool*d with a faster CPU forward (pooling.py)
 #: The paper's key pooling window per number of spatial dims (video: space only).
 DEFAULT_POOL_SIZE = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 _SPATIAL = {1: "L", 2: "H, W", 3: "T, H, W"}
