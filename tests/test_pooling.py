@@ -72,6 +72,14 @@ def test_the_modules_run_the_op_where_it_applies_and_torch_elsewhere():
 
 
 @pytest.mark.parametrize("shape,window", CASES[:4], ids=str)
+def test_gradcheck_and_gradgradcheck(shape, window):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    module = OUR_POOL[len(window)](window)
+    assert torch.autograd.gradcheck(module, (x,))
+    assert torch.autograd.gradgradcheck(module, (x,))
+
+
+@pytest.mark.parametrize("shape,window", CASES[:4], ids=str)
 def test_opcheck(shape, window):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(OPS.max_pool_forward, (x, list(window)))

@@ -47,6 +47,16 @@ def _ops():
             return ops.max_pool_backward(grad_out, indices, ctx.input_like), None
 
         torch.library.register_autograd(forward, backward_formula, setup_context=setup_context)
+
+        def setup_backward_context(ctx, inputs, output):
+            ctx.save_for_backward(inputs[1])
+
+        def double_backward(ctx, grad_grad_in):  # the backward is linear in grad_out: a gather at the indices
+            (indices,) = ctx.saved_tensors
+            picked = grad_grad_in.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+            return picked, None, None
+
+        torch.library.register_autograd(backward, double_backward, setup_context=setup_backward_context)
         _OPS = ops
     return _OPS
 
