@@ -232,17 +232,21 @@ inline int64_t group_count(int64_t batch, int64_t blocks, int64_t lines) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, most));
 }
 
+// `blocks` consecutive blocks in `groups` runs of ⌈blocks / groups⌉ each (the last runs may be shorter or empty).
 struct GroupSplit {
-  int64_t col_blocks, groups, blocks_per_group, row_blocks;
-  GroupSplit(int64_t batch, int64_t n, int64_t m, int64_t rows)
-      : col_blocks((m + kColBlock - 1) / kColBlock),
-        groups(group_count(batch, col_blocks, m)),
-        blocks_per_group((col_blocks + groups - 1) / groups),
-        row_blocks((n + rows - 1) / rows) {}
+  int64_t blocks, groups, blocks_per_group;
+  GroupSplit(int64_t blocks, int64_t groups)
+      : blocks(blocks), groups(groups), blocks_per_group((blocks + groups - 1) / groups) {}
   int64_t first(int64_t group) const { return group * blocks_per_group; }
-  int64_t busy_groups() const { return (col_blocks + blocks_per_group - 1) / blocks_per_group; }
-  int64_t last(int64_t group) const { return std::min(col_blocks, (group + 1) * blocks_per_group); }
+  int64_t last(int64_t group) const { return std::min(blocks, (group + 1) * blocks_per_group); }
+  int64_t busy_groups() const { return (blocks + blocks_per_group - 1) / blocks_per_group; }  // the first ones
 };
+
+// The column schedules' split of the M columns: blocks of kColBlock, group_count groups.
+inline GroupSplit column_groups(int64_t batch, int64_t m) {
+  const int64_t blocks = (m + kColBlock - 1) / kColBlock;
+  return GroupSplit(blocks, group_count(batch, blocks, m));
+}
 
 // S_i = Σ_j dâ_ij â_ij and T_j = Σ_i dâ_ij â_ij, summed from the tiles themselves. (S_i also
 // equals G_i·out_i, but dâ_ij − S_i cancels when a row's weight sits on few columns, and the
@@ -256,7 +260,8 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
                                                       const HalfInputs& half, const at::Tensor& products) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool log_domain = is_log_domain(o.kernel);
-  const GroupSplit split(batch, n, m, o.row_block);
+  const GroupSplit split = column_groups(batch, m);
+  const int64_t row_blocks = (n + o.row_block - 1) / o.row_block;
   auto row_part = at::zeros({batch, split.groups, n}, q.options());
   auto col_terms = at::zeros({batch, m}, q.options());
   const KernelArgs<T> p = kernel_args<T>(o, d);
@@ -279,7 +284,7 @@ std::pair<at::Tensor, at::Tensor> normalization_terms(const at::Tensor& q, const
       T* cols = batch_ptr<T>(col_terms, bt);
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
-        for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
+        for (int64_t ib = 0; ib < row_blocks; ++ib) {
           const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
           tile_weights_entry(o.kernel, o.symmetric, r, p, i0, bi, j0, bj, s1.data(), s2.data());
           grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv.data());
@@ -477,8 +482,8 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
                                         const at::Tensor& v, const BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const bool symnorm = o.normalize == Normalize::Sym;
-  const GroupSplit split(batch, n, m, o.row_block);
-  const int64_t groups = split.groups;
+  const GroupSplit split = column_groups(batch, m);
+  const int64_t groups = split.groups, row_blocks = (n + o.row_block - 1) / o.row_block;
   const Accumulators acc(q.options(), o.symmetric, false, batch, groups, split.busy_groups(), n, m, d, c);
   const KernelArgs<T> p = kernel_args<T>(o, d);
   at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
@@ -492,7 +497,7 @@ GradientParts backward_by_column_groups(const at::Tensor& g, const at::Tensor& q
       const TileSinks<T> sinks = acc.sinks<T>(bt, grp);
       for (int64_t jb = split.first(grp); jb < split.last(grp); ++jb) {
         const int64_t j0 = jb * kColBlock, bj = std::min(kColBlock, m - j0);
-        for (int64_t ib = 0; ib < split.row_blocks; ++ib) {
+        for (int64_t ib = 0; ib < row_blocks; ++ib) {
           const int64_t i0 = ib * o.row_block, bi = std::min(o.row_block, n - i0);
           tile_products<T>(r, p, o.symmetric, i0, bi, j0, bj, s1.data(), s2.data());
           grad_value_products<T>(r, gb, vtb, c, m, i0, bi, j0, bj, gv.data());
@@ -515,13 +520,12 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
                                      const at::Tensor& v, BackwardVectors& bv, const Options& o) {
   const int64_t batch = q.size(0), n = q.size(1), m = k.size(1), d = q.size(2), c = v.size(2);
   const int64_t rb = o.row_block, row_blocks = (n + rb - 1) / rb;
-  // As GroupSplit, and fewer when the column partials would pass 256 MB.
+  // As the column schedules' split, of row blocks, and fewer groups when the column partials would pass 256 MB.
   const int64_t group_bytes = m * (c + 2 * d + 2) * static_cast<int64_t>(sizeof(T));
-  int64_t groups = group_count(batch, row_blocks, n);
-  groups = std::max<int64_t>(1, std::min<int64_t>(groups, (int64_t(256) << 20) / std::max<int64_t>(group_bytes, 1)));
-  const int64_t blocks_per_group = (row_blocks + groups - 1) / groups;
-  const Accumulators acc(q.options(), o.symmetric, true, batch, groups,
-                         (row_blocks + blocks_per_group - 1) / blocks_per_group, n, m, d, c);
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(group_count(batch, row_blocks, n),
+                                                                (int64_t(256) << 20) / std::max<int64_t>(group_bytes, 1)));
+  const GroupSplit split(row_blocks, groups);
+  const Accumulators acc(q.options(), o.symmetric, true, batch, groups, split.busy_groups(), n, m, d, c);
   auto S = at::zeros({batch, n}, q.options());
   bv.R = S;  // filled per row block by the first sweep, before the second reads it
   const KernelArgs<T> p = kernel_args<T>(o, d);
@@ -537,7 +541,7 @@ GradientParts backward_by_row_blocks(const at::Tensor& g, const at::Tensor& q, c
       const auto [r, gb, vtb, vec] = bv.template operands_of<T>(q, k, g, bt, scratch.half);
       const TileSinks<T> sinks = acc.sinks<T>(bt, grp);
       T* Sb = batch_ptr<T>(S, bt);
-      const int64_t first = grp * blocks_per_group, last = std::min(row_blocks, first + blocks_per_group);
+      const int64_t first = split.first(grp), last = split.last(grp);
       for (int64_t ib = first; ib < last; ++ib) {
         const int64_t i0 = ib * rb, bi = std::min(rb, n - i0);
         for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {  // sweep 1: products, S_i

@@ -22,8 +22,8 @@
 // ATen's max_pool1d/2d/3d_with_indices give them (input_like: a tensor of the input's shape, read for its shape).
 //
 // Only the schemas live here. Kernels are registered per dispatch key elsewhere
-// (TORCH_LIBRARY_IMPL in other csrc/*.cpp files); fake kernels and the autograd formula are
-// registered from Python with torch.library.
+// (TORCH_LIBRARY_IMPL in other csrc/*.cpp files; aggregate_forward's autograd in csrc/autograd.cpp);
+// fake kernels and the pooling ops' autograd are registered from Python with torch.library.
 
 #include <Python.h>
 

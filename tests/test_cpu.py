@@ -83,16 +83,29 @@ def test_the_backward_reads_the_kept_products(combo):
     assert any(a is not None and not torch.equal(a, b) for a, b in zip(changed, recomputed))
 
 
+def saved_tensors(run):
+    """(the tensors autograd saves while ``run()`` builds the graph, in order; what it returned)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    return saved, result
+
+
 def test_the_autograd_node_saves_row_major_inputs_and_only_the_shape_of_out():
     """The C++ backward reads out's shape only (it sums S_i from the tiles), so the node saves a one-element stand-in
     and out is freed with the caller's last reference; transposed inputs (the layers' views of convolution outputs)
     are made row-major once, before the op, so that the backward does not copy them again."""
     q, k = (torch.randn(2, 6, n, dtype=torch.float64).transpose(1, 2).requires_grad_() for n in (12, 9))
     v = torch.randn(2, 4, 9, dtype=torch.float64).transpose(1, 2).requires_grad_()
-    out = nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="cpu")
-    saved = out.grad_fn.saved_tensors  # the op's node: inputs, out, statistics, products
+    saved, out = saved_tensors(lambda: nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="cpu"))
+    # the op's node (csrc/autograd.cpp): query, key, value, out, statistics (self_value and products are None)
+    assert [t.shape for t in saved[:4]] == [q.shape, k.shape, v.shape, out.shape]
     assert not q.is_contiguous() and all(t.is_contiguous() for t in saved[:3])
-    assert saved[4].shape == out.shape and saved[4].untyped_storage().nbytes() == out.element_size()
+    assert saved[3].untyped_storage().nbytes() == out.element_size()
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(nonlocal_ext.nonlocal_aggregate(q, k, v, "gaussian", backend="reference"), (q, k, v),
@@ -121,9 +134,8 @@ def test_the_forward_keeps_products_only_for_a_backward_where_they_are_small():
         spec = nonlocal_ext.spec.validate(q, k, v.expand(2, m, 4), "gaussian", scale=1.0, power=None, gamma=None,
                                           eps=None, normalize="row", update="aggregate", symmetric=False,
                                           self_value=None, backend="cpu")
-        out = cpu.aggregate(q, k, v.expand(2, m, 4), None, spec)
-        products = out.grad_fn.saved_tensors[-1]  # the op's node: inputs, out, statistics, products
-        kept.append(products is not None and products.shape == (2, 12, m))
+        saved, _ = saved_tensors(lambda: cpu.aggregate(q, k, v.expand(2, m, 4), None, spec))
+        kept.append(saved[-1].shape == (2, 12, m))  # the products, saved last (else the column statistics)
     assert kept == [True, False]
 
 

@@ -14,6 +14,7 @@ CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 ROLES = {
     "nonlocal_ext.cpp": "op schemas and the Python module",
     "aggregate_cpu.cpp": "the CPU operators: arguments, dtypes, registration",
+    "autograd.cpp": "the fused op's autograd formula, for every device",
     "forward_cpu.cpp": "the forward schedule",
     "backward_cpu.cpp": "the backward schedules",
     "tiles.h": "what the schedules share",

@@ -14,8 +14,9 @@ from ..numerics import compute_dtype
 #
 # ``nonlocal_ext::aggregate_forward`` and ``nonlocal_ext::aggregate_backward``, with these schemas, are
 # defined by the C++ library (csrc/nonlocal_ext.cpp, whose text tests/test_extension.py checks against
-# these strings) together with its CPU kernels; the Triton launchers are their CUDA kernels. Without the
-# C++ library, :func:`fused_ops` defines them from these strings. Under the Triton interpreter, which
+# these strings) together with its CPU kernels and the autograd formula (csrc/autograd.cpp); the Triton
+# launchers are their CUDA kernels. Without the C++ library, :func:`fused_ops` defines them from these
+# strings, with the same autograd formula in Python (:func:`register_fused_ops`). Under the Triton interpreter, which
 # runs the Triton kernels on CPU tensors, the Triton backend takes the CPU kernels of the ops over for
 # that process (:func:`take_cpu_kernels`), and ``backend="cpu"`` is then unavailable there.
 
@@ -42,25 +43,17 @@ def forward_fake(query, key, value, self_value, kernel, scale, power, gamma, eps
 
 
 def save_for_backward(ctx, inputs, output):
-    """``setup_context`` of ``aggregate_forward``'s autograd: the backward recomputes the tiles from the
-    inputs, the output and the O(N + M) statistics, or reads the tile products the forward kept
+    """``setup_context`` of ``aggregate_forward``'s autograd without the C++ library (csrc/autograd.cpp has it
+    otherwise): the backward recomputes the tiles from the inputs, the output (which the Triton kernels read,
+    the only kernels there are then) and the O(N + M) statistics, or reads the tile products the forward kept
     (``keep_products``); none of those is a differentiable output."""
     query, key, value, self_value, *scalars = inputs
     out, row_stats, col_stats, products = output
-    ctx.save_for_backward(query, key, value, self_value, _saved_out(out), row_stats, col_stats,
+    ctx.save_for_backward(query, key, value, self_value, out, row_stats, col_stats,
                           products if products.numel() else None)
     ctx.scalars = scalars
     ctx.mark_non_differentiable(row_stats, col_stats, products)
     ctx.set_materialize_grads(False)  # no zero "gradients" of the statistics and products: B·N·M values
-
-
-def _saved_out(out):
-    """``out`` for the backward where its kernels read it (the Triton kernels form S_i = G_i·out_i); where they
-    read only its shape (the C++ kernels sum S_i from the tiles), a stand-in of that shape holding one element, so
-    that out's B·N·C values are freed with the caller's last reference to them, as after a dense product."""
-    if out.device.type == "cpu" and cpu_kernels_owner() == "cpu":
-        return out.new_empty(()).expand(out.shape)
-    return out
 
 
 #: How many scalar arguments :func:`op_arguments` gives (the forward op's ``keep_products`` follows them).
@@ -82,9 +75,9 @@ def backward_fake(grad_out, query, key, value, self_value, out, row_stats, col_s
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), grad_self_value
 
 
-def register_fused_ops(forward: str, backward: str) -> None:
+def register_fused_ops(forward: str, backward: str, autograd: bool) -> None:
     """The fake kernels of the ops ``forward`` and ``backward`` (qualified names with the schemas above)
-    and the autograd formula of ``forward``, which calls ``backward`` on the saved tensors."""
+    and, with ``autograd``, the autograd formula of ``forward``, which calls ``backward`` on the saved tensors."""
     namespace, name = backward.split("::")
     backward_op = getattr(getattr(torch.ops, namespace), name)
 
@@ -98,7 +91,8 @@ def register_fused_ops(forward: str, backward: str) -> None:
 
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(backward_fake)
-    torch.library.register_autograd(forward, backward_formula, setup_context=save_for_backward)
+    if autograd:
+        torch.library.register_autograd(forward, backward_formula, setup_context=save_for_backward)
 
 
 FORWARD_OP, BACKWARD_OP = f"{OP_NAMESPACE}::aggregate_forward", f"{OP_NAMESPACE}::aggregate_backward"
@@ -107,15 +101,16 @@ _cpu_kernels_owner = "cpu"
 
 
 def fused_ops() -> torch.library.Library:
-    """The library fragment of the fused ops: on first call it defines them (unless the C++ library did)
-    and registers their fake kernels and autograd formula once, for every backend that implements them."""
+    """The library fragment of the fused ops: on first call it defines them and their autograd formula
+    (unless the C++ library did) and registers their fake kernels, once, for every backend that implements them."""
     global _library
     if _library is None:
         _library = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
-        if not extension_available():  # loaded first: its definitions must not meet ours
+        from_python = not extension_available()  # loaded first: its definitions must not meet ours
+        if from_python:
             for op, schema in ((FORWARD_OP, FORWARD_SCHEMA), (BACKWARD_OP, BACKWARD_SCHEMA)):
                 _library.define(op.split("::")[1] + schema)
-        register_fused_ops(FORWARD_OP, BACKWARD_OP)
+        register_fused_ops(FORWARD_OP, BACKWARD_OP, autograd=from_python)
     return _library
 
 

@@ -6,9 +6,9 @@ and saves O(N + M) statistics: the row sums r_i (``log r_i`` for ``gaussian``) a
 ``sym``, the column sums c_j. ``aggregate_backward`` recomputes the affinity tiles from them, or, where
 the forward kept its tile products q kᵀ (``keep_products``: :func:`keeps_products`), reads those.
 
-This module registers, for those ops, the fake (meta) kernels that ``torch.compile`` traces with
-and the autograd formula (``register_autograd``), so the op is differentiable and traceable
-without graph breaks. The kernels take float32 and float64, and float16/bfloat16: those accumulate in
+The C++ library also registers the ops' autograd formula (csrc/autograd.cpp); ``backends/_common.py``
+registers the fake (meta) kernels that ``torch.compile`` traces with, so the op is differentiable and
+traceable without graph breaks. The kernels take float32 and float64, and float16/bfloat16: those accumulate in
 float32, with the tile products in half precision where the CPU multiplies it natively
 (``avx512_bf16``/AMX for bfloat16, ``avx512_fp16``/AMX-FP16 for float16; elsewhere float32 products of
 the widened inputs); the result is in the inputs' dtype.
