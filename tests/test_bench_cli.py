@@ -11,6 +11,7 @@ import json
 import os
 import runpy
 import sys
+import time
 
 import pytest
 import torch
@@ -189,6 +190,8 @@ BAD_FLAGS = [
     (["--threads", "-3"], "--threads: expected a positive number of threads, got -3"),
     (["--repeat", "0"], "--repeat: expected at least 1, got 0"),
     (["--warmup", "-1"], "--warmup: expected 0 or more, got -1"),
+    (["--min-sample-ms", "-1"], "--min-sample-ms: expected 0 or more milliseconds, got -1.0"),
+    (["--min-sample-ms", "nan"], "--min-sample-ms: expected 0 or more milliseconds, got nan"),
     (["--gemm-size", "0"], "--gemm-size: expected a positive size"),
     (["--spread-limit", "0"], "--spread-limit: expected a positive fraction"),
     (["--spread-limit", "nan"], "--spread-limit: expected a positive fraction"),
@@ -305,7 +308,7 @@ def test_disagreeing_repeats_warn_in_the_row(tmp_path, monkeypatch, capsys):
     from nonlocal_ext.benchmark import measure, run
     for module in (run, cli):
         monkeypatch.setattr(module, "load_average", lambda: 0.0)
-    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1: [0.001, 0.017, 0.001])
+    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1, min_seconds=0: [0.001, 0.017, 0.001])
     rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
                  "--no-memory", "--repeat", "3")
     assert rows[0]["warning"] == "repeats disagree: 1–17 ms, (max−min)/median 1600% > 25%"
@@ -313,7 +316,23 @@ def test_disagreeing_repeats_warn_in_the_row(tmp_path, monkeypatch, capsys):
     rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
                  "--no-memory", "--repeat", "3", "--spread-limit", "20")
     assert rows[0]["warning"] is None
-    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1: [0.0010, 0.0011, 0.0010])
+    monkeypatch.setattr(measure, "time_step", lambda step, device, repeat, warmup=1, min_seconds=0: [0.0010, 0.0011, 0.0010])
     rows = bench(tmp_path, "--kernel", "gaussian", "--n", "8", "--pass", "fwd", "--backends", "reference",
                  "--no-memory", "--repeat", "3")
     assert rows[0]["warning"] is None
+
+
+def test_a_sample_of_a_short_call_is_the_mean_of_calls_that_last_min_seconds():
+    """time_step: one untimed call to size the samples, then each sample the mean of k calls back to back."""
+    from nonlocal_ext.benchmark import measure
+    calls = []
+
+    def step():
+        calls.append(None)
+        time.sleep(0.001)
+    samples = measure.time_step(step, "cpu", 3, warmup=1, min_seconds=0.05)
+    per_sample = (len(calls) - 2) / 3  # after the warm-up call and the sizing call
+    assert per_sample == int(per_sample) and per_sample >= 2
+    assert len(samples) == 3 and all(0.001 <= s < 0.05 for s in samples)
+    calls.clear()
+    assert len(measure.time_step(step, "cpu", 4, warmup=0)) == 4 and len(calls) == 4  # one call per sample

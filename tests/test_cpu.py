@@ -230,11 +230,12 @@ def auto_choice(kernel, batch, n, m, d, c, backward, normalize="row"):
     ("fractional", 2, 3400, 850, 512, 512, True, cpu),     # costly dense elementwise passes
     ("gaussian", 16, 196, 49, 512, 512, True, cpu),        # res4: the backward reads the kept tile products
     ("gaussian", 8, 784, 784, 256, 256, True, reference),  # N = M: the fused backward recomputes q kᵀ
-    ("gaussian", 1, 256, 256, 64, 128, True, reference),   # small: dense in cache
+    ("gaussian", 1, 256, 256, 64, 128, True, cpu),         # small: fused since its autograd is in C++
+    ("gaussian", 1, 256, 256, 64, 128, False, cpu),
     ("gaussian", 2, 4096, 4096, 128, 128, True, cpu),      # dense temporaries over the memory budget
     ("gaussian", 4000, 196, 49, 512, 512, True, cpu),      # dense over the memory budget: fused, products kept
     ("dot", 1, 4096, 4096, 64, 128, True, linear),         # attention shape: rank 64 against N = M = 4096
-    ("dot", 2, 3400, 850, 512, 512, True, cpu),            # detection: fused, level with the rank-512 linear path
+    ("dot", 2, 3400, 850, 512, 512, True, reference),      # detection: dense, fused and the rank-512 linear path level
     ("dot", 16, 196, 49, 512, 512, True, cpu),             # res4
 ])
 def test_auto_follows_the_cost_model_within_the_memory_budget(kernel, batch, n, m, d, c, backward, expected,

@@ -11,7 +11,9 @@ examples:
   nonlocal-bench --kernel all --normalize row,sym --n 1024 --pass fwd+bwd
   nonlocal-bench --backends chunked,sdpa --n 4096,16384 --json out.json --plot out.png
 
-Time is the median of --repeat calls after warm-up (CUDA events on GPU). Peak memory is the
+Time is the median of --repeat samples after warm-up (CUDA events on GPU), a sample being one call
+or, for calls shorter than --min-sample-ms, the mean of as many calls back to back as last that
+long. Peak memory is the
 growth over the inputs during one call: the CUDA allocator's peak on GPU, the peak RSS of a
 fresh process per case on CPU (--no-memory skips it). GFLOP/s counts the dense GEMM work,
 2·N·M·(D+C) per forward, 2× that per backward (dv, dÂ, dq, dk), 3× for fwd+bwd; %GEMM compares it
@@ -105,6 +107,8 @@ def _check_counts(args, parser):
         parser.error(f"--repeat: expected at least 1, got {args.repeat}")
     if args.warmup < 0:
         parser.error(f"--warmup: expected 0 or more, got {args.warmup}")
+    if not (math.isfinite(args.min_sample_ms) and args.min_sample_ms >= 0):
+        parser.error(f"--min-sample-ms: expected 0 or more milliseconds, got {args.min_sample_ms}")
     if args.gemm_size is not None and args.gemm_size < 1:
         parser.error(f"--gemm-size: expected a positive size, got {args.gemm_size}")
     if not (math.isfinite(args.spread_limit) and args.spread_limit > 0):
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pass", dest="passes", help=f"comma list of {', '.join(PASSES)}, or all (default fwd,fwd+bwd)")
     add("--repeat", type=int, help="timed calls per case; the median is reported (default 5; --quick 3)")
     add("--warmup", type=int, default=1, help="untimed calls before timing (default 1; compiled peers use more)")
+    add("--min-sample-ms", type=float, default=20.0, metavar="MS",
+        help="a timed sample of a call shorter than this is the mean of enough calls back to back to last it "
+             "(default 20; 0: one call per sample)")
     add("--check", action="store_true", help="compare each output (and gradients, for passes with a backward) "
                                              "with the float64 reference before timing; a mismatch is an error row")
     add("--no-memory", action="store_true", help="skip peak memory (on CPU it costs a fresh process per case)")
@@ -231,6 +238,8 @@ def _notes(args, device, repeat, gemm, gemm_size) -> list[str]:
              else torch.cuda.get_device_name(device))
     rates = ", ".join(f"{dtype} {rate:.4g} GFLOP/s" for (_, dtype), rate in gemm.items())
     timing = f"time: median of {repeat} after warm-up"
+    if args.min_sample_ms > 0:
+        timing += f" (a sample: the mean of as many calls as last ≥ {args.min_sample_ms:g} ms)"
     if args.check:
         timing += "; outputs checked against float64 first"
     if not args.no_memory:
@@ -270,7 +279,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     repeat = _pick(args, "repeat")
     options = Options(repeat=repeat, warmup=args.warmup, check=args.check, memory=not args.no_memory,
-                      spread_limit=args.spread_limit)
+                      spread_limit=args.spread_limit, min_sample_seconds=args.min_sample_ms / 1e3)
 
     gemm_size = args.gemm_size or (1024 if args.quick else 2048)
     gemm = {(device, dtype): measure.gemm_gflops(device, DTYPES[dtype], gemm_size)

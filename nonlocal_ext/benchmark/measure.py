@@ -23,6 +23,7 @@ dtype) + TOLERANCE[dtype]·max(max|truth|, 1)``.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -76,25 +77,35 @@ def _synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def time_step(step, device: str, repeat: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeat`` calls, after ``warmup`` untimed calls."""
+def time_step(step, device: str, repeat: int, warmup: int = 1, min_seconds: float = 0.0) -> list[float]:
+    """Seconds per call of ``repeat`` samples, after ``warmup`` untimed calls. A sample times one call, or, where
+    one call takes less than ``min_seconds``, enough calls back to back to last that long and gives their mean (as
+    ``timeit`` does): a sub-millisecond call timed alone reads the timer's and the scheduler's noise as much as its
+    own time."""
     for _ in range(warmup):
         step()
     _synchronize(device)
-    samples = []
-    for _ in range(repeat):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    calls = 1
+    if min_seconds > 0:
+        once = _timed(step, device, 1)
+        calls = max(1, math.ceil(min_seconds / max(once, 1e-9)))
+    return [_timed(step, device, calls) / calls for _ in range(repeat)]
+
+
+def _timed(step, device: str, calls: int) -> float:
+    """Seconds of ``calls`` calls of ``step`` back to back (CUDA events on GPU)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
             step()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            step()
-            samples.append(time.perf_counter() - start)
-    return samples
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    return time.perf_counter() - start
 
 
 def gemm_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeat: int = 5) -> float:

@@ -40,6 +40,7 @@ class Options:
     check: bool = False
     memory: bool = True  # CPU: a fresh process per case
     spread_limit: float = measure.SPREAD_LIMIT  # warn when (max − min)/median of the repeats exceeds it
+    min_sample_seconds: float = 0.0  # a sample of a shorter call is the mean of calls lasting this long
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +131,8 @@ def measure_one(case: Case, runner: Runner, inputs, options: Options, gemm_gflop
             return row
     try:
         step = measure.make_step(case, runner.build(case), inputs)
-        samples = measure.time_step(step, case.device, options.repeat, max(options.warmup, runner.warmup))
+        samples = measure.time_step(step, case.device, options.repeat, max(options.warmup, runner.warmup),
+                                    options.min_sample_seconds)
         if options.memory and on_cuda:
             row["peak_mem_mb"] = measure.cuda_peak_mb(step, case.device)
         del step
